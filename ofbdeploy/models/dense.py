@@ -1,0 +1,172 @@
+"""Build dense timm ViTs by name and load local checkpoints into them.
+
+Checkpoint adaptation lives here, outside the model (as in timm): the model stays a plain
+``VisionTransformer`` and every file format users have is normalised to its state dict.
+"""
+
+import difflib
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch.serialization import get_unsafe_globals_in_checkpoint
+
+import ofbdeploy.models.zoo  # noqa: F401  (registers the ofb_vit_* names with timm)
+from ofbdeploy.errors import CheckpointError, ModelError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# Where training scripts nest the weights: DeiT uses "model", timm's train.py "state_dict".
+_NESTED_KEYS = ("model", "state_dict", "model_ema")
+_HEAD_KEYS = ("head.weight", "head.bias")
+_DDP_PREFIX = "module."
+_SHOWN_KEYS = 4
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What load_weights did, so callers can log or assert on adaptations instead of guessing."""
+
+    path: Path
+    format: str  # "safetensors", "torch" (bare state dict) or "torch[<key>]" (nested under key)
+    reset_head: bool
+    resized_pos_embed: bool
+    missing: list[str]
+    unexpected: list[str]
+
+
+def build_dense(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Build a timm ViT without touching the hub; weights only ever come from a local checkpoint."""
+    _check_known(name)
+    kwargs = dict(overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"{name} builds a {type(model).__name__}, not a timm VisionTransformer")
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def _check_known(name: str) -> None:
+    """Fail early with suggestions; also keeps hub-prefixed names from reaching the network."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "see timm.list_models()"
+    raise ModelError(f"unknown model {name!r}; {hint}")
+
+
+def load_weights(model: VisionTransformer, path: str | Path) -> LoadReport:
+    """Load a local DeiT/timm/DDP/safetensors checkpoint, adapting it the way timm adapts hub weights."""
+    path = Path(path).expanduser()
+    raw, fmt = _read_state_dict(path)
+    state = {k.removeprefix(_DDP_PREFIX): v for k, v in raw.items()}
+    # adapt_layer_scale: official DeiT-III files store LayerScale as gamma_1/gamma_2.
+    adapted = checkpoint_filter_fn(state, model, adapt_layer_scale=True)
+    resized = "pos_embed" in state and adapted["pos_embed"].shape != state["pos_embed"].shape
+    if resized:
+        old, new = tuple(state["pos_embed"].shape), tuple(adapted["pos_embed"].shape)
+        logger.info("%s: resized pos_embed %s -> %s", path, old, new)
+    expected = model.state_dict()
+    reset_head = _head_differs(adapted, expected)
+    if reset_head:
+        logger.info("%s: classifier shape differs from the model's; keeping its fresh head", path)
+        adapted = {k: v for k, v in adapted.items() if k not in _HEAD_KEYS}
+    allowed_missing = set(_HEAD_KEYS) if reset_head else set()
+    problems = _mismatches(adapted, expected, allowed_missing)
+    if problems:
+        more = f" (+{len(problems) - _SHOWN_KEYS} more)" if len(problems) > _SHOWN_KEYS else ""
+        raise CheckpointError(f"{path}: does not fit the model: {'; '.join(problems[:_SHOWN_KEYS])}{more}")
+    result = model.load_state_dict(adapted, strict=False)
+    return LoadReport(path, fmt, reset_head, resized, list(result.missing_keys), list(result.unexpected_keys))
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read the file safely (never unpickling code) and return its state dict plus a format label."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported checkpoint extension; expected one of {CHECKPOINT_SUFFIXES}")
+    if suffix == ".safetensors":
+        try:
+            return load_file(path, device="cpu"), "safetensors"
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(_unreadable_message(path)) from err
+    return _unwrap(obj, path)
+
+
+def _unreadable_message(path: Path) -> str:
+    """Name the pickled classes when the file has any, since that is the common case (full training dumps)."""
+    try:
+        unsafe = get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError):  # not a zip checkpoint at all, or a truncated one
+        unsafe = []
+    if unsafe:
+        return f"{path}: holds pickled Python objects ({', '.join(unsafe[:3])}), not a state dict"
+    return f"{path}: not a readable PyTorch checkpoint"
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state dict in a bare dict or one nested by a training script."""
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _tensors_only(obj[key], path), f"torch[{key}]"
+        return _tensors_only(obj, path), "torch"
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+
+
+def _tensors_only(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Reject dicts that are not name -> tensor, which would otherwise fail deep inside load_state_dict."""
+    bad = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict; non-tensor entries: {', '.join(bad[:_SHOWN_KEYS])}")
+    return dict(state)
+
+
+def _head_differs(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
+    """True when the checkpoint's classifier cannot be used as is (other class count, or no head at all)."""
+    return any(k in state and (k not in expected or state[k].shape != expected[k].shape) for k in _HEAD_KEYS)
+
+
+def _mismatches(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], allowed_missing: set[str]
+) -> list[str]:
+    """List every key that would load wrongly, checked before loading so the model is never half-loaded."""
+    problems = [
+        f"{k} expected {tuple(expected[k].shape)} got {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems += [
+        f"{k} missing (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k not in state and k not in allowed_missing
+    ]
+    problems += [f"{k} unexpected (got {tuple(v.shape)})" for k, v in state.items() if k not in expected]
+    return problems
