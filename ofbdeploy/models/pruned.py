@@ -1,0 +1,82 @@
+"""The materialised model on disk: ``model.safetensors`` + ``arch.json``, rebuilt as a plain timm ViT.
+
+Loading needs only timm and this module (never the search code): the record says per block how many
+heads of which width and how wide the MLP is, and the model is assembled from timm's own ``Attention``
+and ``Mlp`` with those sizes. No pickled modules anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.errors import ArchError, CheckpointError
+from ofbdeploy.io import atomic_write
+
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "arch.json"
+
+
+def build_plain(spec: ArchSpec) -> VisionTransformer:
+    """A timm ``VisionTransformer`` with the widths of ``spec`` (weights uninitialised)."""
+    base = spec.base
+    model = VisionTransformer(
+        img_size=base.img_size,
+        patch_size=base.patch_size,
+        in_chans=base.in_chans,
+        num_classes=base.num_classes,
+        global_pool=base.global_pool,
+        embed_dim=spec.embed_dim,
+        depth=base.depth,
+        num_heads=1,
+        mlp_ratio=1.0,
+        qkv_bias=base.qkv_bias,
+        class_token=base.class_token,
+        fc_norm=base.fc_norm,
+        init_values=1.0 if base.layer_scale else None,
+        weight_init="skip",
+    )
+    for block, blk in zip(model.blocks, spec.blocks, strict=True):
+        block.attn = Attention(spec.embed_dim, num_heads=blk.heads, attn_head_dim=blk.head_dim, qkv_bias=base.qkv_bias)
+        block.mlp = Mlp(spec.embed_dim, hidden_features=blk.mlp_dim)
+    return model
+
+
+def save_pruned(model: nn.Module, spec: ArchSpec, directory: str | Path) -> Path:
+    """Write the weights, then the record (its presence marks a complete directory)."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"arch": ARCH_FILE}))
+    spec.save(directory / ARCH_FILE)
+    return directory
+
+
+def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Rebuild a materialised model from its directory, in eval mode."""
+    directory = Path(path)
+    if directory.is_file() and directory.name == ARCH_FILE:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise CheckpointError(f"pruned model directory not found: {directory}")
+    spec = ArchSpec.load(directory / ARCH_FILE)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a pruned model directory holds {WEIGHTS_FILE} and {ARCH_FILE})")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    model = build_plain(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ArchError(f"{weights}: weights do not fit {directory / ARCH_FILE}: {first[-1].strip()}") from None
+    return model.to(device).eval()
