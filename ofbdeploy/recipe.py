@@ -1,0 +1,247 @@
+"""Recipes: one YAML file describes a whole run; strict, so that a typo is an error, not a silent default.
+
+Every section rejects unknown keys; every problem is reported as one line naming the file, the dotted
+field and what was expected. ``--set section.key=value`` overrides are parsed as YAML scalars and
+validated like the file. The resolved recipe is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ofbdeploy.errors import OfbError
+from ofbdeploy.io import atomic_write_text
+
+
+class RecipeError(OfbError, ValueError):
+    """A recipe that cannot be run as written."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    """The dense model the run starts from."""
+
+    name: str = Field(description="timm model name, e.g. deit_small_patch16_224, or an ofb_vit_* test config")
+    checkpoint: str | None = Field(None, description="local weights file (DeiT/timm .pth or .safetensors)")
+    num_classes: int | None = Field(None, ge=1, description="classifier size; default: the dataset's class count")
+    img_size: int | None = Field(None, ge=8, description="input size; default: the model's own")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
+
+
+class AugmentCfg(_Strict):
+    hflip: float = Field(0.0, ge=0, le=1)
+    crop_padding: int = Field(0, ge=0)
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    randaugment: str | None = Field(None, description="timm RandAugment string (ImageFolder data only)")
+
+
+class DataCfg(_Strict):
+    kind: Literal["digits", "fashion_mnist", "imagefolder", "synthetic"]
+    root: str | None = None
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    limit_train: int | None = Field(None, ge=1)
+    limit_val: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1, description="images per step per process")
+    eval_batch_size: int = Field(256, ge=1)
+    workers: int = Field(0, ge=0)
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+
+
+class PretrainCfg(_Strict):
+    """Training of the dense model before the search, for users without pretrained weights."""
+
+    epochs: int = Field(0, ge=0, description="0: use the dense model as built/loaded")
+    lr: float = Field(1e-3, gt=0, description="learning rate per 256 images")
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class LossWeights(_Strict):
+    head: float = Field(0.5, ge=0)
+    mlp: float = Field(0.5, ge=0)
+    embedding: float = Field(0.5, ge=0)
+    flops: float = Field(5.0, ge=0)
+
+
+class PMIMCfg(_Strict):
+    enabled: bool = True
+    keep_start: float = Field(0.95, gt=0, le=1)
+    keep_end: float = Field(0.75, gt=0, le=1)
+
+
+class SearchCfg(_Strict):
+    target_flops_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of dense MACs")
+    target_gflops: float | None = Field(None, gt=0, description="budget in G multiply-accumulates")
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="warm-up of lr, mixing weight and PMIM ratio; default: a fifth of epochs (20 of 100)"
+    )
+    align: Literal[8, 16, 32, 64] | None = None
+    lr: float = Field(2.5e-4, gt=0, description="weights and importance scores, per 256 images")
+    arch_lr: float = Field(2.5e-4, gt=0, description="sparsity logits, per 256 images")
+    decoder_lr: float = Field(2.5e-4, gt=0, description="PMIM decoder, per 256 images")
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    l1_attention: float = Field(4e-4, ge=0)
+    l1_other: float = Field(1e-4, ge=0)
+    pmim: PMIMCfg = Field(default_factory=PMIMCfg)
+    shrink_threshold: float = Field(0.2, gt=0, lt=1)
+    shrinks_per_epoch: int = Field(3, ge=1)
+    mix_start: float = Field(0.99, ge=0, le=1)
+    mix_end: float = Field(0.1, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SearchCfg:
+        if (self.target_flops_ratio is None) == (self.target_gflops is None):
+            raise ValueError("give exactly one of target_flops_ratio and target_gflops")
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", self.epochs // 5)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class DistillCfg(_Strict):
+    enabled: bool = True
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha on labels)")
+
+
+class FinetuneCfg(_Strict):
+    epochs: int = Field(300, ge=0)
+    lr: float = Field(1.5e-4, gt=0, description="per 256 images (6e-4 at batch 1024, the authors' setting)")
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(5, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    distill: DistillCfg = Field(default_factory=DistillCfg)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole run: model -> data -> (pretrain) -> search -> materialise -> finetune."""
+
+    name: str = "run"
+    output_dir: str = Field("runs/run", description="the run directory")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision on CUDA")
+    model: ModelCfg
+    data: DataCfg
+    pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
+    search: SearchCfg
+    finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is a one-line :class:`RecipeError`.
+
+    A recipe may start with ``extends: other.yaml`` (relative to itself): the other recipe is read first
+    and this one's keys are merged over it, section by section.
+    """
+    path = Path(path)
+    data = _read_with_parents(path, seen=())
+    for item in overrides:
+        _apply_override(data, item)
+    return parse_recipe(data, str(path))
+
+
+def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: extends itself through {' -> '.join(p.name for p in seen)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections (model, data, search, ...)")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read_with_parents(path.parent / str(parent), (*seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {_first_problem(err)}") from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    where = ".".join(str(p) for p in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        return f"{where}: unknown field{_suggest(problem['loc'])}"
+    if problem["type"] == "missing":
+        return f"{where}: required field is missing"
+    got = problem.get("input")
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "value_error" or isinstance(got, dict):
+        return f"{where}: {message}" if where else message
+    return f"{where}: {message}, got {got!r}"
+
+
+def _suggest(loc: tuple) -> str:
+    """'did you mean' for a misspelt key, looked up among the fields of the section it sits in."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(model.model_fields)})"

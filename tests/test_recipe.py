@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+from ofbdeploy.arch import ViTShape
+from ofbdeploy.grids import SearchSpace
+from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
+from ofbdeploy.search.engine import check_budget, resolve_target
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+BASE = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"}, "search": {"target_flops_ratio": 0.5}}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_parse_and_their_budgets_fit(path):
+    recipe = load_recipe(path)
+    shape = ViTShape.from_model(timm.create_model(recipe.model.name, num_classes=recipe.model.num_classes or 10,
+                                                  img_size=recipe.model.img_size))
+    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, recipe.search.align)
+    check_budget(resolve_target(recipe.search, shape), space, shape)
+
+
+def test_paper_budgets_are_absolute_gflops():
+    assert [load_recipe(p).search.target_gflops for p in RECIPES if p.name.startswith("ofb_deit_")] == \
+        [0.9, 1.1, 1.7, 3.6, 8.7]
+
+
+def _write(tmp: Path, name: str, data: dict) -> Path:
+    (tmp / name).write_text(yaml.safe_dump(data))
+    return tmp / name
+
+
+def test_extends_merges_section_by_section(tmp_path):
+    _write(tmp_path, "base.yaml", {**BASE, "search": {"target_flops_ratio": 0.5, "epochs": 7}})
+    child = _write(tmp_path, "child.yaml", {"extends": "base.yaml", "search": {"epochs": 9}})
+    recipe = load_recipe(child)
+    assert recipe.search.epochs == 9 and recipe.search.target_flops_ratio == 0.5
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    _write(tmp_path, "a.yaml", {"extends": "b.yaml"})
+    _write(tmp_path, "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_overrides_are_yaml_values(tmp_path):
+    path = _write(tmp_path, "r.yaml", BASE)
+    recipe = load_recipe(path, ["search.epochs=3", "search.align=16", "search.pmim.enabled=false", "data.root=/x"])
+    assert recipe.search.epochs == 3 and recipe.search.warmup_epochs == 0 and recipe.search.align == 16
+    assert not recipe.search.pmim.enabled
+    assert recipe.data.root == "/x"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["search.epocs=3"], r"r\.yaml: search\.epocs: unknown field \(did you mean 'epochs'\?\)"),
+        (["search.align=12"], r"search\.align: Input should be 8, 16, 32 or 64, got 12"),
+        (["search.target_gflops=1.0"], "give exactly one of target_flops_ratio and target_gflops"),
+        (["search.warmup_epochs=200"], r"warmup_epochs \(200\) exceeds epochs \(100\)"),
+        (["search.epochs=3", "search.warmup_epochs=4"], r"warmup_epochs \(4\) exceeds epochs \(3\)"),
+        (["data.batch_size=0"], r"data\.batch_size: Input should be greater than or equal to 1, got 0"),
+        (["modle.name=x"], r"modle: unknown field \(did you mean 'model'\?\)"),
+        (["search=3"], "search: Input should be"),
+    ],
+)
+def test_errors_are_one_line_naming_the_field(tmp_path, change, message):
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(_write(tmp_path, "r.yaml", BASE), change)
+    assert "\n" not in str(err.value)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = parse_recipe(BASE)
+    recipe.save(tmp_path / "resolved.yaml")
+    assert load_recipe(tmp_path / "resolved.yaml") == recipe
