@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 
+from ofbdeploy.errors import OfbError
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist/"
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -37,7 +39,7 @@ SYNTHETIC_SIZES = (512, 128)  # train, val when limit_train / limit_val are None
 _RESIZE_CHUNK = 4096  # images per interpolate call, bounds the float working memory
 
 
-class DataError(ValueError):
+class DataError(OfbError, ValueError):
     """Bad data configuration or a malformed / missing dataset file."""
 
 
