@@ -28,6 +28,22 @@ L1_ATTENTION = 4e-4
 L1_OTHER = 1e-4
 
 
+class PixelDecoder(nn.Module):
+    """PMIM's light decoder: a 1x1 convolution to patch_size^2 * channels, then a pixel shuffle."""
+
+    def __init__(self, embed_dim: int, patch_size: int, in_chans: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(embed_dim, patch_size**2 * in_chans, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(patch_size)
+
+    def forward(self, patch_tokens: Tensor) -> Tensor:
+        """(B, patches, E) tokens of a square grid -> (B, C, H, W) image."""
+        b, n, e = patch_tokens.shape
+        side = round(n**0.5)
+        grid = patch_tokens.transpose(1, 2).reshape(b, e, side, side)
+        return self.shuffle(self.conv(grid))
+
+
 @dataclass(frozen=True)
 class ShrinkEvent:
     """One change of a group's structure, for the search log."""
@@ -41,20 +57,28 @@ class ShrinkEvent:
 class SearchableViT(nn.Module):
     """Wraps a timm ``VisionTransformer``; ``forward`` is the masked model."""
 
-    def __init__(self, vit: VisionTransformer, space: SearchSpace | None = None, model_name: str = "") -> None:
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        space: SearchSpace | None = None,
+        model_name: str = "",
+        l1_attention: float = L1_ATTENTION,
+        l1_other: float = L1_OTHER,
+    ) -> None:
         super().__init__()
         self.shape = ViTShape.from_model(vit, model_name)
         s = self.shape
         self.space = space or SearchSpace.for_model(s.embed_dim, s.num_heads, s.head_dim, s.mlp_dim)
         self.vit = vit
-        self.embed_group = VectorGroup("embedding", s.embed_dim, self.space.embedding, L1_OTHER)
+        self.embed_group = VectorGroup("embedding", s.embed_dim, self.space.embedding, l1_other)
         self.attn_groups = nn.ModuleList(
-            HeadGroup(s.num_heads, s.head_dim, self.space.attention, L1_ATTENTION) for _ in range(s.depth)
+            HeadGroup(s.num_heads, s.head_dim, self.space.attention, l1_attention) for _ in range(s.depth)
         )
         self.mlp_groups = nn.ModuleList(
-            VectorGroup("mlp", s.mlp_dim, self.space.mlp, L1_OTHER) for _ in range(s.depth)
+            VectorGroup("mlp", s.mlp_dim, self.space.mlp, l1_other) for _ in range(s.depth)
         )
         self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, s.embed_dim), std=0.02))
+        self.decoder = PixelDecoder(s.embed_dim, s.patch_size, s.in_chans)
         for block, attn_group, mlp_group in zip(vit.blocks, self.attn_groups, self.mlp_groups, strict=True):
             block.attn.qkv.register_forward_hook(self._qkv_hook(block.attn, attn_group))
             block.mlp.fc1.register_forward_hook(self._fc1_hook(mlp_group))
@@ -99,8 +123,16 @@ class SearchableViT(nn.Module):
         x = vit.blocks(x)
         return vit.norm(x)
 
-    def forward(self, images: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        return self.vit.forward_head(self.forward_features(images, token_mask))
+    def forward(self, images: Tensor, token_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with a PMIM ``token_mask``, logits and the decoder's reconstruction of the images.
+
+        One forward for both, so that DDP sees every parameter that takes part in the step.
+        """
+        tokens = self.forward_features(images, token_mask)
+        logits = self.vit.forward_head(tokens)
+        if token_mask is None:
+            return logits
+        return logits, self.decoder(tokens[:, self.vit.num_prefix_tokens :])
 
     def _check_images(self, images: Tensor) -> None:
         s = self.shape
@@ -174,6 +206,10 @@ class SearchableViT(nn.Module):
         dropped = group.switch_off(group.alive & ~keep, optimizers) if int(group.alive.sum()) > 1 else 0
         return self._settle(name, group, dropped, optimizers)
 
+    def settle(self, name: str, optimizers: Optimizers = ()) -> ShrinkEvent:
+        """Cut group ``name`` to its widest live cell, deciding it when one cell is left."""
+        return self._settle(name, dict(self.groups())[name], 0, list(optimizers))
+
     def _settle(self, name: str, group: MaskGroup, dropped: int, optimizers: list) -> ShrinkEvent:
         extents = group.target_extents()
         if extents is not None:
@@ -223,6 +259,8 @@ class SearchableViT(nn.Module):
             for scale in (block.ls1, block.ls2):
                 if hasattr(scale, "gamma"):
                     slice_tensor_(scale.gamma, first, optimizers)
+        slice_tensor_(self.decoder.conv.weight, last, optimizers)
+        self.decoder.conv.in_channels = int(self.decoder.conv.weight.shape[1])
         for norm in (vit.norm, vit.fc_norm):
             if isinstance(norm, nn.LayerNorm):
                 slice_layer_norm_(norm, first, optimizers)
