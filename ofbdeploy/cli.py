@@ -31,6 +31,29 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe field, e.g. --set search.epochs=3 (repeatable; values parsed as YAML).")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: the recipe's output_dir).")
+@click.option("--resume", is_flag=True,
+              help="Continue a stopped search, pretrain or finetune from its last epoch checkpoint.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to run.log).")
+def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: bool, no_progress: bool) -> None:
+    """Run a recipe: dense model -> OFB search -> materialise -> finetune -> evaluate -> report.
+
+    Every stage writes its artifacts into the run directory; stages whose artifacts exist and whose
+    recipe sections are unchanged are skipped, so re-running after a change redoes only what changed.
+    Under `torchrun --nproc_per_node N` the search and the training stages run with PyTorch DDP.
+    """
+    from ofbdeploy.pipeline import Run
+    from ofbdeploy.recipe import load_recipe
+
+    extra = [*overrides, f"output_dir={output}"] if output is not None else list(overrides)
+    Run(load_recipe(recipe, extra), resume=resume, progress=not no_progress).execute()
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def info(path: Path) -> None:
     """Print the architecture of a materialised model.

@@ -1,0 +1,5 @@
+"""``python -m ofbdeploy`` (and ``torchrun -m ofbdeploy``) run the command line."""
+
+from ofbdeploy.cli import main
+
+main()

@@ -1,0 +1,333 @@
+"""``ofbdeploy run``: the stages of a run, its directory, and skipping or resuming what is already done.
+
+Stages run in one direction (dense -> search -> materialize -> finetune -> evaluate -> report); each reads
+the artifacts of the previous ones from the run directory and writes its own atomically. A stage whose
+artifacts exist and whose recipe sections are unchanged is skipped; a stopped search or finetune resumes
+from its last epoch checkpoint with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.grids import SearchSpace
+from ofbdeploy.io import atomic_write, atomic_write_text
+from ofbdeploy.materialize import materialize
+from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.pruned import load_pruned, save_pruned
+from ofbdeploy.recipe import Recipe
+from ofbdeploy.search.engine import check_budget, resolve_target, run_search
+from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.table import format_table
+from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
+from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, sample_batch
+from ofbdeploy.train.distributed import Dist, barrier, init_distributed
+from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
+
+log = logging.getLogger("ofbdeploy.run")
+
+STAGES = ("dense", "search", "materialize", "finetune", "evaluate", "report")
+# The recipe sections each stage depends on: a change there re-runs the stage and every later one.
+_DEPENDS = {
+    "dense": ("seed", "model", "data", "pretrain"),
+    "search": ("search",),
+    "materialize": (),
+    "finetune": ("finetune",),
+    "evaluate": (),
+    "report": (),
+}
+MATERIALIZE_TOLERANCE = 1e-4
+
+
+class RunPaths:
+    """Where each artifact of a run lives."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.recipe, self.log, self.stages = root / "recipe.yaml", root / "run.log", root / "stages.json"
+        self.dense_weights, self.dense_metrics = root / "dense/model.safetensors", root / "dense/metrics.json"
+        self.dense_ckpt = root / "dense/train.ckpt"
+        self.search_ckpt, self.search_final = root / "search/search.ckpt", root / "search/final.ckpt"
+        self.search_result = root / "search/result.json"
+        self.pruned, self.pruned_check = root / "pruned", root / "pruned/check.json"
+        self.finetune_ckpt, self.finetuned = root / "finetune/train.ckpt", root / "finetuned"
+        self.metrics, self.report = root / "metrics.json", root / "report.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+class Run:
+    """One run of a recipe in its directory; ``execute`` runs the stages that are not done yet."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True) -> None:
+        self.recipe, self.resume, self.progress = recipe, resume, progress
+        self.paths = RunPaths(Path(recipe.output_dir))
+        self.ctx = init_distributed(recipe.device)
+        if not self.ctx.is_main:
+            logging.getLogger("ofbdeploy").setLevel(logging.WARNING)  # one voice on the console: rank 0
+        self._data: tuple | None = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        """Hash of the recipe sections this stage and the stages before it depend on."""
+        sections: list[str] = []
+        for name in STAGES[: STAGES.index(stage) + 1]:
+            sections.extend(_DEPENDS[name])
+        data = self.recipe.model_dump(mode="json")
+        return hashlib.sha256(json.dumps({k: data[k] for k in sections}, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _stages(self) -> dict[str, str]:
+        return read_json(self.paths.stages) if self.paths.stages.is_file() else {}
+
+    def is_done(self, stage: str) -> bool:
+        return self._stages().get(stage) == self.fingerprint(stage)
+
+    def mark_done(self, stage: str) -> None:
+        if self.ctx.is_main:
+            stages = self._stages()
+            stages[stage] = self.fingerprint(stage)
+            write_json(self.paths.stages, stages)
+        barrier(self.ctx)
+
+    # -- shared inputs --------------------------------------------------------------------------
+    def data(self) -> tuple:
+        """Train set, val set and class count (built once per process)."""
+        if self._data is None:
+            d, img = self.recipe.data, self.img_size()
+            spec = DataSpec(kind=d.kind, root=d.root, img_size=img, val_fraction=d.val_fraction, seed=self.recipe.seed,
+                            limit_train=d.limit_train, limit_val=d.limit_val, hflip=d.augment.hflip,
+                            crop_padding=d.augment.crop_padding, random_erasing=d.augment.random_erasing,
+                            randaugment=d.augment.randaugment)
+            self._data = build_datasets(spec)
+        return self._data
+
+    def img_size(self) -> int:
+        m = self.recipe.model
+        if m.img_size is not None:
+            return m.img_size
+        probe = build_dense(m.name, **m.overrides)
+        return int(probe.patch_embed.img_size[0])
+
+    def loader(self, train: bool):
+        train_set, val_set, _ = self.data()
+        d = self.recipe.data
+        return build_loader(train_set if train else val_set, batch_size=d.batch_size if train else d.eval_batch_size,
+                            train=train, workers=d.workers, seed=self.recipe.seed, distributed=self.ctx.enabled)
+
+    def build_dense_model(self) -> torch.nn.Module:
+        m = self.recipe.model
+        num_classes = m.num_classes or self.data()[2]
+        return build_dense(m.name, num_classes=num_classes, img_size=self.img_size(), **m.overrides)
+
+    def load_dense(self) -> torch.nn.Module:
+        model = self.build_dense_model()
+        model.load_state_dict(load_file(str(self.paths.dense_weights)))
+        return model.to(self.ctx.device).eval()
+
+    # -- stages ---------------------------------------------------------------------------------
+    def stage_dense(self) -> None:
+        """The dense model: built, loaded from the recipe's checkpoint, trained if the recipe asks."""
+        m, p = self.recipe.model, self.recipe.pretrain
+        model = self.build_dense_model()
+        if m.checkpoint:
+            from ofbdeploy.models.dense import load_weights
+
+            report = load_weights(model, m.checkpoint)
+            log.info("dense weights from %s (%s%s)", m.checkpoint, report.format,
+                     ", head reset" if report.reset_head else "")
+        model = model.to(self.ctx.device)
+        seconds = 0.0
+        if p.epochs > 0:
+            settings = TrainSettings(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay,
+                                     warmup_epochs=p.warmup_epochs, label_smoothing=p.label_smoothing,
+                                     max_steps_per_epoch=p.max_steps_per_epoch, amp=self.recipe.amp)
+            result = train_classifier(model, self.loader(True), settings, self.ctx, seed=self.recipe.seed,
+                                      checkpoint_path=self.paths.dense_ckpt, resume=self.resume, log=log,
+                                      progress=self.progress, stage="pretrain")
+            seconds = result.seconds
+        metrics = evaluate(model, self.loader(False), self.ctx, self.recipe.amp)
+        log.info("dense top-1 %.2f%% top-5 %.2f%%", metrics["top1"], metrics["top5"])
+        if self.ctx.is_main:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            atomic_write(self.paths.dense_weights, lambda tmp: save_file(state, str(tmp)))
+            write_json(self.paths.dense_metrics, {**metrics, "pretrain_seconds": seconds})
+
+    def space(self, shape: ViTShape) -> SearchSpace:
+        return SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim,
+                                     self.recipe.search.align)
+
+    def searchable(self, dense: torch.nn.Module) -> SearchableViT:
+        s = self.recipe.search
+        space = self.space(ViTShape.from_model(dense))
+        return SearchableViT(dense, space, self.recipe.model.name, s.l1_attention, s.l1_other)
+
+    def check_inputs(self) -> None:
+        """Fail in seconds, not after pretraining: the model is prunable, the data is there, the budget fits."""
+        shape = ViTShape.from_model(self.build_dense_model(), self.recipe.model.name)
+        check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
+
+    def stage_search(self) -> None:
+        """OFB search from the dense weights; the decided state is kept for materialisation."""
+        model = self.searchable(self.load_dense().train()).to(self.ctx.device)
+        result = run_search(model, self.loader(True), self.recipe.search, self.ctx, seed=self.recipe.seed,
+                            amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
+                            progress=self.progress)
+        if self.ctx.is_main:
+            save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
+            summary = asdict(result)
+            summary["spec"] = result.spec.to_dict()
+            write_json(self.paths.search_result, summary)
+
+    def stage_materialize(self) -> None:
+        """Plain timm model from the decided search state, checked against the masked model on real images."""
+        final = load_checkpoint(self.paths.search_final)
+        model = self.searchable(self.build_dense_model())
+        model.apply_arch(ArchSpec.from_dict(final["arch"], str(self.paths.search_final)))
+        model.load_state_dict(final["model"])
+        model.eval()
+        pruned, spec = materialize(model)
+        images = sample_batch(self.data()[1], min(64, len(self.data()[1])))
+        with torch.no_grad():
+            diff = float((model(images) - pruned(images)).abs().max())
+        if diff > MATERIALIZE_TOLERANCE:
+            raise RuntimeError(f"materialised model disagrees with the masked model: max |diff| {diff:.2e}")
+        log.info("materialised: max |masked - plain| = %.2e on %d val images", diff, len(images))
+        if self.ctx.is_main:
+            save_pruned(pruned, spec, self.paths.pruned)
+            write_json(self.paths.pruned_check, {"max_abs_diff": diff, "images": len(images)})
+
+    def stage_finetune(self) -> None:
+        """Finetune the pruned model, distilling from the dense one."""
+        f = self.recipe.finetune
+        student = load_pruned(self.paths.pruned, self.ctx.device).train()
+        teacher = self.load_dense() if f.distill.enabled else None
+        settings = TrainSettings(epochs=f.epochs, lr=f.lr, min_lr=f.min_lr, weight_decay=f.weight_decay,
+                                 warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, mixup=f.mixup,
+                                 cutmix=f.cutmix, ema_decay=f.ema_decay,
+                                 distill_alpha=f.distill.alpha if f.distill.enabled else 0.0,
+                                 distill_temperature=f.distill.temperature,
+                                 max_steps_per_epoch=f.max_steps_per_epoch, amp=self.recipe.amp)
+        result = train_classifier(student, self.loader(True), settings, self.ctx, teacher=teacher,
+                                  seed=self.recipe.seed, checkpoint_path=self.paths.finetune_ckpt,
+                                  resume=self.resume, log=log, progress=self.progress, stage="finetune")
+        if self.ctx.is_main:
+            save_pruned(student, ArchSpec.load(self.paths.pruned / "arch.json"), self.paths.finetuned)
+            write_json(self.paths.finetuned / "train.json", asdict(result))
+
+    def stage_evaluate(self) -> None:
+        """Top-1/top-5 of the dense, the pruned (before finetune) and the finetuned model."""
+        val = self.loader(False)
+        metrics = {
+            "dense": evaluate(self.load_dense(), val, self.ctx, self.recipe.amp),
+            "pruned": evaluate(load_pruned(self.paths.pruned, self.ctx.device), val, self.ctx, self.recipe.amp),
+            "finetuned": evaluate(load_pruned(self.paths.finetuned, self.ctx.device), val, self.ctx, self.recipe.amp),
+        }
+        if self.ctx.is_main:
+            write_json(self.paths.metrics, metrics)
+
+    def stage_report(self) -> None:
+        """report.json with the headline figures, and the summary table on the terminal."""
+        if not self.ctx.is_main:
+            return
+        report = build_report(self.paths)
+        write_json(self.paths.report, report)
+        log.info("report written to %s\n%s", self.paths.report, summary_table(report))
+
+    # -- driver ---------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        if self.ctx.is_main:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            self.recipe.save(self.paths.recipe)
+        _log_to_file(self.paths.log, self.ctx)
+        log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, self.paths.root, self.ctx.device,
+                 self.ctx.world_size)
+        self.check_inputs()
+        stages: dict[str, Callable[[], None]] = {name: getattr(self, f"stage_{name}") for name in STAGES}
+        stale = False
+        for name, run_stage in stages.items():
+            if not stale and self.is_done(name):
+                log.info("stage %s: done already, skipped", name)
+                continue
+            stale = True  # every later stage depends on this one's output
+            log.info("stage %s: running", name)
+            t0 = time.perf_counter()
+            torch.manual_seed(self.recipe.seed)  # a stage's result must not depend on what ran before it
+            run_stage()
+            self.mark_done(name)
+            log.info("stage %s: finished in %.1f s", name, time.perf_counter() - t0)
+        return read_json(self.paths.report) if self.paths.report.is_file() else {}
+
+
+def build_report(paths: RunPaths) -> dict[str, Any]:
+    """The run's headline numbers, from the artifacts the stages wrote."""
+    search = read_json(paths.search_result)
+    spec = ArchSpec.load(paths.pruned / "arch.json")
+    dense_spec = ArchSpec.dense(spec.base)
+    metrics = read_json(paths.metrics)
+    finetune = read_json(paths.finetuned / "train.json")
+    return {
+        "model": spec.base.model_name,
+        "flops_dense": dense_spec.macs(),
+        "flops_pruned": spec.macs(),
+        "flops_target": search["target_macs"],
+        "flops_ratio": spec.macs() / dense_spec.macs(),
+        "params_dense": dense_spec.params(),
+        "params_pruned": spec.params(),
+        "top1_dense": metrics["dense"]["top1"],
+        "top5_dense": metrics["dense"]["top5"],
+        "top1_pruned_before_finetune": metrics["pruned"]["top1"],
+        "top1_pruned": metrics["finetuned"]["top1"],
+        "top5_pruned": metrics["finetuned"]["top5"],
+        "search_seconds": search["seconds"],
+        "search_images_per_second": search["images_per_second"],
+        "search_decided_epoch": search["decided_epoch"],
+        "search_forced_groups": search["forced_groups"],
+        "search_budget_steps": search["budget_steps"],
+        "finetune_seconds": finetune["seconds"],
+        "materialize_max_abs_diff": read_json(paths.pruned_check)["max_abs_diff"],
+        "arch": {"embed_dim": spec.embed_dim,
+                 "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim} for b in spec.blocks]},
+    }
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The closing table: dense vs pruned, side by side."""
+    rows = [
+        ("dense", f"{report['params_dense'] / 1e6:.3f}", f"{report['flops_dense'] / 1e9:.4f}", "100.0%",
+         f"{report['top1_dense']:.2f}", f"{report['top5_dense']:.2f}"),
+        ("pruned", f"{report['params_pruned'] / 1e6:.3f}", f"{report['flops_pruned'] / 1e9:.4f}",
+         f"{report['flops_ratio']:.1%}", f"{report['top1_pruned']:.2f}", f"{report['top5_pruned']:.2f}"),
+    ]
+    table = format_table(("model", "params (M)", "GMACs", "of dense", "top-1 %", "top-5 %"), rows)
+    return (f"{table}\nsearch {report['search_seconds']:.1f} s, finetune {report['finetune_seconds']:.1f} s; "
+            f"pruned before finetune: top-1 {report['top1_pruned_before_finetune']:.2f}%")
+
+
+def _log_to_file(path: Path, ctx: Dist) -> None:
+    """Append every log line of rank 0 to the run's log file (grep-able: time level logger message)."""
+    if not ctx.is_main:
+        return
+    root = logging.getLogger("ofbdeploy")
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))

@@ -1,0 +1,158 @@
+"""`ofbdeploy run` end to end on a tiny recipe: artifacts, skipping, resume, errors, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import ofbdeploy.search.engine as engine
+from ofbdeploy import load_pruned
+from ofbdeploy.cli import main
+from ofbdeploy.pipeline import Run
+from ofbdeploy.recipe import load_recipe
+
+TINY = {
+    "name": "tiny",
+    "seed": 1,
+    "device": "cpu",
+    "model": {"name": "ofb_vit_pico_patch4_32", "img_size": 16},
+    "data": {"kind": "synthetic", "limit_train": 192, "limit_val": 64, "batch_size": 32, "eval_batch_size": 64},
+    "pretrain": {"epochs": 2, "lr": 4e-3, "warmup_epochs": 0},
+    "search": {"target_flops_ratio": 0.5, "epochs": 4, "warmup_epochs": 1, "lr": 1e-3, "arch_lr": 0.3,
+               "loss_weights": {"flops": 50.0}},
+    "finetune": {"epochs": 3, "lr": 2e-3, "warmup_epochs": 0, "distill": {"temperature": 2.0}},
+}
+REPORT_KEYS = {"flops_dense", "flops_pruned", "params_dense", "params_pruned", "top1_dense", "top1_pruned",
+               "search_seconds", "finetune_seconds"}
+
+
+def _recipe(tmp: Path, name: str = "recipe.yaml", **changes) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["output_dir"] = str(tmp / "run")
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, ["run", *args, "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    result = _invoke(str(_recipe(tmp)))
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+def test_run_writes_every_artifact(finished_run):
+    for rel in ["recipe.yaml", "run.log", "stages.json", "dense/model.safetensors", "search/search.ckpt",
+                "search/result.json", "pruned/arch.json", "pruned/model.safetensors", "finetuned/model.safetensors",
+                "finetuned/arch.json", "metrics.json", "report.json"]:
+        assert (finished_run / rel).is_file(), rel
+    report = json.loads((finished_run / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert report["flops_pruned"] <= report["flops_target"] < report["flops_dense"]
+    assert report["params_pruned"] < report["params_dense"]
+    assert report["materialize_max_abs_diff"] <= 1e-4
+    assert 0 <= report["top1_pruned"] <= 100
+    model = load_pruned(finished_run / "finetuned")
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    log = (finished_run / "run.log").read_text()
+    assert "search epoch 1/4" in log and "stage report: finished" in log
+    resolved = yaml.safe_load((finished_run / "recipe.yaml").read_text())
+    assert resolved["search"]["epochs"] == 4 and resolved["search"]["shrinks_per_epoch"] == 3
+
+
+def test_rerun_skips_what_is_done_and_redoes_what_changed(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # leave the shared finished run untouched
+    recipe, out = str(run / "recipe.yaml"), ("--output", str(run))
+    before = load_file(str(run / "finetuned/model.safetensors"))
+    result = _invoke(recipe, *out)
+    assert result.exit_code == 0, result.output
+    log = (run / "run.log").read_text().split("stage report: finished")[-1]
+    assert all(f"stage {s}: done already, skipped" in log for s in ("dense", "search", "finetune", "report"))
+    result = _invoke(recipe, *out, "--set", "finetune.epochs=4")
+    assert result.exit_code == 0, result.output
+    log = (run / "run.log").read_text().split("stage report: finished")[-2]
+    assert "stage search: done already, skipped" in log and "stage finetune: running" in log
+    after = load_file(str(run / "finetuned/model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stopped_run_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
+    recipe = load_recipe(_recipe(tmp_path))
+    calls = {"n": 0}
+    real_save = engine.save_checkpoint
+
+    def dying_save(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed after the second search epoch")
+
+    monkeypatch.setattr(engine, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        Run(recipe, progress=False).execute()
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    Run(recipe, resume=True, progress=False).execute()
+    ours = load_file(str(tmp_path / "run/finetuned/model.safetensors"))
+    reference = load_file(str(finished_run / "finetuned/model.safetensors"))
+    assert json.loads((tmp_path / "run/pruned/arch.json").read_text())["blocks"] == \
+        json.loads((finished_run / "pruned/arch.json").read_text())["blocks"]
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"search__epocs": 3}, "search.epocs: unknown field (did you mean 'epochs'?)"),
+        ({"data__kind": "fashion_mnist", "data__root": "/nonexistent/fmnist"}, "/nonexistent/fmnist"),
+        ({"search__target_flops_ratio": 0.01}, "cannot be met"),
+        ({"model__name": "deit_smal_patch16_224"}, "unknown model 'deit_smal_patch16_224'"),
+        ({"model__checkpoint": "/nonexistent/w.pth"}, "checkpoint not found: /nonexistent/w.pth"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_training(tmp_path, changes, message):
+    result = _invoke(str(_recipe(tmp_path, **changes)))
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "run" / "dense").exists()
+
+
+def test_missing_recipe_and_bad_override(tmp_path):
+    result = _invoke(str(tmp_path / "none.yaml"))
+    assert result.exit_code == 2 and "recipe not found" in result.output
+    result = _invoke(str(_recipe(tmp_path)), "--set", "search.epochs")
+    assert result.exit_code == 2 and "expected section.key=value" in result.output
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    recipe = _recipe(tmp_path, search__epochs=2, finetune__epochs=1, pretrain__epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "ofbdeploy", "run", str(recipe), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["flops_pruned"] <= report["flops_target"]
+    assert "2 process(es)" in (tmp_path / "run" / "run.log").read_text()
