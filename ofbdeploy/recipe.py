@@ -135,8 +135,62 @@ class FinetuneCfg(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
+Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class ExportCfg(_Strict):
+    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines."""
+
+    enabled: bool = True
+    opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
+    fp16: bool = Field(False, description="also write an fp16 ONNX graph")
+    simplify: bool = True
+    check_images: int = Field(64, ge=1, description="validation images for the parity checks")
+    trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
+    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp16"])
+    batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
+    calibration_images: int = Field(512, ge=1, description="int8 calibration images from the training split")
+
+
+class ProfileCfg(_Strict):
+    """Latency of dense and pruned, measured alternately in one process on each backend."""
+
+    enabled: bool = True
+    backends: list[Backend] = Field(default_factory=lambda: ["ort-cpu"])
+    precision: Precision = "fp32"
+    batches: list[int] = Field(default_factory=lambda: [1, 32])
+    warmup: int = Field(10, ge=0)
+    repeats: int = Field(50, ge=5)
+    threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
+
+
+class LatencyLimit(_Strict):
+    backend: Backend
+    batch: int = Field(ge=1)
+    precision: Precision = "fp32"
+    max_ms: float = Field(gt=0)
+
+
+class SpeedupLimit(_Strict):
+    backend: Backend
+    batch: int = Field(ge=1)
+    precision: Precision = "fp32"
+    min: float = Field(gt=0, description="dense median latency / pruned median latency, measured in one run")
+
+
+class BudgetCfg(_Strict):
+    """Limits the run must meet; `ofbdeploy run` and `ofbdeploy check` exit 1 when any is missed."""
+
+    max_gflops: float | None = Field(None, gt=0, description="G multiply-accumulates of the pruned model")
+    max_params_m: float | None = Field(None, gt=0, description="millions of parameters of the pruned model")
+    min_top1: float | None = Field(None, ge=0, le=100, description="top-1 %% of the finetuned model")
+    latency: list[LatencyLimit] = Field(default_factory=list)
+    speedup: list[SpeedupLimit] = Field(default_factory=list)
+
+
 class Recipe(_Strict):
-    """A whole run: model -> data -> (pretrain) -> search -> materialise -> finetune."""
+    """A whole run: model -> data -> (pretrain) -> search -> materialise -> finetune -> export -> profile."""
 
     name: str = "run"
     output_dir: str = Field("runs/run", description="the run directory")
@@ -148,6 +202,9 @@ class Recipe(_Strict):
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
     search: SearchCfg
     finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
+    export: ExportCfg = Field(default_factory=ExportCfg)
+    profile: ProfileCfg = Field(default_factory=ProfileCfg)
+    budget: BudgetCfg = Field(default_factory=BudgetCfg)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

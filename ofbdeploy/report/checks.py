@@ -1,0 +1,100 @@
+"""Budget limits and latency-regression gates over a run's ``report.json``.
+
+Each check is one line: what was limited, the limit, the measured value, pass or fail. Latency limits are
+checked against measured numbers only; speedups are ratios measured in one run (dense and pruned
+alternating on the same backend), so they are comparable across machines, while absolute latencies are
+compared with a baseline only when the device is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ofbdeploy.recipe import BudgetCfg
+from ofbdeploy.table import format_table
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    limit: str
+    measured: str
+    ok: bool
+
+
+def _row(report: dict[str, Any], backend: str, batch: int, precision: str) -> dict[str, Any] | None:
+    for row in report.get("latency", []):
+        if (row["backend"], row["batch"], row["precision"]) == (backend, batch, precision):
+            return row
+    return None
+
+
+def budget_checks(report: dict[str, Any], budget: BudgetCfg) -> list[Check]:
+    """Every limit of the recipe's ``budget`` section against the run's measured figures."""
+    checks: list[Check] = []
+    if budget.max_gflops is not None:
+        value = report["flops_pruned"] / 1e9
+        checks.append(Check("GFLOPs (MACs)", f"<= {budget.max_gflops:g}", f"{value:.4f}", value <= budget.max_gflops))
+    if budget.max_params_m is not None:
+        value = report["params_pruned"] / 1e6
+        checks.append(Check("params (M)", f"<= {budget.max_params_m:g}", f"{value:.3f}", value <= budget.max_params_m))
+    if budget.min_top1 is not None:
+        value = report["top1_pruned"]
+        checks.append(Check("top-1 %", f">= {budget.min_top1:g}", f"{value:.2f}", value >= budget.min_top1))
+    for limit in budget.latency:
+        name = f"latency ms {limit.backend} {limit.precision} batch {limit.batch}"
+        row = _row(report, limit.backend, limit.batch, limit.precision)
+        measured = "not measured" if row is None else f"{row['latency_ms_pruned']:.3f}"
+        checks.append(Check(name, f"<= {limit.max_ms:g}", measured,
+                            row is not None and row["latency_ms_pruned"] <= limit.max_ms))
+    for limit in budget.speedup:
+        name = f"speedup {limit.backend} {limit.precision} batch {limit.batch}"
+        row = _row(report, limit.backend, limit.batch, limit.precision)
+        measured = "not measured" if row is None else f"{row['speedup']:.3f}x"
+        checks.append(Check(name, f">= {limit.min:g}x", measured, row is not None and row["speedup"] >= limit.min))
+    return checks
+
+
+def make_baseline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures a later run is compared with: per backend/batch/precision speedup and latencies."""
+    keys = ("backend", "batch", "precision", "device", "speedup", "latency_ms_dense", "latency_ms_pruned")
+    return {"format": "ofbdeploy.baseline/1", "model": report.get("model", ""),
+            "rows": [{k: row[k] for k in keys} for row in report.get("latency", [])]}
+
+
+def regression_checks(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[Check]:
+    """Speedups may not fall more than ``tolerance`` below the baseline's; on the same device neither may the
+    pruned model's latency rise more than ``tolerance`` above it."""
+    checks: list[Check] = []
+    for base in baseline.get("rows", []):
+        key = f"{base['backend']} {base['precision']} batch {base['batch']}"
+        row = _row(report, base["backend"], base["batch"], base["precision"])
+        floor = base["speedup"] * (1 - tolerance)
+        if row is None:
+            checks.append(Check(f"speedup {key}", f">= {floor:.3f}x", "not measured", False))
+            continue
+        checks.append(Check(f"speedup {key}", f">= {floor:.3f}x", f"{row['speedup']:.3f}x", row["speedup"] >= floor))
+        if row["device"] == base["device"]:
+            ceiling = base["latency_ms_pruned"] * (1 + tolerance)
+            checks.append(Check(f"latency ms {key}", f"<= {ceiling:.3f}", f"{row['latency_ms_pruned']:.3f}",
+                                row["latency_ms_pruned"] <= ceiling))
+    return checks
+
+
+def format_checks(checks: list[Check], markdown: bool = False) -> str:
+    rows = [(c.name, c.limit, c.measured, "ok" if c.ok else "MISSED") for c in checks]
+    return format_table(("check", "limit", "measured", "result"), rows, markdown=markdown)
+
+
+def parse_tolerance(text: str) -> float:
+    """'10%' or '0.1' -> 0.1."""
+    from ofbdeploy.errors import OfbError
+
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise OfbError(f"--tolerance: expected a fraction or a percentage such as 10%, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise OfbError(f"--tolerance: expected 0 <= tolerance < 100%, got {text!r}")
+    return value

@@ -1,0 +1,89 @@
+"""report.md and its plot: accuracy and latency against FLOPs, dense next to pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ofbdeploy.io import atomic_write, atomic_write_text
+from ofbdeploy.report.checks import Check, format_checks
+from ofbdeploy.table import format_table
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Two panels: measured latency vs GFLOPs per backend/batch (with the FLOPs-proportional ideal), and
+    top-1 vs GFLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense_g, pruned_g = report["flops_dense"] / 1e9, report["flops_pruned"] / 1e9
+    fig, (lat_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in report.get("latency", []):
+        label = f"{row['backend']} {row['precision']} b{row['batch']}"
+        line = lat_ax.plot([dense_g, pruned_g], [row["latency_ms_dense"], row["latency_ms_pruned"]], "o-",
+                           label=f"{label}: {row['speedup']:.2f}x")[0]
+        lat_ax.plot([dense_g, pruned_g], [row["latency_ms_dense"], row["latency_ms_dense"] * pruned_g / dense_g],
+                    ":", color=line.get_color(), alpha=0.6)
+    lat_ax.set(xlabel="GFLOPs (MACs)", ylabel="median latency (ms)", title="latency vs FLOPs (dotted: FLOPs ratio)")
+    if report.get("latency"):
+        lat_ax.set_yscale("log")
+        lat_ax.legend(fontsize=7)
+    points = [("dense", dense_g, report["top1_dense"]),
+              ("pruned, before finetune", pruned_g, report["top1_pruned_before_finetune"]),
+              ("pruned, finetuned", pruned_g, report["top1_pruned"])]
+    for name, x, y in points:
+        acc_ax.scatter([x], [y], label=f"{name}: {y:.2f}%")
+    acc_ax.set(xlabel="GFLOPs (MACs)", ylabel="top-1 (%)", title="accuracy vs FLOPs")
+    acc_ax.legend(fontsize=7)
+    fig.suptitle(f"{report.get('model', '')}: {report['flops_ratio']:.1%} of dense FLOPs")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def latency_table(report: dict[str, Any], markdown: bool = False) -> str:
+    rows = [
+        (row["backend"], row["precision"], row["batch"], f"{row['latency_ms_dense']:.3f}",
+         f"{row['latency_ms_pruned']:.3f}", f"{row['speedup']:.2f}x", f"{1 / report['flops_ratio']:.2f}x",
+         f"{row['throughput_pruned']:.0f}", row["device"])
+        for row in report.get("latency", [])
+    ]
+    return format_table(("backend", "precision", "batch", "dense ms", "pruned ms", "speedup", "FLOPs limit",
+                         "pruned img/s", "device"), rows, markdown=markdown)
+
+
+def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot: Path | None) -> Path:
+    """The human-readable report next to report.json."""
+    summary = format_table(
+        ("model", "params (M)", "GFLOPs", "of dense", "top-1 %", "top-5 %"),
+        [("dense", f"{report['params_dense'] / 1e6:.3f}", f"{report['flops_dense'] / 1e9:.4f}", "100.0%",
+          f"{report['top1_dense']:.2f}", f"{report['top5_dense']:.2f}"),
+         ("pruned", f"{report['params_pruned'] / 1e6:.3f}", f"{report['flops_pruned'] / 1e9:.4f}",
+          f"{report['flops_ratio']:.1%}", f"{report['top1_pruned']:.2f}", f"{report['top5_pruned']:.2f}")],
+        markdown=True,
+    )
+    parts = [f"# ofbdeploy report: {report.get('model', '')}", "", summary, ""]
+    parts.append(f"FLOPs target {report['flops_target'] / 1e9:.4f} G; search {report['search_seconds']:.1f} s, "
+                 f"finetune {report['finetune_seconds']:.1f} s; materialised model matches the masked one to "
+                 f"{report['materialize_max_abs_diff']:.1e}.")
+    if report.get("search_budget_steps"):
+        parts.append(f"Budget enforcement after the search: {'; '.join(report['search_budget_steps'])}.")
+    if report.get("search_forced_groups"):
+        parts.append(f"Undecided at the epoch budget (most probable cell taken): "
+                     f"{', '.join(report['search_forced_groups'])}.")
+    for item in report.get("export", []):
+        parts.append(f"Export {item['path']}: max |ORT - torch| {item['max_abs_diff']:.2e}, top-1 agreement "
+                     f"{item['top1_agreement']:.1%} on {item['check_images']} images.")
+    if report.get("latency"):
+        parts += ["", "## Latency (dense and pruned measured alternately in one run; medians)", "",
+                  latency_table(report, markdown=True)]
+    for skipped in report.get("profile_skipped", []):
+        parts.append(f"- not measured: {skipped}")
+    if checks:
+        parts += ["", "## Budget", "", format_checks(checks, markdown=True)]
+    if plot is not None:
+        parts += ["", f"![accuracy and latency vs FLOPs]({plot.name})"]
+    return atomic_write_text(path, "\n".join(parts) + "\n")
