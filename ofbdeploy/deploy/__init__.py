@@ -1,0 +1,1 @@
+"""Deployment: export to ONNX / TensorRT and measure latency on real backends, dense and pruned side by side."""

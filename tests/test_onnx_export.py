@@ -1,0 +1,132 @@
+"""ONNX export of pruned ViTs: LayerNormalization graphs, dynamic batch, fp16, and a parity check that bites."""
+
+import copy
+import json
+import random
+
+import numpy as np
+import onnx
+import onnxslim
+import pytest
+import timm
+import torch
+from torch import nn
+
+from ofbdeploy.deploy.onnx_export import ExportError, export_onnx, ort_session
+from ofbdeploy.materialize import materialize
+from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.verify import decide_randomly, set_fused_attention
+
+TOL = 1e-4
+PICO = "ofb_vit_pico_patch4_32"
+
+
+def _pruned(name: str, seed: int = 0) -> nn.Module:
+    """A random decided architecture (uneven heads, head widths and MLP widths per block), materialised."""
+    torch.manual_seed(seed)
+    searchable = SearchableViT(timm.create_model(name), model_name=name)
+    decide_randomly(searchable, random.Random(seed))
+    model, _ = materialize(searchable)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pico() -> nn.Module:
+    return _pruned(PICO)
+
+
+def _ort_vs_torch(path, model: nn.Module, images: torch.Tensor) -> float:
+    """An independent check of the written file, on inputs the export never saw."""
+    got = ort_session(path, ["CPUExecutionProvider"]).run(["logits"], {"images": images.numpy()})[0]
+    with torch.no_grad():
+        want = model(images).numpy()
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp32_export_matches_torch_with_fused_attention_on_and_off(pico, tmp_path, fused):
+    model = copy.deepcopy(pico)
+    set_fused_attention(model, fused)
+    check = torch.randn(6, 3, 32, 32)
+    result = export_onnx(model, tmp_path / "pico.onnx", img_size=32, check_inputs=check)
+    assert result.path.is_file() and result.opset == 17 and not result.fp16 and result.simplified
+    assert result.check_images == 6
+    assert result.max_abs_diff <= TOL and result.top1_agreement == 1.0
+    assert _ort_vs_torch(result.path, model, torch.randn(3, 3, 32, 32)) <= TOL
+    assert all(m.fused_attn is fused for m in model.modules() if hasattr(m, "fused_attn"))
+    assert json.loads(json.dumps(result.to_dict()))["path"] == str(tmp_path / "pico.onnx")
+
+
+@pytest.mark.parametrize("simplify", [True, False])
+def test_graph_has_layernorm_ops_and_a_dynamic_batch(pico, tmp_path, simplify):
+    result = export_onnx(pico, tmp_path / "pico.onnx", img_size=32, simplify=simplify)
+    graph = onnx.load(result.path).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("LayerNormalization") == 2 * len(pico.blocks) + 1  # norm1, norm2 per block, final norm
+    assert "ReduceMean" not in ops and "Pow" not in ops  # no decomposed LayerNorm
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    for batch in (1, 5):
+        assert _ort_vs_torch(result.path, pico, torch.randn(batch, 3, 32, 32)) <= TOL
+
+
+def test_opset_below_17_is_rejected(pico, tmp_path):
+    with pytest.raises(ExportError, match=r"pico\.onnx: opset 16 .*LayerNormalization"):
+        export_onnx(pico, tmp_path / "pico.onnx", img_size=32, opset=16)
+    assert not (tmp_path / "pico.onnx").exists()
+
+
+def test_fp16_export_is_an_fp16_graph_that_agrees_on_top1(pico, tmp_path):
+    check = torch.randn(32, 3, 32, 32)
+    result = export_onnx(pico, tmp_path / "pico16.onnx", img_size=32, fp16=True, check_inputs=check)
+    graph = onnx.load(result.path).graph
+    float_types = {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer} - {"INT64"}
+    assert float_types == {"FLOAT16"}
+    assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [onnx.TensorProto.FLOAT] * 2
+    assert result.fp16 and 0.0 < result.max_abs_diff <= result.tolerance
+    assert result.top1_agreement >= 0.99
+    assert _ort_vs_torch(result.path, pico, torch.randn(4, 3, 32, 32)) <= result.tolerance
+
+
+def test_failed_parity_check_raises_and_writes_nothing(pico, tmp_path):
+    # fp16 rounding cannot reproduce fp32 logits exactly, so a zero tolerance must fail, honestly measured.
+    with pytest.raises(ExportError, match=r"pico16\.onnx: ONNX Runtime disagrees .*max \|diff\| .*tolerance 0"):
+        export_onnx(pico, tmp_path / "pico16.onnx", img_size=32, fp16=True, max_abs_diff=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simplifier_failure_keeps_the_traced_graph(pico, tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simplifier exploded")
+
+    monkeypatch.setattr(onnxslim, "slim", broken)
+    result = export_onnx(pico, tmp_path / "pico.onnx", img_size=32)
+    assert not result.simplified and result.max_abs_diff <= TOL
+    assert "not simplified" in caplog.text and "simplifier exploded" in caplog.text
+
+
+def test_caller_model_is_left_as_it_was(tmp_path):
+    model = _pruned(PICO, seed=3).train()
+    set_fused_attention(model, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "pico.onnx", img_size=32, fp16=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert all(m.fused_attn is False for m in model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_bad_check_inputs_and_missing_files_are_one_line_errors(pico, tmp_path):
+    with pytest.raises(ExportError, match=r"check_inputs must be \(N>=1, 3, 32, 32\), got \(2, 3, 16, 16\)"):
+        export_onnx(pico, tmp_path / "pico.onnx", img_size=32, check_inputs=torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ExportError, match=r"missing\.onnx: ONNX file not found"):
+        ort_session(tmp_path / "missing.onnx")
+
+
+@pytest.mark.slow
+def test_deit_small_shaped_pruned_model_exports_and_matches(tmp_path):
+    model = _pruned("deit_small_patch16_224")
+    result = export_onnx(model, tmp_path / "deit_s.onnx", img_size=224, check_inputs=torch.randn(3, 3, 224, 224))
+    assert result.max_abs_diff <= TOL and result.top1_agreement == 1.0 and result.simplified
+    assert len({block.attn.num_heads for block in model.blocks}) > 1  # really uneven
