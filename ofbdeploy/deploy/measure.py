@@ -1,0 +1,122 @@
+"""The latency protocol, written once: warm up untimed, time single calls, summarise in ``LatencyStats``.
+
+Dense and pruned models are compared with ``measure_pair``, which times them in alternating blocks in the
+same process, so thermal drift, a noisy neighbour or a frequency change hits both alike instead of
+showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (dense first in even rounds,
+pruned first in odd ones), which also cancels a steady drift across the measurement.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ofbdeploy.deploy.backends import Runner, Timer
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one runner at one batch size, in milliseconds per call; the record every report uses."""
+
+    backend: str
+    device: str
+    precision: str
+    batch: int
+    repeats: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float  # images/s at the median latency
+    peak_memory_mb: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields."""
+        return asdict(self)
+
+
+def speedup(dense: LatencyStats, pruned: LatencyStats) -> float:
+    """How many times faster the pruned model is, by median latency (robust to the odd slow call)."""
+    return dense.median_ms / pruned.median_ms
+
+
+def measure(
+    runner: Runner, batch: int, *, warmup: int = 10, repeats: int = 50, min_seconds: float = 0.0
+) -> LatencyStats:
+    """Time ``runner`` at ``batch``: at least ``repeats`` calls, and more until ``min_seconds`` have passed."""
+    _check_counts(batch, repeats, 1)
+    _warm_up(runner, batch, warmup)
+    return _summarise(runner, batch, _timed_calls(runner, runner.timer(), repeats, min_seconds))
+
+
+def measure_pair(
+    dense: Runner, pruned: Runner, batch: int, *, warmup: int = 10, repeats: int = 50, rounds: int = 5
+) -> tuple[LatencyStats, LatencyStats]:
+    """Time both runners in ``rounds`` alternating blocks; each gets ``ceil(repeats / rounds)`` calls a block."""
+    _check_counts(batch, repeats, rounds)
+    runners = (dense, pruned)
+    for runner in runners:
+        _warm_up(runner, batch, warmup)
+    timers = [runner.timer() for runner in runners]
+    times: tuple[list[float], list[float]] = ([], [])
+    block = -(-repeats // rounds)
+    for index in range(rounds):
+        for k in (0, 1) if index % 2 == 0 else (1, 0):
+            times[k].extend(_timed_calls(runners[k], timers[k], block, 0.0))
+    return _summarise(dense, batch, times[0]), _summarise(pruned, batch, times[1])
+
+
+def _check_counts(batch: int, repeats: int, rounds: int) -> None:
+    """Refuse counts that would leave nothing to summarise."""
+    if min(batch, repeats, rounds) < 1:
+        raise ValueError(f"batch, repeats and rounds must be >= 1, got {batch}, {repeats}, {rounds}")
+
+
+def _warm_up(runner: Runner, batch: int, warmup: int) -> None:
+    """Allocate the input and run untimed calls, so compilation, autotuning and caches settle first."""
+    runner.prepare(batch)
+    for _ in range(warmup):
+        runner.run()
+    runner.synchronize()
+
+
+def _timed_calls(runner: Runner, timer: Timer, count: int, min_seconds: float) -> list[float]:
+    """The one timing loop: single calls, each timed to completion, with the garbage collector paused."""
+    times: list[float] = []
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        deadline = time.perf_counter() + min_seconds
+        while len(times) < count or time.perf_counter() < deadline:
+            timer.start()
+            runner.run()
+            times.append(timer.stop())
+    finally:
+        if collecting:
+            gc.enable()
+    return times
+
+
+def _summarise(runner: Runner, batch: int, times_ms: list[float]) -> LatencyStats:
+    """Percentiles of the recorded calls plus what the runner says about itself."""
+    samples = np.asarray(times_ms, dtype=np.float64)
+    median = float(np.median(samples))
+    return LatencyStats(
+        backend=runner.backend,
+        device=runner.device_name,
+        precision=runner.precision,
+        batch=batch,
+        repeats=len(samples),
+        median_ms=median,
+        p90_ms=float(np.percentile(samples, 90)),
+        p99_ms=float(np.percentile(samples, 99)),
+        mean_ms=float(samples.mean()),
+        min_ms=float(samples.min()),
+        throughput=batch * 1e3 / median,
+        peak_memory_mb=runner.peak_memory_mb(),
+    )
