@@ -40,7 +40,8 @@ def main(verbose: bool) -> None:
               help="Continue a stopped search, pretrain or finetune from its last epoch checkpoint.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to run.log).")
 def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: bool, no_progress: bool) -> None:
-    """Run a recipe: dense model -> OFB search -> materialise -> finetune -> evaluate -> report.
+    """Run a recipe: dense model -> OFB search -> materialise -> finetune -> evaluate -> export -> profile
+    -> report. Exits 1 when a limit of the recipe's budget section is missed.
 
     Every stage writes its artifacts into the run directory; stages whose artifacts exist and whose
     recipe sections are unchanged are skipped, so re-running after a change redoes only what changed.
@@ -50,7 +51,195 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
     from ofbdeploy.recipe import load_recipe
 
     extra = [*overrides, f"output_dir={output}"] if output is not None else list(overrides)
-    Run(load_recipe(recipe, extra), resume=resume, progress=not no_progress).execute()
+    report = Run(load_recipe(recipe, extra), resume=resume, progress=not no_progress).execute()
+    if not report.get("budget_met", True):
+        click.echo("budget missed: see the budget table above and report.md", err=True)
+        sys.exit(1)
+
+
+def _comma_ints(_ctx, _param, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+class _Target:
+    """What export/profile work on: a run directory (recipe.yaml + finetuned/) or a pruned model directory."""
+
+    def __init__(self, path: Path) -> None:
+        from ofbdeploy.arch import ArchSpec
+        from ofbdeploy.models.pruned import ARCH_FILE
+
+        self.path = path
+        self.run = None
+        if (path / "recipe.yaml").is_file():
+            from ofbdeploy.pipeline import Run
+            from ofbdeploy.recipe import load_recipe
+
+            self.run = Run(load_recipe(path / "recipe.yaml", [f"output_dir={path}"]))
+            if not (path / "finetuned" / ARCH_FILE).is_file():
+                raise OfbError(f"{path}: the run has no finetuned model yet; finish it with ofbdeploy run")
+            self.spec = ArchSpec.load(path / "finetuned" / ARCH_FILE)
+        elif (path / ARCH_FILE).is_file():
+            self.spec = ArchSpec.load(path / ARCH_FILE)
+        else:
+            raise OfbError(f"{path}: expected a run directory (recipe.yaml) or a pruned model directory ({ARCH_FILE})")
+        self.export_dir = path / "export"
+
+    def models(self):
+        """Dense and pruned; outside a run the dense model has random weights (fine for latency)."""
+        from ofbdeploy.deploy.workflow import dense_like
+        from ofbdeploy.models.pruned import load_pruned
+
+        if self.run is not None:
+            return self.run.deploy_models()
+        return {"dense": dense_like(self.spec), "pruned": load_pruned(self.path)}
+
+    def check_images(self, count: int):
+        """Validation images of the run's data; seeded random images for a bare model directory."""
+        import torch
+
+        from ofbdeploy.train.data import sample_batch
+
+        if self.run is not None:
+            val = self.run.data()[1]
+            return sample_batch(val, min(count, len(val)))
+        b = self.spec.base
+        return torch.randn(count, b.in_chans, b.img_size, b.img_size, generator=torch.Generator().manual_seed(0))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT: see the Dockerfile).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="TensorRT engine precision (repeatable; default fp16). int8 needs a run directory "
+                   "(calibration images come from its data).")
+@click.option("--fp16-onnx", is_flag=True, help="Also write fp16 ONNX graphs (for ORT fp16 profiling).")
+@click.option("--batch-range", default="1,16,64", show_default=True, callback=_comma_ints,
+              help="TensorRT optimisation profile: min,opt,max batch.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (>= 17: LayerNormalization op).")
+@click.option("--check-images", default=64, show_default=True, type=int,
+              help="Images for the ORT-vs-torch and TensorRT-vs-ORT parity checks.")
+def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, batch_range: list[int], opset: int,
+           check_images: int) -> None:
+    """Export dense and pruned models to ONNX (and TensorRT engines) into PATH/export.
+
+    PATH is a run directory or a pruned model directory. Every ONNX file is checked in ONNX Runtime against
+    torch, and every engine against ONNX Runtime; a failed check is an error (exit 2), never a warning.
+    Engines are cached by ONNX content, precision, batch range, TensorRT version and GPU name.
+    """
+    from ofbdeploy.deploy.workflow import export_models
+    from ofbdeploy.recipe import ExportCfg
+
+    if len(batch_range) != 3:
+        raise click.BadParameter("expected min,opt,max", param_hint="--batch-range")
+    target = _Target(path)
+    cfg = ExportCfg(opset=opset, fp16=fp16_onnx, trt=trt, trt_precisions=list(precisions) or ["fp16"],
+                    batch_range=tuple(batch_range), check_images=check_images)
+    calibration = None
+    if trt and "int8" in cfg.trt_precisions:
+        if target.run is None:
+            raise OfbError("int8 engines need calibration images: export from a run directory")
+        from ofbdeploy.train.data import sample_batch
+
+        train = target.run.data()[0]
+        calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy()
+    images = target.check_images(check_images)
+    artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
+                              in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration)
+    for check in artifacts.checks:
+        click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
+                   f"top-1 agreement {check['top1_agreement']:.1%}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", multiple=True,
+              type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]),
+              help="Latency backend (repeatable; default: ort-cpu).")
+@click.option("--batch", "batches", default="1,64", show_default=True, callback=_comma_ints,
+              help="Comma-separated batch sizes.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="Precision to measure in (fp16 ORT needs an --fp16-onnx export; tensorrt needs that engine).")
+@click.option("--warmup", default=10, show_default=True, type=int, help="Untimed calls before measuring.")
+@click.option("--repeats", default=50, show_default=True, type=int, help="Timed calls per model and batch.")
+@click.option("--threads", default=None, type=int, help="CPU threads for ORT and torch (default: the library's).")
+def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision: str, warmup: int, repeats: int,
+            threads: int | None) -> None:
+    """Measure dense vs pruned latency on each backend and write PATH/profile.json.
+
+    Dense and pruned are timed alternately in this process (medians over repeats, p90/p99, throughput,
+    peak memory), with the input resident on the device, so their ratio is robust on a noisy machine.
+    Exports ONNX first when an ONNX Runtime backend needs it and PATH/export has none.
+    """
+    import json
+
+    from ofbdeploy.arch import ArchSpec
+    from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
+    from ofbdeploy.recipe import ExportCfg, ProfileCfg
+    from ofbdeploy.report.render import latency_table
+
+    target = _Target(path)
+    cfg = ProfileCfg(backends=list(backends) or ["ort-cpu"], batches=batches, precision=precision, warmup=warmup,
+                     repeats=repeats, threads=threads)
+    artifacts = DeployArtifacts.load(target.export_dir)
+    models = target.models()
+    if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
+        artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
+                                  img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
+                                  check_images=target.check_images(16))
+    ratio = target.spec.macs() / ArchSpec.dense(target.spec.base).macs()
+    rows, skipped = profile_models(models, artifacts, cfg, ratio)
+    (path / "profile.json").write_text(json.dumps({"latency": rows, "skipped": skipped}, indent=1) + "\n")
+    click.echo(latency_table({"latency": rows, "flops_ratio": ratio}))
+    for reason in skipped:
+        click.echo(f"not measured: {reason}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="Baseline JSON from --write-baseline: fail when speedups fall (or, on the same device, "
+                   "latencies rise) beyond --tolerance.")
+@click.option("--tolerance", default="10%", show_default=True, help="Allowed regression, e.g. 10% or 0.1.")
+@click.option("--write-baseline", type=click.Path(path_type=Path), default=None,
+              help="Record this run's speedups and latencies as a baseline file.")
+def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: Path | None) -> None:
+    """Check a finished run against its recipe's budget and, optionally, a latency baseline (CI gate).
+
+    Prints every limit with the measured value; exits 1 when any is missed. Speedups are ratios measured
+    in one run (dense vs pruned on the same backend), so they compare across machines; absolute latencies
+    are compared only when the baseline was measured on the same device.
+    """
+    import json
+
+    from ofbdeploy.recipe import load_recipe
+    from ofbdeploy.report.checks import budget_checks, format_checks, make_baseline, parse_tolerance, regression_checks
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise OfbError(f"{report_path}: missing; run the recipe to the report stage first")
+    report = json.loads(report_path.read_text())
+    checks = budget_checks(report, load_recipe(run_dir / "recipe.yaml").budget)
+    if baseline is not None:
+        if not baseline.is_file():
+            raise OfbError(f"baseline not found: {baseline}")
+        checks += regression_checks(report, json.loads(baseline.read_text()), parse_tolerance(tolerance))
+    if write_baseline is not None:
+        from ofbdeploy.io import atomic_write_text
+
+        atomic_write_text(write_baseline, json.dumps(make_baseline(report), indent=1) + "\n")
+        click.echo(f"baseline written to {write_baseline}")
+    if checks:
+        click.echo(format_checks(checks))
+    else:
+        click.echo("no budget limits in the recipe and no baseline given: nothing to check")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """``ofbdeploy run``: the stages of a run, its directory, and skipping or resuming what is already done.
 
-Stages run in one direction (dense -> search -> materialize -> finetune -> evaluate -> report); each reads
+Stages run in one direction (dense -> search -> materialize -> finetune -> evaluate -> export -> profile ->
+report); each reads
 the artifacts of the previous ones from the run directory and writes its own atomically. A stage whose
 artifacts exist and whose recipe sections are unchanged is skipped; a stopped search or finetune resumes
 from its last epoch checkpoint with ``--resume``.
@@ -21,12 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.io import atomic_write, atomic_write_text
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned
 from ofbdeploy.recipe import Recipe
+from ofbdeploy.report.checks import budget_checks, format_checks
+from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
@@ -37,7 +41,7 @@ from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
 log = logging.getLogger("ofbdeploy.run")
 
-STAGES = ("dense", "search", "materialize", "finetune", "evaluate", "report")
+STAGES = ("dense", "search", "materialize", "finetune", "evaluate", "export", "profile", "report")
 # The recipe sections each stage depends on: a change there re-runs the stage and every later one.
 _DEPENDS = {
     "dense": ("seed", "model", "data", "pretrain"),
@@ -45,7 +49,9 @@ _DEPENDS = {
     "materialize": (),
     "finetune": ("finetune",),
     "evaluate": (),
-    "report": (),
+    "export": ("export",),
+    "profile": ("profile",),
+    "report": ("budget",),
 }
 MATERIALIZE_TOLERANCE = 1e-4
 
@@ -63,6 +69,8 @@ class RunPaths:
         self.pruned, self.pruned_check = root / "pruned", root / "pruned/check.json"
         self.finetune_ckpt, self.finetuned = root / "finetune/train.ckpt", root / "finetuned"
         self.metrics, self.report = root / "metrics.json", root / "report.json"
+        self.export, self.profile = root / "export", root / "profile.json"
+        self.report_md, self.plot = root / "report.md", root / "report.png"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -242,13 +250,52 @@ class Run:
         if self.ctx.is_main:
             write_json(self.paths.metrics, metrics)
 
+    def deploy_models(self) -> dict[str, torch.nn.Module]:
+        """The dense and the finetuned pruned model, on the CPU: the deploy code takes them from here."""
+        return {"dense": self.load_dense().cpu(), "pruned": load_pruned(self.paths.finetuned)}
+
+    def stage_export(self) -> None:
+        """ONNX of dense and pruned (checked in ONNX Runtime on val images); TensorRT engines if asked."""
+        cfg = self.recipe.export
+        if self.ctx.is_main:
+            if not cfg.enabled:
+                DeployArtifacts().save(self.paths.export)
+                return
+            train, val, _ = self.data()
+            check = sample_batch(val, min(cfg.check_images, len(val)))
+            calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy() if cfg.trt else None
+            export_models(self.deploy_models(), self.paths.export, cfg, img_size=self.img_size(),
+                          in_chans=check.shape[1], check_images=check, calibration=calibration)
+
+    def stage_profile(self) -> None:
+        """Dense vs pruned latency on each backend of the recipe, measured alternately in this process."""
+        if not self.ctx.is_main:
+            return
+        rows: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        if self.recipe.profile.enabled:
+            spec = ArchSpec.load(self.paths.finetuned / "arch.json")
+            ratio = spec.macs() / ArchSpec.dense(spec.base).macs()
+            rows, skipped = profile_models(self.deploy_models(), DeployArtifacts.load(self.paths.export),
+                                           self.recipe.profile, ratio)
+        write_json(self.paths.profile, {"latency": rows, "skipped": skipped})
+
     def stage_report(self) -> None:
-        """report.json with the headline figures, and the summary table on the terminal."""
+        """report.json, report.md with its plot, the budget checks, and the summary table on the terminal."""
         if not self.ctx.is_main:
             return
         report = build_report(self.paths)
+        checks = budget_checks(report, self.recipe.budget)
+        report["budget"] = [asdict(c) for c in checks]
+        report["budget_met"] = all(c.ok for c in checks)
         write_json(self.paths.report, report)
-        log.info("report written to %s\n%s", self.paths.report, summary_table(report))
+        write_markdown(report, checks, self.paths.report_md, plot_report(report, self.paths.plot))
+        text = summary_table(report)
+        if report["latency"]:
+            text += "\n" + latency_table(report)
+        if checks:
+            text += "\n" + format_checks(checks)
+        log.info("report written to %s and %s\n%s", self.paths.report, self.paths.report_md, text)
 
     # -- driver ---------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -282,6 +329,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
     dense_spec = ArchSpec.dense(spec.base)
     metrics = read_json(paths.metrics)
     finetune = read_json(paths.finetuned / "train.json")
+    profile = read_json(paths.profile) if paths.profile.is_file() else {"latency": [], "skipped": []}
     return {
         "model": spec.base.model_name,
         "flops_dense": dense_spec.macs(),
@@ -302,6 +350,9 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "search_budget_steps": search["budget_steps"],
         "finetune_seconds": finetune["seconds"],
         "materialize_max_abs_diff": read_json(paths.pruned_check)["max_abs_diff"],
+        "export": DeployArtifacts.load(paths.export).checks,
+        "latency": profile["latency"],
+        "profile_skipped": profile["skipped"],
         "arch": {"embed_dim": spec.embed_dim,
                  "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim} for b in spec.blocks]},
     }

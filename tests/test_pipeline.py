@@ -63,7 +63,8 @@ def finished_run(tmp_path_factory) -> Path:
 def test_run_writes_every_artifact(finished_run):
     for rel in ["recipe.yaml", "run.log", "stages.json", "dense/model.safetensors", "search/search.ckpt",
                 "search/result.json", "pruned/arch.json", "pruned/model.safetensors", "finetuned/model.safetensors",
-                "finetuned/arch.json", "metrics.json", "report.json"]:
+                "finetuned/arch.json", "metrics.json", "export/dense.onnx", "export/pruned.onnx",
+                "export/export.json", "profile.json", "report.json", "report.md", "report.png"]:
         assert (finished_run / rel).is_file(), rel
     report = json.loads((finished_run / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
@@ -71,6 +72,11 @@ def test_run_writes_every_artifact(finished_run):
     assert report["params_pruned"] < report["params_dense"]
     assert report["materialize_max_abs_diff"] <= 1e-4
     assert 0 <= report["top1_pruned"] <= 100
+    assert {(row["backend"], row["batch"]) for row in report["latency"]} == {("ort-cpu", 1), ("ort-cpu", 32)}
+    assert all(row["speedup"] > 0 and row["latency_ms_pruned"] > 0 for row in report["latency"])
+    assert [c["model"] for c in report["export"]] == ["dense", "pruned"]
+    assert all(c["max_abs_diff"] <= 1e-4 and c["top1_agreement"] == 1.0 for c in report["export"])
+    assert report["budget"] == [] and report["budget_met"]
     model = load_pruned(finished_run / "finetuned")
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     log = (finished_run / "run.log").read_text()
@@ -142,6 +148,59 @@ def test_missing_recipe_and_bad_override(tmp_path):
     assert result.exit_code == 2 and "recipe not found" in result.output
     result = _invoke(str(_recipe(tmp_path)), "--set", "search.epochs")
     assert result.exit_code == 2 and "expected section.key=value" in result.output
+
+
+def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "budget.max_gflops=0.000001",
+                     "--set", "budget.speedup=[{backend: ort-cpu, batch: 32, min: 0.01}]")
+    assert result.exit_code == 1, result.output
+    report = json.loads((run / "report.json").read_text())
+    assert not report["budget_met"] and [c["ok"] for c in report["budget"]] == [False, True]
+    assert "MISSED" in (run / "report.md").read_text()
+    runner = CliRunner()
+    assert runner.invoke(main, ["check", str(run)]).exit_code == 1
+    baseline = tmp_path / "baseline.json"
+    assert runner.invoke(main, ["check", str(finished_run), "--write-baseline", str(baseline)]).exit_code == 0
+    ok = runner.invoke(main, ["check", str(finished_run), "--baseline", str(baseline), "--tolerance", "10%"])
+    assert ok.exit_code == 0 and "speedup ort-cpu fp32 batch 32" in ok.output
+    data = json.loads(baseline.read_text())
+    for row in data["rows"]:
+        row["speedup"] *= 2  # a baseline twice as fast: the current run is a regression
+    baseline.write_text(json.dumps(data))
+    regressed = runner.invoke(main, ["check", str(finished_run), "--baseline", str(baseline)])
+    assert regressed.exit_code == 1 and "MISSED" in regressed.output
+
+
+def test_export_without_tensorrt_says_how_to_get_it(finished_run, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT path cannot be shown")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "export")
+    result = CliRunner().invoke(main, ["export", str(run), "--trt"])
+    assert result.exit_code == 2 and "Docker" in result.output
+    assert not (run / "export").exists()
+
+
+def test_export_and_profile_a_bare_model_directory(finished_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(finished_run / "finetuned", model_dir)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(model_dir), "--check-images", "8"])
+    assert result.exit_code == 0, result.output
+    assert (model_dir / "export" / "pruned.onnx").is_file() and "top-1 agreement 100.0%" in result.output
+    result = runner.invoke(main, ["profile", str(model_dir), "--backend", "ort-cpu", "--backend", "torch",
+                                  "--batch", "1,4", "--repeats", "10"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((model_dir / "profile.json").read_text())["latency"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {("ort-cpu", 1), ("ort-cpu", 4), ("torch", 1), ("torch", 4)}
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
