@@ -80,6 +80,32 @@ class PMIMCfg(_Strict):
     keep_end: float = Field(0.75, gt=0, le=1)
 
 
+Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class LatencyTargetCfg(_Strict):
+    """A latency budget on a target device, steered by a measured lookup table (LUT)."""
+
+    target_ms: float | None = Field(None, gt=0, description="predicted latency budget in milliseconds")
+    target_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of the dense latency")
+    backend: Backend = "ort-cpu"
+    batch: int = Field(1, ge=1)
+    precision: Precision = "fp32"
+    weight: float = Field(5.0, ge=0, description="weight of the latency loss (like loss_weights.flops)")
+    lut: str | None = Field(None, description="a LUT file from `ofbdeploy lut build`; default: cache, else build")
+    cache_dir: str | None = Field(None, description="LUT cache directory (default ~/.cache/ofbdeploy/lut)")
+    embed_points: int = Field(4, ge=1, description="embedding widths measured when building the LUT")
+    width_points: int = Field(3, ge=1, description="head widths and MLP widths measured per embedding width")
+    repeats: int = Field(20, ge=5)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> LatencyTargetCfg:
+        if (self.target_ms is None) == (self.target_ratio is None):
+            raise ValueError("give exactly one of target_ms and target_ratio")
+        return self
+
+
 class SearchCfg(_Strict):
     target_flops_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of dense MACs")
     target_gflops: float | None = Field(None, gt=0, description="budget in G multiply-accumulates")
@@ -103,11 +129,14 @@ class SearchCfg(_Strict):
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    latency: LatencyTargetCfg | None = Field(None, description="latency budget (instead of, or with, FLOPs)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> SearchCfg:
-        if (self.target_flops_ratio is None) == (self.target_gflops is None):
-            raise ValueError("give exactly one of target_flops_ratio and target_gflops")
+        if self.target_flops_ratio is not None and self.target_gflops is not None:
+            raise ValueError("give one of target_flops_ratio and target_gflops, not both")
+        if self.target_flops_ratio is None and self.target_gflops is None and self.latency is None:
+            raise ValueError("give a budget: target_flops_ratio, target_gflops or latency")
         if self.warmup_epochs is None:
             object.__setattr__(self, "warmup_epochs", self.epochs // 5)
         if self.warmup_epochs > self.epochs:
@@ -133,10 +162,6 @@ class FinetuneCfg(_Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     distill: DistillCfg = Field(default_factory=DistillCfg)
     max_steps_per_epoch: int | None = Field(None, ge=1)
-
-
-Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 class ExportCfg(_Strict):

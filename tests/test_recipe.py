@@ -59,7 +59,7 @@ def test_overrides_are_yaml_values(tmp_path):
     [
         (["search.epocs=3"], r"r\.yaml: search\.epocs: unknown field \(did you mean 'epochs'\?\)"),
         (["search.align=12"], r"search\.align: Input should be 8, 16, 32 or 64, got 12"),
-        (["search.target_gflops=1.0"], "give exactly one of target_flops_ratio and target_gflops"),
+        (["search.target_gflops=1.0"], "give one of target_flops_ratio and target_gflops, not both"),
         (["search.warmup_epochs=200"], r"warmup_epochs \(200\) exceeds epochs \(100\)"),
         (["search.epochs=3", "search.warmup_epochs=4"], r"warmup_epochs \(4\) exceeds epochs \(3\)"),
         (["data.batch_size=0"], r"data\.batch_size: Input should be greater than or equal to 1, got 0"),

@@ -1,18 +1,19 @@
-"""Make a decided architecture meet its FLOPs budget when the soft FLOPs loss left it over.
+"""Make a decided architecture meet its budgets (FLOPs, predicted latency) when the soft losses left it over.
 
-The FLOPs loss steers the search towards the target but cannot guarantee it: short searches decide fast,
-and a group decided early cannot be revisited by the loss. After the search, while the architecture is
-over budget, the group step that saves the most MACs per unit of importance given up is taken (one grid
-step narrower, least important units removed). Every step is logged and reported.
+The FLOPs and latency losses steer the search towards their targets but cannot guarantee them: short
+searches decide fast, and a group decided early cannot be revisited by a loss. After the search, while a
+cost is over its budget, the group step that saves the most of that cost per unit of importance given up
+is taken (one grid step narrower, least important units removed). Every step is logged and reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
+from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
 from ofbdeploy.cost import vit_macs
 from ofbdeploy.search.groups import MaskGroup
 from ofbdeploy.search.searchable import SearchableViT
@@ -23,17 +24,34 @@ class BudgetStep:
     group: str
     before: tuple[int, ...]
     after: tuple[int, ...]
-    macs_after: float
+    cost_after: float
 
 
-def _macs(model: SearchableViT, override: tuple[str, tuple[int, ...]] | None = None) -> float:
+Widths = dict[str, tuple[int, ...]]
+Cost = Callable[[Widths], float]
+
+
+def _widths(model: SearchableViT, override: tuple[str, tuple[int, ...]] | None = None) -> Widths:
     widths = {name: group.shape for name, group in model.groups()}
     if override is not None:
         widths[override[0]] = override[1]
-    depth = model.shape.depth
-    attn = [widths[f"blocks.{i}.attn"][0] * widths[f"blocks.{i}.attn"][1] for i in range(depth)]
-    mlp = [widths[f"blocks.{i}.mlp"][0] for i in range(depth)]
-    return float(vit_macs(model.shape, widths["embedding"][0], attn, mlp))
+    return widths
+
+
+def as_spec(shape: ViTShape, widths: Widths) -> ArchSpec:
+    """The architecture the widths describe (no kept indices: for costing only)."""
+    blocks = tuple(BlockSpec(*widths[f"blocks.{i}.attn"], widths[f"blocks.{i}.mlp"][0]) for i in range(shape.depth))
+    return ArchSpec(shape, widths["embedding"][0], blocks)
+
+
+def macs_cost(shape: ViTShape) -> Cost:
+    """MACs of the widths (the same function as the FLOPs loss and the reports)."""
+    def cost(widths: Widths) -> float:
+        attn = [widths[f"blocks.{i}.attn"][0] * widths[f"blocks.{i}.attn"][1] for i in range(shape.depth)]
+        mlp = [widths[f"blocks.{i}.mlp"][0] for i in range(shape.depth)]
+        return float(vit_macs(shape, widths["embedding"][0], attn, mlp))
+
+    return cost
 
 
 def _next_narrower(group: MaskGroup) -> list[int]:
@@ -58,17 +76,19 @@ def _importance_lost(group: MaskGroup, extents: tuple[int, ...]) -> float:
 
 
 @torch.no_grad()
-def enforce_budget(model: SearchableViT, target: float, optimizers: Iterable = ()) -> list[BudgetStep]:
-    """Narrow decided groups until the architecture costs at most ``target`` MACs."""
+def enforce_budget(model: SearchableViT, target: float, optimizers: Iterable = (),
+                   cost: Cost | None = None) -> list[BudgetStep]:
+    """Narrow decided groups until ``cost`` (default: MACs) of the architecture is at most ``target``."""
+    cost = cost or macs_cost(model.shape)
     optimizers = list(optimizers)
     steps: list[BudgetStep] = []
-    while _macs(model) > target:
-        current = _macs(model)
+    while cost(_widths(model)) > target:
+        current = cost(_widths(model))
         best = None
         for name, group in model.groups():
             for cell in _next_narrower(group):
                 extents = tuple(int(w) for w in group.cells[cell])
-                saved = current - _macs(model, (name, extents))
+                saved = current - cost(_widths(model, (name, extents)))
                 ratio = saved / max(_importance_lost(group, extents), 1e-9)
                 if saved > 0 and (best is None or ratio > best[0]):
                     best = (ratio, name, group, cell)
@@ -79,5 +99,5 @@ def enforce_budget(model: SearchableViT, target: float, optimizers: Iterable = (
         group.alive.fill_(False)
         group.alive[cell] = True
         model.settle(name, optimizers)
-        steps.append(BudgetStep(name, before, group.shape, _macs(model)))
+        steps.append(BudgetStep(name, before, group.shape, cost(_widths(model))))
     return steps

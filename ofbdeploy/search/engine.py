@@ -23,8 +23,9 @@ from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.cost import vit_macs
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
+from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import enforce_budget
+from ofbdeploy.search.budget import as_spec, enforce_budget
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.search.searchable import SearchableViT
@@ -41,7 +42,7 @@ class SearchResult:
     """What the search found and what it cost."""
 
     spec: ArchSpec
-    target_macs: float
+    target_macs: float | None
     achieved_macs: float
     dense_macs: float
     epochs_run: int
@@ -51,12 +52,16 @@ class SearchResult:
     images_per_second: float = 0.0
     resumed_from: int | None = None
     budget_steps: list[str] = field(default_factory=list)
+    target_latency_ms: float | None = None  # latency budget (LUT prediction), when the search had one
+    predicted_latency_ms: float | None = None
+    predicted_dense_latency_ms: float | None = None
 
 
-def resolve_target(cfg: SearchCfg, shape: ViTShape) -> float:
-    """The budget in MACs, from a ratio of the dense model or an absolute GMACs figure."""
-    dense = ArchSpec.dense(shape).macs()
-    return cfg.target_flops_ratio * dense if cfg.target_flops_ratio is not None else cfg.target_gflops * 1e9
+def resolve_target(cfg: SearchCfg, shape: ViTShape) -> float | None:
+    """The budget in MACs, from a ratio of the dense model or an absolute GMACs figure (None: latency only)."""
+    if cfg.target_flops_ratio is not None:
+        return cfg.target_flops_ratio * ArchSpec.dense(shape).macs()
+    return cfg.target_gflops * 1e9 if cfg.target_gflops is not None else None
 
 
 def smallest_macs(space: SearchSpace, shape: ViTShape) -> float:
@@ -65,8 +70,10 @@ def smallest_macs(space: SearchSpace, shape: ViTShape) -> float:
     return float(vit_macs(shape, min(space.embedding), [attn] * shape.depth, [min(space.mlp)] * shape.depth))
 
 
-def check_budget(target: float, space: SearchSpace, shape: ViTShape) -> None:
-    """Refuse, before any training, a budget that no architecture in the search space can meet."""
+def check_budget(target: float | None, space: SearchSpace, shape: ViTShape) -> None:
+    """Refuse, before any training, a FLOPs budget that no architecture in the search space can meet."""
+    if target is None:
+        return
     dense = ArchSpec.dense(shape).macs()
     floor = smallest_macs(space, shape)
     if target < floor:
@@ -106,9 +113,10 @@ class _Search:
     """State of one search run; ``run`` drives it epoch by epoch."""
 
     def __init__(self, model: SearchableViT, loader, cfg: SearchCfg, ctx: Dist, seed: int, amp: str,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, latency: LatencyObjective | None) -> None:
         self.model, self.loader, self.cfg, self.ctx, self.seed, self.amp, self.log = (
             model, loader, cfg, ctx, seed, amp, log)
+        self.latency = latency
         self.steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
         if self.steps < 1:
             raise OfbError("search: the training split gives no full batch; lower data.batch_size")
@@ -165,9 +173,14 @@ class _Search:
         return linear(it, warm, cfg.pmim.keep_start, cfg.pmim.keep_end)
 
     def regulariser(self) -> tuple[Tensor, Tensor]:
+        """One-hot losses, and the budget losses (FLOPs and/or latency) pulling to their targets."""
         onehot = sum(self.group_weight[g.kind] * onehot_loss(g) for _, g in self.model.groups())
-        flops = self.weights.flops * flops_loss(self.model.expected_macs(), self.target, self.dense)
-        return onehot, flops
+        budget = self.model.alpha_zero()
+        if self.target is not None:
+            budget = budget + self.weights.flops * flops_loss(self.model.expected_macs(), self.target, self.dense)
+        if self.latency is not None:
+            budget = budget + self.cfg.latency.weight * self.latency.loss(self.model)
+        return onehot, budget
 
     def step(self, images: Tensor, labels: Tensor, keep: float) -> dict[str, float]:
         device = self.ctx.device
@@ -226,11 +239,19 @@ def run_search(
     resume: bool = False,
     log: logging.Logger | None = None,
     progress: bool = True,
+    latency: LatencyObjective | None = None,
 ) -> SearchResult:
-    """Search ``model`` (already on ``ctx.device``) on ``loader`` until every group is decided."""
+    """Search ``model`` (already on ``ctx.device``) on ``loader`` until every group is decided.
+
+    ``latency`` (built from a LUT of the target device) adds the latency loss and budget.
+    """
     log = log or logging.getLogger("ofbdeploy.search")
-    search = _Search(model, loader, cfg, ctx, seed, amp, log)
+    search = _Search(model, loader, cfg, ctx, seed, amp, log, latency)
     check_budget(search.target, model.space, model.shape)
+    if latency is not None and latency.floor_ms(model.space) > latency.target_ms:
+        raise OfbError(f"latency budget {latency.target_ms:.3f} ms cannot be met: the narrowest architecture the "
+                       f"grids allow is predicted at {latency.floor_ms(model.space):.3f} ms on "
+                       f"{latency.lut.key.backend} ({latency.lut.key.device})")
     start = resumed = None
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         start = resumed = search.restore(load_checkpoint(checkpoint_path, ctx.device))
@@ -259,10 +280,14 @@ def run_search(
             search.decided_epoch = epoch + 1
         means = {k: v / search.steps for k, v in totals.items()}
         live = sum(int(g.alive.sum()) for _, g in model.groups())
-        log.info("search epoch %d/%d task %.4f pmim %.4f onehot %.3f flops %.5f expected %.4f GMACs "
-                 "(target %.4f) live cells %d decided %d/%d", epoch + 1, cfg.epochs, means.get("task", 0.0),
-                 means.get("pmim", 0.0), means.get("onehot", 0.0), means.get("flops", 0.0),
-                 model.expected_macs().item() / 1e9, search.target / 1e9, live,
+        budget = f"expected {model.expected_macs().item() / 1e9:.4f} GMACs"
+        if search.target is not None:
+            budget += f" (target {search.target / 1e9:.4f})"
+        if latency is not None:
+            budget += f", {latency.expected_ms(model).item():.3f} ms (target {latency.target_ms:.3f})"
+        log.info("search epoch %d/%d task %.4f pmim %.4f onehot %.3f budget loss %.5f %s live cells %d "
+                 "decided %d/%d", epoch + 1, cfg.epochs, means.get("task", 0.0), means.get("pmim", 0.0),
+                 means.get("onehot", 0.0), means.get("flops", 0.0), budget, live,
                  sum(g.is_decided for _, g in model.groups()), len(list(model.groups())))
         if checkpoint_path is not None and ctx.is_main:
             save_checkpoint(checkpoint_path, search.state(epoch + 1))
@@ -272,20 +297,31 @@ def run_search(
         forced = [e.group for e in model.decide_most_probable(search.optimizers.values())]
         log.warning("search budget of %d epochs ended with %d undecided group(s); took their most probable "
                     "cell: %s", cfg.epochs, len(forced), ", ".join(forced))
-    repairs = enforce_budget(model, search.target, search.optimizers.values())
+    repairs = []
+    if search.target is not None:
+        repairs += enforce_budget(model, search.target, search.optimizers.values())
+    if latency is not None:
+        repairs += enforce_budget(model, latency.target_ms, search.optimizers.values(),
+                                  cost=lambda widths: latency.lut.predict(as_spec(model.shape, widths)))
     for step in repairs:
-        log.warning("search over budget: narrowed %s from %s to %s (%.4f GMACs)", step.group,
-                    "x".join(map(str, step.before)), "x".join(map(str, step.after)), step.macs_after / 1e9)
+        log.warning("search over budget: narrowed %s from %s to %s (cost now %.4g)", step.group,
+                    "x".join(map(str, step.before)), "x".join(map(str, step.after)), step.cost_after)
     seconds = time.perf_counter() - t0
     spec = model.arch_spec()
     achieved = spec.macs()
-    log.info("search result %.4f GMACs (%.1f%% of dense) against target %.4f GMACs", achieved / 1e9,
-             100 * achieved / search.dense, search.target / 1e9)
+    log.info("search result %.4f GMACs (%.1f%% of dense)%s", achieved / 1e9, 100 * achieved / search.dense,
+             f" against target {search.target / 1e9:.4f} GMACs" if search.target is not None else "")
+    if latency is not None:
+        log.info("search result predicted %.3f ms on %s (dense %.3f ms) against target %.3f ms",
+                 latency.lut.predict(spec), latency.lut.key.backend, latency.dense_ms, latency.target_ms)
     return SearchResult(
         spec=spec, target_macs=search.target, achieved_macs=achieved, dense_macs=search.dense,
         epochs_run=(search.decided_epoch or cfg.epochs) - (resumed or 0), decided_epoch=search.decided_epoch,
         forced_groups=forced, seconds=seconds, images_per_second=images_seen / max(seconds, 1e-9),
         resumed_from=resumed,
         budget_steps=[f"{r.group}: {'x'.join(map(str, r.before))} -> {'x'.join(map(str, r.after))}" for r in repairs],
+        target_latency_ms=latency.target_ms if latency else None,
+        predicted_latency_ms=latency.lut.predict(spec) if latency else None,
+        predicted_dense_latency_ms=latency.dense_ms if latency else None,
     )
 

@@ -159,6 +159,10 @@ class SearchableViT(nn.Module):
         for _, group in self.groups():
             group.mix.fill_(weight)
 
+    def alpha_zero(self) -> Tensor:
+        """A zero on the logits' device and dtype, to start sums of losses from."""
+        return self.embed_group.alpha.new_zeros(())
+
     def expected_macs(self) -> Tensor:
         """MACs at the expected widths, differentiable in the sparsity logits (the FLOPs loss input)."""
         from ofbdeploy.cost import vit_macs

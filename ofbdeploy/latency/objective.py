@@ -1,0 +1,45 @@
+"""The search's latency term: the LUT's latency expected under the cell distributions, differentiable.
+
+Every group's probabilities are independent, and the LUT splits a block into an attention part depending
+on (embedding, attention cell) and an MLP part depending on (embedding, MLP cell), so the expectation is
+exact: q^T S + sum over blocks of q^T A p_attn + q^T M p_mlp, with q the embedding cell probabilities.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ofbdeploy.arch import ArchSpec, BlockSpec
+from ofbdeploy.grids import SearchSpace
+from ofbdeploy.latency.lut import LatencyLUT
+from ofbdeploy.search.searchable import SearchableViT
+
+
+class LatencyObjective:
+    """Expected latency of a searchable model and the target it is pulled to."""
+
+    def __init__(self, lut: LatencyLUT, space: SearchSpace, *, target_ms: float | None = None,
+                 target_ratio: float | None = None) -> None:
+        self.lut = lut
+        self.tables = lut.tables(space)
+        self.dense_ms = lut.predict(ArchSpec.dense(lut.shape))
+        self.target_ms = target_ms if target_ms is not None else float(target_ratio) * self.dense_ms
+
+    def expected_ms(self, model: SearchableViT) -> Tensor:
+        q = model.embed_group.probs()
+        stem, attn, mlp = (self.tables[k].to(q.device, q.dtype) for k in ("stem", "attn", "mlp"))
+        total = q @ stem
+        for a, m in zip(model.attn_groups, model.mlp_groups, strict=True):
+            total = total + q @ attn @ a.probs() + q @ mlp @ m.probs()
+        return total
+
+    def loss(self, model: SearchableViT) -> Tensor:
+        """((E[latency] - target) / dense latency)^2, the latency analogue of the FLOPs loss."""
+        return ((self.expected_ms(model) - self.target_ms) / self.dense_ms) ** 2
+
+    def floor_ms(self, space: SearchSpace) -> float:
+        """Predicted latency of the narrowest architecture the grids allow."""
+        shape = self.lut.shape
+        narrowest = min(space.attention, key=lambda cell: cell[0] * cell[1])
+        blocks = tuple(BlockSpec(narrowest[0], narrowest[1], min(space.mlp)) for _ in range(shape.depth))
+        return self.lut.predict(ArchSpec(shape, min(space.embedding), blocks))
