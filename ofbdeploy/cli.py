@@ -242,6 +242,49 @@ def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: 
         sys.exit(1)
 
 
+@main.group()
+def lut() -> None:
+    """Latency lookup tables: measured part latencies of a model family on this machine's backend."""
+
+
+@lut.command("build")
+@click.option("--model", "model_name", required=True, help="timm model name, e.g. deit_small_patch16_224.")
+@click.option("--img-size", type=int, default=None, help="Image size (default: the model's).")
+@click.option("--backend", default="ort-cpu", show_default=True,
+              type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]))
+@click.option("--batch", default=1, show_default=True, type=int, help="Batch size the table is measured at.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]))
+@click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
+              help="Build for the aligned search grids.")
+@click.option("--embed-points", default=4, show_default=True, type=int, help="Embedding widths measured.")
+@click.option("--width-points", default=3, show_default=True, type=int,
+              help="Head widths and MLP widths measured per embedding width.")
+@click.option("--repeats", default=20, show_default=True, type=int, help="Timed calls per probe model.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where tables are kept (default ~/.cache/ofbdeploy/lut); an existing one is reused.")
+def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, precision: str, align: str | None,
+              embed_points: int, width_points: int, repeats: int, cache_dir: Path | None) -> None:
+    """Measure (or reuse) the latency table of a model family and print where it is.
+
+    Probe ViTs (a depth-0 one for stem and head, depth-2 ones per attention and MLP width) are timed with
+    the profile protocol; a linear fit per embedding width and linear interpolation cover the widths in
+    between, and the dense and narrowest whole models calibrate the sum.
+    """
+    from ofbdeploy.arch import ArchSpec, ViTShape
+    from ofbdeploy.grids import SearchSpace
+    from ofbdeploy.latency.lut import default_cache_dir, load_or_build
+    from ofbdeploy.models.dense import build_dense
+
+    shape = ViTShape.from_model(build_dense(model_name, img_size=img_size), model_name)
+    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim,
+                                  int(align) if align else None)
+    cache = cache_dir or default_cache_dir()
+    table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
+                          embed_points=embed_points, width_points=width_points, repeats=repeats)
+    click.echo(f"{cache / table.key.filename()}: {table.points} probe models, built in {table.build_seconds:.1f} s "
+               f"on {table.key.device}; dense predicted {table.predict(ArchSpec.dense(shape)):.3f} ms")
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def info(path: Path) -> None:

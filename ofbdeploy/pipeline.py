@@ -25,6 +25,8 @@ from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.io import atomic_write, atomic_write_text
+from ofbdeploy.latency.lut import LatencyLUT, load_or_build
+from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned
@@ -65,7 +67,7 @@ class RunPaths:
         self.dense_weights, self.dense_metrics = root / "dense/model.safetensors", root / "dense/metrics.json"
         self.dense_ckpt = root / "dense/train.ckpt"
         self.search_ckpt, self.search_final = root / "search/search.ckpt", root / "search/final.ckpt"
-        self.search_result = root / "search/result.json"
+        self.search_result, self.lut = root / "search/result.json", root / "search/lut.json"
         self.pruned, self.pruned_check = root / "pruned", root / "pruned/check.json"
         self.finetune_ckpt, self.finetuned = root / "finetune/train.ckpt", root / "finetuned"
         self.metrics, self.report = root / "metrics.json", root / "report.json"
@@ -191,12 +193,29 @@ class Run:
         shape = ViTShape.from_model(self.build_dense_model(), self.recipe.model.name)
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
 
+    def latency_objective(self, model: SearchableViT) -> LatencyObjective | None:
+        """The recipe's latency budget with its LUT (given, cached, or measured now on this machine)."""
+        cfg = self.recipe.search.latency
+        if cfg is None:
+            return None
+        if cfg.lut is not None:
+            lut = LatencyLUT.load(Path(cfg.lut))
+        else:
+            lut = load_or_build(model.shape, model.space, backend=cfg.backend, precision=cfg.precision,
+                                batch=cfg.batch, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                embed_points=cfg.embed_points, width_points=cfg.width_points, repeats=cfg.repeats,
+                                progress=self.progress)
+        if self.ctx.is_main:
+            lut.save(self.paths.lut)
+        return LatencyObjective(lut, model.space, target_ms=cfg.target_ms, target_ratio=cfg.target_ratio)
+
     def stage_search(self) -> None:
         """OFB search from the dense weights; the decided state is kept for materialisation."""
         model = self.searchable(self.load_dense().train()).to(self.ctx.device)
+        latency = self.latency_objective(model)
         result = run_search(model, self.loader(True), self.recipe.search, self.ctx, seed=self.recipe.seed,
                             amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
-                            progress=self.progress)
+                            progress=self.progress, latency=latency)
         if self.ctx.is_main:
             save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
             summary = asdict(result)
@@ -335,6 +354,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "flops_dense": dense_spec.macs(),
         "flops_pruned": spec.macs(),
         "flops_target": search["target_macs"],
+        "latency_target_ms": search["target_latency_ms"],
         "flops_ratio": spec.macs() / dense_spec.macs(),
         "params_dense": dense_spec.params(),
         "params_pruned": spec.params(),
@@ -353,9 +373,28 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "export": DeployArtifacts.load(paths.export).checks,
         "latency": profile["latency"],
         "profile_skipped": profile["skipped"],
+        "latency_prediction": _prediction(paths, spec, profile["latency"]),
         "arch": {"embed_dim": spec.embed_dim,
                  "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim} for b in spec.blocks]},
     }
+
+
+def _prediction(paths: RunPaths, spec: ArchSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The LUT's prediction next to the measured latency on the LUT's own backend/batch/precision."""
+    if not paths.lut.is_file():
+        return None
+    lut = LatencyLUT.load(paths.lut)
+    k = lut.key
+    row = next((r for r in rows if (r["backend"], r["batch"], r["precision"]) == (k.backend, k.batch, k.precision)),
+               None)
+    predicted, dense = lut.predict(spec), lut.predict(ArchSpec.dense(spec.base))
+    result: dict[str, Any] = {"backend": k.backend, "batch": k.batch, "precision": k.precision,
+                              "predicted_ms_pruned": predicted, "predicted_ms_dense": dense}
+    if row is not None:
+        result.update(measured_ms_pruned=row["latency_ms_pruned"], measured_ms_dense=row["latency_ms_dense"],
+                      rel_error_pruned=predicted / row["latency_ms_pruned"] - 1,
+                      rel_error_dense=dense / row["latency_ms_dense"] - 1)
+    return result
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -188,7 +188,7 @@ def _device(request: _Request, allowed: tuple[str, ...]) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     """CPU model or GPU name, recorded with every measurement so numbers are never compared across machines."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -265,7 +265,7 @@ class TorchRunner(Runner):
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str, compiled: bool) -> None:
         self.backend = "torch-compile" if compiled else "torch"
-        self.device_name = _device_name(device)
+        self.device_name = device_name(device)
         self.precision = precision
         self._device = device
         self._chw = _input_chw(model)
@@ -369,7 +369,7 @@ class OrtRunner(Runner):
         provider_precisions: tuple[str, ...] = (),
     ) -> None:
         self.backend = request.backend
-        self.device_name = _device_name(device)
+        self.device_name = device_name(device)
         self.precision = request.precision
         self._path = request.file("onnx_path")
         self._input = _onnx_input(self._path)
@@ -386,6 +386,9 @@ class OrtRunner(Runner):
         """A session specialised to ``batch``, refusing ONNX Runtime's silent fallback to the CPU provider."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._threads
+        # Idle sessions must not spin: dense and pruned (or a LUT's probes) alternate in one process, and a
+        # spinning pool of the session just timed would steal cores from the one being timed.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._input.batch_axis is not None:
             options.add_free_dimension_override_by_name(self._input.batch_axis, batch)
         session = ort.InferenceSession(str(self._path), options, providers=self._providers)
@@ -451,7 +454,7 @@ class TensorRTRunner(Runner):
     def __init__(self, request: _Request, device: torch.device) -> None:
         trt = importlib.import_module("tensorrt")
         self.backend = request.backend
-        self.device_name = _device_name(device)
+        self.device_name = device_name(device)
         self.precision = request.precision
         self._device = device
         path = request.file("engine_path")

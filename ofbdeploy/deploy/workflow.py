@@ -51,12 +51,17 @@ class DeployArtifacts:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
 
-def dense_like(spec: ArchSpec) -> nn.Module:
-    """The unpruned counterpart of ``spec`` with random weights: enough for latency and export checks."""
+def with_random_weights(spec: ArchSpec) -> nn.Module:
+    """A plain model of ``spec`` with seeded random weights: enough for latency and export checks."""
     torch.manual_seed(0)
-    model = build_plain(ArchSpec.dense(spec.base))
+    model = build_plain(spec)
     model.init_weights()  # build_plain leaves weights uninitialised (they are normally loaded)
     return model.eval()
+
+
+def dense_like(spec: ArchSpec) -> nn.Module:
+    """The unpruned counterpart of ``spec``, with random weights."""
+    return with_random_weights(ArchSpec.dense(spec.base))
 
 
 def export_models(
@@ -114,7 +119,8 @@ def _build_engines(name: str, onnx_path: Path, directory: Path, cfg: ExportCfg, 
                  parity["max_abs_diff"], 100 * parity["top1_agreement"])
 
 
-def _runner(backend: str, name: str, models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg):
+def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg):
+    """The runner of model ``name`` on ``backend``: the module for torch, its ONNX file or engine otherwise."""
     precision = cfg.precision
     if backend in ("torch", "torch-compile"):
         return create_runner(backend, model=models[name], precision=precision, threads=cfg.threads)
@@ -138,7 +144,7 @@ def profile_models(
     skipped: list[str] = []
     for backend in cfg.backends:
         try:
-            dense, pruned = (_runner(backend, name, models, artifacts, cfg) for name in MODELS)
+            dense, pruned = (make_runner(backend, name, models, artifacts, cfg) for name in MODELS)
         except BackendUnavailable as err:
             log.warning("profile: %s", err)
             skipped.append(str(err))

@@ -66,7 +66,8 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
         markdown=True,
     )
     parts = [f"# ofbdeploy report: {report.get('model', '')}", "", summary, ""]
-    parts.append(f"FLOPs target {report['flops_target'] / 1e9:.4f} G; search {report['search_seconds']:.1f} s, "
+    target = f"{report['flops_target'] / 1e9:.4f} G" if report.get("flops_target") else "none"
+    parts.append(f"FLOPs target {target}; search {report['search_seconds']:.1f} s, "
                  f"finetune {report['finetune_seconds']:.1f} s; materialised model matches the masked one to "
                  f"{report['materialize_max_abs_diff']:.1e}.")
     if report.get("search_budget_steps"):
@@ -80,6 +81,13 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
     if report.get("latency"):
         parts += ["", "## Latency (dense and pruned measured alternately in one run; medians)", "",
                   latency_table(report, markdown=True)]
+    prediction = report.get("latency_prediction")
+    if prediction and "measured_ms_pruned" in prediction:
+        parts.append(f"\nLatency table prediction on {prediction['backend']} {prediction['precision']} batch "
+                     f"{prediction['batch']}: pruned {prediction['predicted_ms_pruned']:.3f} ms predicted vs "
+                     f"{prediction['measured_ms_pruned']:.3f} ms measured ({prediction['rel_error_pruned']:+.1%}); "
+                     f"dense {prediction['predicted_ms_dense']:.3f} vs {prediction['measured_ms_dense']:.3f} ms "
+                     f"({prediction['rel_error_dense']:+.1%}). Budgets are checked against the measured numbers.")
     for skipped in report.get("profile_skipped", []):
         parts.append(f"- not measured: {skipped}")
     if checks:
