@@ -1,10 +1,10 @@
 """A latency model of the target: measured on the device, interpolated, usable inside the search loss.
 
 Latency of a ViT is modelled as stem-and-head(E) + sum over blocks of attention(E, heads, head width) +
-MLP(E, hidden width). The parts are measured with small probe ViTs (plain timm models, exported and timed
+MLP(E, hidden width). The parts are measured with probe ViTs (plain timm models, exported and timed
 through the same backends and protocol as the final models): a depth-0 probe gives the stem and head, and
-depth-2 probes with uniform blocks give the per-block cost of each attention and MLP configuration against
-a reference block. Points between the measured ones are linearly interpolated, so the table covers every
+probes with uniform blocks give the per-block cost of each attention and MLP configuration against a
+reference block. Points between the measured ones are linearly interpolated, so the table covers every
 width the search can choose (aligned or not) while measuring only a coarse grid.
 """
 
@@ -35,7 +35,6 @@ from ofbdeploy.io import atomic_write_text
 log = logging.getLogger("ofbdeploy.lut")
 
 LUT_FORMAT = "ofbdeploy.lut/1"
-PROBE_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class LatencyLUT:
     mlp_ms: list[list[float]]  # [embed][mlp]
     points: int = 0
     build_seconds: float = 0.0
+    probe_depth: int = 0
     calibration: tuple[float, float] = (0.0, 1.0)  # measured = a + b * raw prediction (dense and narrowest)
 
     def __post_init__(self) -> None:
@@ -124,7 +124,7 @@ class LatencyLUT:
                 "embed": self.embed, "heads": self.heads, "head_widths": self.head_widths, "mlp": self.mlp,
                 "stem_ms": self.stem_ms, "attn_ms": self.attn_ms, "mlp_ms": self.mlp_ms, "points": self.points,
                 "build_seconds": self.build_seconds, "calibration": list(self.calibration),
-                "probe_depth": PROBE_DEPTH}
+                "probe_depth": self.probe_depth}
 
     def save(self, path: Path) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -137,7 +137,7 @@ class LatencyLUT:
         if data.get("format") != LUT_FORMAT:
             raise OfbError(f"{path}: not an ofbdeploy latency table (format {data.get('format')!r})")
         fields = {k: data[k] for k in ("embed", "heads", "head_widths", "mlp", "stem_ms", "attn_ms", "mlp_ms",
-                                       "points", "build_seconds")}
+                                       "points", "build_seconds", "probe_depth")}
         return cls(LutKey(**data["key"]), ViTShape(**data["shape"]), **fields,
                    calibration=tuple(data.get("calibration", (0.0, 1.0))))
 
@@ -191,12 +191,15 @@ def _fit(features: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
               embed_points: int = 4, width_points: int = 3, repeats: int = 20, threads: int | None = None,
-              progress: bool = True) -> LatencyLUT:
+              probe_depth: int | None = None, progress: bool = True) -> LatencyLUT:
     """Measure the probes on this machine and return the table (keyed by the device they ran on).
 
-    Each depth-2 probe is timed alternately with the depth-0 probe of the same embedding width (the
-    measurement protocol's paired mode), so that machine noise cancels in their difference.
+    Probes have uniform blocks, ``probe_depth`` of them (default: the model's own depth, so that a block
+    is timed amid as many others as in the real model: cache and memory-traffic effects included). Each
+    is timed alternately with the depth-0 probe of the same embedding width (the protocol's paired mode),
+    so that machine noise cancels in their difference.
     """
+    depth = probe_depth or shape.depth
     from ofbdeploy.deploy.measure import measure_pair
 
     embed = _subsample(space.embedding, embed_points)
@@ -219,9 +222,9 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
                  for e in embed}
         for job in tqdm(jobs, desc="lut", disable=not progress):
             e, attn, k = job
-            probe = _runner(_probe(shape, e, PROBE_DEPTH, attn, k), backend, precision, batch, Path(tmp), threads)
+            probe = _runner(_probe(shape, e, depth, attn, k), backend, precision, batch, Path(tmp), threads)
             base, deep = measure_pair(stems[e], probe, batch, warmup=max(3, repeats // 5), repeats=repeats)
-            per_block[job] = (deep.median_ms - base.median_ms) / PROBE_DEPTH
+            per_block[job] = (deep.median_ms - base.median_ms) / depth
             stem[e].append(base.median_ms)
             device = deep.device
         attn_ms, mlp_ms = [], []
@@ -235,7 +238,7 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
             mlp_ms.append(_fit(m_feat, np.array([per_block[(e, ref_attn, k)] - ref for k in mlp])).tolist())
         key = LutKey(device, backend, precision, batch, shape.img_size, shape.model_name)
         lut = LatencyLUT(key, shape, embed, heads, widths, mlp, [float(np.median(stem[e])) for e in embed],
-                         attn_ms, mlp_ms, len(jobs) + len(embed))
+                         attn_ms, mlp_ms, len(jobs) + len(embed), probe_depth=depth)
         lut.calibration = _calibrate(lut, space, backend, precision, batch, Path(tmp), threads, repeats)
     lut.build_seconds = time.perf_counter() - t0
     log.info("latency table built: %d probe models measured in %.1f s; calibration %.3f + %.3f x raw",
@@ -245,25 +248,33 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
 
 def _calibrate(lut: LatencyLUT, space: SearchSpace, backend: str, precision: str, batch: int, tmp: Path,
                threads: int | None, repeats: int) -> tuple[float, float]:
-    """Affine map from the summed parts to whole-model latency, fitted on the dense and the narrowest model.
+    """Affine map from the summed parts to whole-model latency, least-squares over four whole models.
 
-    Probes are shallow, so they miss what only a deep model pays (weights that no longer fit in cache,
-    per-layer launch overheads); two whole models measured alternately pin that down.
+    The dense, the narrowest and two intermediate uniform architectures are each timed alternately with
+    the dense model; the fit absorbs what the part sums miss (per-layer overheads, memory traffic) and,
+    with four points rather than two, one noisy measurement cannot tilt the whole table.
     """
     from ofbdeploy.deploy.measure import measure_pair
 
     shape = lut.shape
-    narrow_cell = min(space.attention, key=lambda cell: cell[0] * cell[1])
-    narrowest = _probe(shape, min(space.embedding), shape.depth, narrow_cell, min(space.mlp))
+
+    def uniform(fraction: float) -> ArchSpec:
+        def pick(values: Sequence) -> Any:
+            ordered = sorted(values, key=lambda v: v[0] * v[1] if isinstance(v, tuple) else v)
+            return ordered[round(fraction * (len(ordered) - 1))]
+
+        return _probe(shape, pick(space.embedding), shape.depth, pick(space.attention), pick(space.mlp))
+
     dense = ArchSpec.dense(shape)
-    big = _runner(dense, backend, precision, batch, tmp, threads)
-    small = _runner(narrowest, backend, precision, batch, tmp, threads)
-    big_stats, small_stats = measure_pair(big, small, batch, warmup=max(3, repeats // 5), repeats=repeats)
-    raw_big, raw_small = lut.raw(dense), lut.raw(narrowest)
-    if raw_big - raw_small <= 1e-9:
-        return (big_stats.median_ms - raw_big, 1.0)
-    scale = (big_stats.median_ms - small_stats.median_ms) / (raw_big - raw_small)
-    return (big_stats.median_ms - scale * raw_big, scale)
+    dense_runner = _runner(dense, backend, precision, batch, tmp, threads)
+    raw, measured = [], []
+    for spec in (uniform(0.0), uniform(1 / 3), uniform(2 / 3)):
+        other = _runner(spec, backend, precision, batch, tmp, threads)
+        big, small = measure_pair(dense_runner, other, batch, warmup=max(3, repeats // 5), repeats=repeats)
+        raw += [lut.raw(dense), lut.raw(spec)]
+        measured += [big.median_ms, small.median_ms]
+    slope, offset = np.polyfit(np.asarray(raw), np.asarray(measured), 1)
+    return (float(offset), float(slope))
 
 
 def default_cache_dir() -> Path:
