@@ -9,7 +9,7 @@ from ofbdeploy.grids import SearchSpace
 from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
 from ofbdeploy.search.engine import check_budget, resolve_target
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
 BASE = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"}, "search": {"target_flops_ratio": 0.5}}
 
 
