@@ -9,6 +9,7 @@ from its last epoch checkpoint with ``--resume``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -128,12 +129,16 @@ class Run:
             self._data = build_datasets(spec)
         return self._data
 
-    def img_size(self) -> int:
+    @functools.cached_property
+    def _img_size(self) -> int:
         m = self.recipe.model
         if m.img_size is not None:
             return m.img_size
-        probe = build_dense(m.name, **m.overrides)
-        return int(probe.patch_embed.img_size[0])
+        return int(build_dense(m.name, **m.overrides).patch_embed.img_size[0])
+
+    def img_size(self) -> int:
+        """The model's input size: the recipe's, or the named model's own."""
+        return self._img_size
 
     def loader(self, train: bool):
         train_set, val_set, _ = self.data()

@@ -195,8 +195,8 @@ class _Search:
                 logits, recon = self.net(images, token_mask)
                 pmim = reconstruction_loss(images, recon, token_mask, self.model.shape.patch_size)
             task = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-            onehot, flops = self.regulariser()
-            loss = task + onehot + flops
+            onehot, budget = self.regulariser()
+            loss = task + onehot + budget
             if pmim is not None:
                 loss = loss + (task.detach() / pmim.detach().clamp_min(1e-8)) * pmim
         for opt in self.optimizers.values():
@@ -206,7 +206,7 @@ class _Search:
             self.scaler.step(opt)
         self.scaler.update()
         return {"task": task.item(), "pmim": pmim.item() if pmim is not None else 0.0,
-                "onehot": float(onehot.detach()), "flops": flops.item()}
+                "onehot": float(onehot.detach()), "budget": budget.item()}
 
     def shrink(self) -> list:
         for _, group in self.model.groups():
@@ -287,7 +287,7 @@ def run_search(
             budget += f", {latency.expected_ms(model).item():.3f} ms (target {latency.target_ms:.3f})"
         log.info("search epoch %d/%d task %.4f pmim %.4f onehot %.3f budget loss %.5f %s live cells %d "
                  "decided %d/%d", epoch + 1, cfg.epochs, means.get("task", 0.0), means.get("pmim", 0.0),
-                 means.get("onehot", 0.0), means.get("flops", 0.0), budget, live,
+                 means.get("onehot", 0.0), means.get("budget", 0.0), budget, live,
                  sum(g.is_decided for _, g in model.groups()), len(list(model.groups())))
         if checkpoint_path is not None and ctx.is_main:
             save_checkpoint(checkpoint_path, search.state(epoch + 1))
