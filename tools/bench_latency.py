@@ -23,6 +23,7 @@ from pathlib import Path
 import timm
 import torch
 
+import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import export_models, profile_models
 from ofbdeploy.grids import SearchSpace

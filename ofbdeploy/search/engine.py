@@ -109,8 +109,8 @@ def build_optimizers(searchable: SearchableViT, cfg: SearchCfg, global_batch: in
     }
 
 
-class _Search:
-    """State of one search run; ``run`` drives it epoch by epoch."""
+class Search:
+    """State of one search run (optimisers, schedules, one step, shrinking); ``run_search`` drives it."""
 
     def __init__(self, model: SearchableViT, loader, cfg: SearchCfg, ctx: Dist, seed: int, amp: str,
                  log: logging.Logger, latency: LatencyObjective | None) -> None:
@@ -246,7 +246,7 @@ def run_search(
     ``latency`` (built from a LUT of the target device) adds the latency loss and budget.
     """
     log = log or logging.getLogger("ofbdeploy.search")
-    search = _Search(model, loader, cfg, ctx, seed, amp, log, latency)
+    search = Search(model, loader, cfg, ctx, seed, amp, log, latency)
     check_budget(search.target, model.space, model.shape)
     if latency is not None and latency.floor_ms(model.space) > latency.target_ms:
         raise OfbError(f"latency budget {latency.target_ms:.3f} ms cannot be met: the narrowest architecture the "

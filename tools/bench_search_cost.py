@@ -1,0 +1,107 @@
+"""Cost of an OFB search step (bi-masks + PMIM + one-hot/FLOPs losses + three optimisers) against a plain
+training step of the dense model, same model, batch and device; and, on CUDA, the projected GPU-hours of
+a DeiT-S ImageNet search with the paper's schedule.
+
+    python tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
+from ofbdeploy.deploy.backends import device_name
+from ofbdeploy.recipe import SearchCfg
+from ofbdeploy.search.engine import Search
+from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.train.amp import amp_dtype, autocast
+from ofbdeploy.train.distributed import Dist, pick_device
+
+IMAGENET_TRAIN = 1_281_167
+PAPER_EPOCHS = 100
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    torch.manual_seed(0)
+    dense = timm.create_model(args.model, img_size=args.img_size).to(device).train()
+    labels = torch.randint(0, dense.num_classes, (args.batch,), device=device)
+    optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-4)
+
+    def dense_step() -> None:
+        with autocast(amp_dtype(args.amp, device)):
+            loss = F.cross_entropy(dense(images).float(), labels, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    searchable = SearchableViT(timm.create_model(args.model, img_size=args.img_size), model_name=args.model)
+    searchable.to(device).train()
+    loader = torch.utils.data.DataLoader([(images[0].cpu(), 0)] * args.batch, batch_size=args.batch)
+    search = Search(searchable, loader, SearchCfg(target_flops_ratio=0.5, epochs=100), Dist(device=device), 0,
+                    args.amp, logging.getLogger("bench"), None)
+    keep = search.schedules(search.steps * 10)  # mid warm-up: PMIM hides ~10% of the patches
+
+    def search_step() -> None:
+        search.step(images, labels, keep)
+
+    dense_times = _timed(dense_step, args.steps, args.warmup, device)
+    search_times = _timed(search_step, args.steps, args.warmup, device)
+    dense_s, search_s = statistics.median(dense_times), statistics.median(search_times)
+    result = {"model": args.model, "batch": args.batch, "img_size": args.img_size, "device": str(device),
+              "device_name": device_name(device),
+              "amp": args.amp, "dense_step_s": dense_s, "search_step_s": search_s, "ratio": search_s / dense_s,
+              "dense_images_per_s": args.batch / dense_s, "search_images_per_s": args.batch / search_s}
+    if device.type == "cuda":
+        result["projected_search_gpu_hours_imagenet_100_epochs"] = (
+            IMAGENET_TRAIN * PAPER_EPOCHS / args.batch * search_s / 3600)
+    print(json.dumps(result, indent=1))
+    if args.json is not None:
+        result["date"] = date.today().isoformat()
+        result["command"] = "python tools/bench_search_cost.py " + " ".join(sys.argv[1:])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
