@@ -45,7 +45,8 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
 
     Every stage writes its artifacts into the run directory; stages whose artifacts exist and whose
     recipe sections are unchanged are skipped, so re-running after a change redoes only what changed.
-    Under `torchrun --nproc_per_node N` the search and the training stages run with PyTorch DDP.
+    Under `torchrun --standalone --nproc_per_node N -m ofbdeploy run ...` the search and the training
+    stages run with PyTorch DDP.
     """
     from ofbdeploy.pipeline import Run
     from ofbdeploy.recipe import load_recipe
