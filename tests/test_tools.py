@@ -28,3 +28,12 @@ def test_bench_latency_smoke(tmp_path):
          "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["flops_ratio"] <= 0.5 and rows[0]["speedup"] > 0
+
+
+def test_bench_accuracy_smoke(tmp_path):
+    out = tmp_path / "acc.json"
+    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ofb", "uniform", "l1", "random"]
+    assert all(r["flops_ratio"] <= 0.5 and 0 <= r["top1"] <= 100 and r["speedup_ort_cpu_b32"] > 0 for r in rows)
+    assert list((tmp_path / "cache").glob("teacher-*.safetensors"))  # the dense teacher is cached
