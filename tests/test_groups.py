@@ -117,12 +117,14 @@ def test_decision_keeps_the_mask_continuous():
     group = model.attn_groups[0]
     widest = max(range(len(group.cells)), key=lambda k: int(torch.prod(group.cells[k])))
     group.mix.fill_(0.4)
-    before = group.mask().detach().clone()  # widest cell alone -> rank mask is all ones... once decided
+    with torch.no_grad():  # all probability on the widest cell: the decision must not change the mask
+        group.alpha.fill_(-50.0)
+        group.alpha[widest] = 50.0
+    before = group.mask().detach().clone()
     model.force_cell("blocks.0.attn", widest)
     assert group.is_decided and not group.alpha.requires_grad
-    expected = 0.4 * torch.sigmoid(group.score) + 0.6
-    torch.testing.assert_close(group.mask(), expected)
-    assert group.mask().shape == before.shape
+    torch.testing.assert_close(group.mask(), 0.4 * torch.sigmoid(group.score) + 0.6)
+    torch.testing.assert_close(group.mask(), before)
 
 
 def test_odd_head_model_can_keep_every_head():

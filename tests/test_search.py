@@ -55,7 +55,6 @@ def test_onehot_loss_prefers_decided_distributions():
     v = float(((probs - 0.25) ** 2).sum() / 0.75)
     entropy = float(-(probs * probs.log()).sum())
     assert sharp == pytest.approx(entropy + math.tan(math.pi / 2 - math.pi * v) / 4, rel=1e-4)
-    group.force = None
     group.alive[1:] = False
     group.mark_decided()
     assert float(onehot_loss(group)) == 0.0
