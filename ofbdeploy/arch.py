@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ofbdeploy import cost
 from ofbdeploy.errors import ArchError
 from ofbdeploy.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from ofbdeploy.grids import SearchSpace
 
 ARCH_FORMAT = "ofbdeploy.arch/1"
 
@@ -117,6 +120,17 @@ class ArchSpec:
             kept_mlp=tuple(range(base.mlp_dim)),
         )
         return cls(base, base.embed_dim, (block,) * base.depth, tuple(range(base.embed_dim)))
+
+    @classmethod
+    def uniform(cls, base: ViTShape, embed_dim: int, heads: int, head_dim: int, mlp_dim: int) -> ArchSpec:
+        """Every block alike (no kept indices): for costing, probing and building test models."""
+        return cls(base, embed_dim, (BlockSpec(heads, head_dim, mlp_dim),) * base.depth)
+
+    @classmethod
+    def narrowest(cls, base: ViTShape, space: SearchSpace) -> ArchSpec:
+        """The smallest architecture the grids of ``space`` allow (the floor of any budget)."""
+        heads, head_dim = min(space.attention, key=lambda cell: cell[0] * cell[1])
+        return cls.uniform(base, min(space.embedding), heads, head_dim, min(space.mlp))
 
     def __post_init__(self) -> None:
         self.validate()

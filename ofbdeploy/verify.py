@@ -22,14 +22,12 @@ def decide_randomly(searchable: SearchableViT, rng: random.Random, extreme: str 
     """Decide every group on a random cell (or the narrowest / widest with ``extreme``) and randomise
     the multipliers, so that folding is exercised with values far from 1."""
     for name, group in searchable.groups():
-        cells = len(group.cells)
-        widths = [int(torch.prod(c)) for c in group.cells]
         if extreme == "narrowest":
-            cell = min(range(cells), key=widths.__getitem__)
+            cell = min(range(len(group.cells)), key=lambda k: int(torch.prod(group.cells[k])))
         elif extreme == "widest":
-            cell = max(range(cells), key=widths.__getitem__)
+            cell = group.widest_cell()
         else:
-            cell = rng.randrange(cells)
+            cell = rng.randrange(len(group.cells))
         searchable.force_cell(name, cell)
         with torch.no_grad():
             group.multiplier.uniform_(0.25, 1.75, generator=torch.Generator().manual_seed(rng.randrange(2**31)))

@@ -4,7 +4,7 @@ import pytest
 import timm
 
 from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
-from ofbdeploy.cost import count_params, measure_macs
+from ofbdeploy.cost import count_params, measure_macs, vit_macs
 from ofbdeploy.describe import unaligned_widths
 from ofbdeploy.errors import ArchError, ModelError
 from ofbdeploy.grids import SearchSpace, embed_grid, head_grid, head_width_grid, mlp_grid, width_grid
@@ -110,3 +110,11 @@ def test_arch_load_errors_name_the_file(tmp_path):
 def test_unaligned_widths_are_named():
     spec = _small_spec()
     assert unaligned_widths(spec) == [f"block {i} head width 12" for i in range(4)]
+
+
+def test_narrowest_architecture_takes_the_smallest_cell_of_every_group():
+    shape = ViTShape.from_model(timm.create_model("deit_small_patch16_224"))
+    space = SearchSpace.for_model(384, 6, 64, 1536)
+    spec = ArchSpec.narrowest(shape, space)
+    assert spec.embed_dim == 192 and all((b.heads, b.head_dim, b.mlp_dim) == (2, 16, 384) for b in spec.blocks)
+    assert spec.macs() == vit_macs(shape, 192, [32] * 12, [384] * 12)

@@ -115,7 +115,7 @@ def test_cut_slices_weights_scores_and_optimizer_state():
 def test_decision_keeps_the_mask_continuous():
     model = _searchable()
     group = model.attn_groups[0]
-    widest = max(range(len(group.cells)), key=lambda k: int(torch.prod(group.cells[k])))
+    widest = group.widest_cell()
     group.mix.fill_(0.4)
     with torch.no_grad():  # all probability on the widest cell: the decision must not change the mask
         group.alpha.fill_(-50.0)

@@ -58,11 +58,6 @@ def _l1_importance(model: SearchableViT) -> None:
         model.embed_group.score.copy_(stem / stem.mean())
 
 
-def _widest_everywhere(model: SearchableViT) -> None:
-    for name, group in model.groups():
-        model.force_cell(name, max(range(len(group.cells)), key=lambda k: int(torch.prod(group.cells[k]))))
-
-
 def _uniform(model: SearchableViT, target: float) -> None:
     """The largest common width fraction whose architecture fits the budget."""
     def cell_at(group, fraction: float) -> int:
@@ -100,7 +95,7 @@ def compress(method: str, teacher: torch.nn.Module, ratio: float, loader, search
     if method == "uniform":
         _uniform(model, target)
     else:
-        _widest_everywhere(model)
+        model.decide_widest()
         enforce_budget(model, target)
     return model
 

@@ -41,9 +41,7 @@ def pruned_pair(name: str, ratio: float, align: int | None, img_size: int, seed:
     shape = ViTShape.from_model(dense, name)
     space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
     searchable = SearchableViT(copy.deepcopy(dense), space, name)
-    for group_name, group in searchable.groups():
-        widest = max(range(len(group.cells)), key=lambda k: int(torch.prod(group.cells[k])))
-        searchable.force_cell(group_name, widest)
+    searchable.decide_widest()
     enforce_budget(searchable, ratio * ArchSpec.dense(shape).macs())
     pruned, spec = materialize(searchable.eval())
     return dense, pruned, spec

@@ -27,7 +27,7 @@ from scipy.interpolate import RegularGridInterpolator
 from torch import Tensor
 from tqdm import tqdm
 
-from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.io import atomic_write_text
@@ -79,7 +79,7 @@ class LatencyLUT:
     points: int = 0
     build_seconds: float = 0.0
     probe_depth: int = 0
-    calibration: tuple[float, float] = (0.0, 1.0)  # measured = a + b * raw prediction (dense and narrowest)
+    calibration: tuple[float, float] = (0.0, 1.0)  # measured = a + b * raw prediction (fit on whole models)
 
     def __post_init__(self) -> None:
         embed, heads = np.asarray(self.embed, float), np.asarray(self.heads, float)
@@ -154,9 +154,8 @@ def _interpolator(axes: list[np.ndarray], values: np.ndarray) -> RegularGridInte
 
 # -- building -------------------------------------------------------------------------------------
 def _probe(shape: ViTShape, embed: int, depth: int, attn: tuple[int, int], mlp: int) -> ArchSpec:
-    base = dataclasses.replace(shape, depth=depth)
-    blocks = tuple(BlockSpec(heads=attn[0], head_dim=attn[1], mlp_dim=mlp) for _ in range(depth))
-    return ArchSpec(base, embed, blocks)
+    """A uniform probe model of ``depth`` blocks."""
+    return ArchSpec.uniform(dataclasses.replace(shape, depth=depth), embed, *attn, mlp)
 
 
 def _runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ofbdeploy.arch import ArchSpec, BlockSpec
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.search.searchable import SearchableViT
@@ -39,7 +39,4 @@ class LatencyObjective:
 
     def floor_ms(self, space: SearchSpace) -> float:
         """Predicted latency of the narrowest architecture the grids allow."""
-        shape = self.lut.shape
-        narrowest = min(space.attention, key=lambda cell: cell[0] * cell[1])
-        blocks = tuple(BlockSpec(narrowest[0], narrowest[1], min(space.mlp)) for _ in range(shape.depth))
-        return self.lut.predict(ArchSpec(shape, min(space.embedding), blocks))
+        return self.lut.predict(ArchSpec.narrowest(self.lut.shape, space))

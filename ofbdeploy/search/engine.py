@@ -20,7 +20,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ofbdeploy.arch import ArchSpec, ViTShape
-from ofbdeploy.cost import vit_macs
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.objective import LatencyObjective
@@ -64,18 +63,12 @@ def resolve_target(cfg: SearchCfg, shape: ViTShape) -> float | None:
     return cfg.target_gflops * 1e9 if cfg.target_gflops is not None else None
 
 
-def smallest_macs(space: SearchSpace, shape: ViTShape) -> float:
-    """MACs of the narrowest architecture the grids allow (the floor of any budget)."""
-    attn = min(n * c for n, c in space.attention)
-    return float(vit_macs(shape, min(space.embedding), [attn] * shape.depth, [min(space.mlp)] * shape.depth))
-
-
 def check_budget(target: float | None, space: SearchSpace, shape: ViTShape) -> None:
     """Refuse, before any training, a FLOPs budget that no architecture in the search space can meet."""
     if target is None:
         return
     dense = ArchSpec.dense(shape).macs()
-    floor = smallest_macs(space, shape)
+    floor = ArchSpec.narrowest(shape, space).macs()
     if target < floor:
         raise OfbError(
             f"search budget {target / 1e9:.3f} GMACs cannot be met: the smallest architecture the grids allow "

@@ -110,6 +110,10 @@ class MaskGroup(nn.Module):
         """Live cells whose probability is at most ``threshold / K`` (K live cells)."""
         return self.alive & (self.probs() <= threshold / int(self.alive.sum()))
 
+    def widest_cell(self) -> int:
+        """Index of the cell that keeps the most units."""
+        return max(range(len(self.cells)), key=lambda k: int(torch.prod(self.cells[k])))
+
     def target_extents(self) -> tuple[int, ...] | None:
         """Extents to cut to now (the widest live width), or None when the group already has them."""
         widest = tuple(int(w) for w in self.cells[self.alive].max(dim=0).values)

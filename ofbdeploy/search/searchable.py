@@ -210,6 +210,12 @@ class SearchableViT(nn.Module):
         dropped = group.switch_off(group.alive & ~keep, optimizers) if int(group.alive.sum()) > 1 else 0
         return self._settle(name, group, dropped, optimizers)
 
+    @torch.no_grad()
+    def decide_widest(self, optimizers: Optimizers = ()) -> None:
+        """Decide every group at full width: the start of pruning by budget enforcement alone."""
+        for name, group in self.groups():
+            self.force_cell(name, group.widest_cell(), optimizers)
+
     def settle(self, name: str, optimizers: Optimizers = ()) -> ShrinkEvent:
         """Cut group ``name`` to its widest live cell, deciding it when one cell is left."""
         return self._settle(name, dict(self.groups())[name], 0, list(optimizers))
