@@ -272,13 +272,12 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     between, and the dense and narrowest whole models calibrate the sum.
     """
     from ofbdeploy.arch import ArchSpec, ViTShape
-    from ofbdeploy.grids import SearchSpace
+    from ofbdeploy.grids import space_for
     from ofbdeploy.latency.lut import default_cache_dir, load_or_build
     from ofbdeploy.models.dense import build_dense
 
     shape = ViTShape.from_model(build_dense(model_name, img_size=img_size), model_name)
-    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim,
-                                  int(align) if align else None)
+    space = space_for(shape, int(align) if align else None)
     cache = cache_dir or default_cache_dir()
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
                           embed_points=embed_points, width_points=width_points, repeats=repeats)
@@ -324,7 +323,8 @@ def selfcheck(model_name: str, img_size: int | None, trials: int, align: str | N
     """
     import torch
 
-    from ofbdeploy.grids import SearchSpace
+    from ofbdeploy.arch import ViTShape
+    from ofbdeploy.grids import space_for
     from ofbdeploy.materialize import materialize
     from ofbdeploy.models.dense import build_dense
     from ofbdeploy.models.pruned import save_pruned
@@ -337,9 +337,7 @@ def selfcheck(model_name: str, img_size: int | None, trials: int, align: str | N
     for trial, extreme in enumerate(["narrowest", "widest"] + [None] * trials):
         torch.manual_seed(seed + trial)
         vit = build_dense(model_name, img_size=img_size)
-        s = vit.blocks[0]
-        space = SearchSpace.for_model(vit.embed_dim, s.attn.num_heads, s.attn.head_dim, s.mlp.fc1.out_features,
-                                      int(align) if align else None)
+        space = space_for(ViTShape.from_model(vit), int(align) if align else None)
         searchable = SearchableViT(vit, space, model_name)
         decide_randomly(searchable, rng, extreme)
         result = check_agreement(searchable, seed=seed + trial)

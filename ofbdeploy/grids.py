@@ -7,6 +7,10 @@ such as 204 or 228 waste tensor-core tiles on every GPU and most CPU GEMM kernel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ofbdeploy.arch import ViTShape
 
 ALIGNMENTS = (8, 16, 32, 64)
 
@@ -68,6 +72,11 @@ class SearchSpace:
         """Build the joint grids of a ViT with the given dense sizes."""
         attention = tuple((n, c) for n in head_grid(num_heads) for c in head_width_grid(head_dim, align))
         return cls(attention, tuple(mlp_grid(mlp_dim, align)), tuple(embed_grid(embed_dim, align)))
+
+
+def space_for(shape: ViTShape, align: int | None = None) -> SearchSpace:
+    """The search space of a dense ViT of ``shape``."""
+    return SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
 
 
 def unaligned(widths: list[int], multiple: int = 8) -> list[int]:

@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
-from ofbdeploy.grids import SearchSpace
-from ofbdeploy.io import atomic_write, atomic_write_text
+from ofbdeploy.grids import SearchSpace, space_for
+from ofbdeploy.io import atomic_write_text
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
-from ofbdeploy.models.pruned import load_pruned, save_pruned
+from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import budget_checks, format_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
@@ -180,13 +180,11 @@ class Run:
         metrics = evaluate(model, self.loader(False), self.ctx, self.recipe.amp)
         log.info("dense top-1 %.2f%% top-5 %.2f%%", metrics["top1"], metrics["top5"])
         if self.ctx.is_main:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            atomic_write(self.paths.dense_weights, lambda tmp: save_file(state, str(tmp)))
+            save_weights(model, self.paths.dense_weights)
             write_json(self.paths.dense_metrics, {**metrics, "pretrain_seconds": seconds})
 
     def space(self, shape: ViTShape) -> SearchSpace:
-        return SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim,
-                                     self.recipe.search.align)
+        return space_for(shape, self.recipe.search.align)
 
     def searchable(self, dense: torch.nn.Module) -> SearchableViT:
         s = self.recipe.search

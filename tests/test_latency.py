@@ -8,7 +8,7 @@ import torch
 
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.errors import OfbError
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.grids import SearchSpace, space_for
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, load_or_build
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
@@ -23,7 +23,7 @@ NAME = "ofb_vit_pico_patch4_32"
 
 def _shape_space():
     shape = ViTShape.from_model(timm.create_model(NAME, img_size=16), NAME)
-    return shape, SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim)
+    return shape, space_for(shape)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.cost import count_params, measure_macs
 from ofbdeploy.errors import ArchError, CheckpointError
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.grids import space_for
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
 from ofbdeploy.search.searchable import SearchableViT
@@ -24,7 +24,7 @@ TOL = 1e-4
 def _searchable(name: str, align: int | None = None, **kwargs) -> SearchableViT:
     vit = timm.create_model(name, **kwargs)
     shape = ViTShape.from_model(vit)
-    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
+    space = space_for(shape, align)
     return SearchableViT(vit, space, name)
 
 

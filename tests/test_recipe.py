@@ -5,7 +5,7 @@ import timm
 import yaml
 
 from ofbdeploy.arch import ViTShape
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.grids import space_for
 from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
 from ofbdeploy.search.engine import check_budget, resolve_target
 
@@ -18,7 +18,7 @@ def test_shipped_recipes_parse_and_their_budgets_fit(path):
     recipe = load_recipe(path)
     shape = ViTShape.from_model(timm.create_model(recipe.model.name, num_classes=recipe.model.num_classes or 10,
                                                   img_size=recipe.model.img_size))
-    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, recipe.search.align)
+    space = space_for(shape, recipe.search.align)
     check_budget(resolve_target(recipe.search, shape), space, shape)
 
 

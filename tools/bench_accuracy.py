@@ -26,13 +26,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.workflow import export_models, profile_models
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.pruned import save_weights
 from ofbdeploy.recipe import ExportCfg, ProfileCfg, SearchCfg
 from ofbdeploy.search.budget import enforce_budget
 from ofbdeploy.search.engine import run_search
@@ -135,8 +136,7 @@ def main() -> None:
         train_classifier(teacher, loader, TrainSettings(epochs=args.teacher_epochs, lr=4e-3, min_lr=1e-5,
                                                         weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1),
                          Dist(), seed=args.seed, progress=False)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(cached))
+        save_weights(teacher, cached)
     teacher.eval()
     dense_top1 = evaluate(teacher, val_loader, Dist())["top1"]
     search_cfg = SearchCfg(target_flops_ratio=0.5, epochs=args.search_epochs, arch_lr=0.5, lr=5e-4,

@@ -26,7 +26,7 @@ import torch
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import export_models, profile_models
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.grids import space_for
 from ofbdeploy.materialize import materialize
 from ofbdeploy.recipe import ExportCfg, ProfileCfg
 from ofbdeploy.search.budget import enforce_budget
@@ -39,7 +39,7 @@ def pruned_pair(name: str, ratio: float, align: int | None, img_size: int, seed:
     torch.manual_seed(seed)
     dense = timm.create_model(name, img_size=img_size).eval()
     shape = ViTShape.from_model(dense, name)
-    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
+    space = space_for(shape, align)
     searchable = SearchableViT(copy.deepcopy(dense), space, name)
     searchable.decide_widest()
     enforce_budget(searchable, ratio * ArchSpec.dense(shape).macs())

@@ -49,11 +49,16 @@ def build_plain(spec: ArchSpec) -> VisionTransformer:
     return model
 
 
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """A module's state dict as safetensors (CPU, contiguous), written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
 def save_pruned(model: nn.Module, spec: ArchSpec, directory: str | Path) -> Path:
     """Write the weights, then the record (its presence marks a complete directory)."""
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"arch": ARCH_FILE}))
+    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE})
     spec.save(directory / ARCH_FILE)
     return directory
 

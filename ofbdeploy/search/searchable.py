@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
 from ofbdeploy.errors import ArchError
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.grids import SearchSpace, space_for
 from ofbdeploy.search.groups import HeadGroup, MaskGroup, VectorGroup
 from ofbdeploy.search.slicing import slice_layer_norm_, slice_linear_, slice_tensor_, take_along
 
@@ -68,7 +68,7 @@ class SearchableViT(nn.Module):
         super().__init__()
         self.shape = ViTShape.from_model(vit, model_name)
         s = self.shape
-        self.space = space or SearchSpace.for_model(s.embed_dim, s.num_heads, s.head_dim, s.mlp_dim)
+        self.space = space or space_for(s)
         self.vit = vit
         self.embed_group = VectorGroup("embedding", s.embed_dim, self.space.embedding, l1_other)
         self.attn_groups = nn.ModuleList(
