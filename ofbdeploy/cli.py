@@ -219,13 +219,13 @@ def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: 
     import json
 
     from ofbdeploy.recipe import load_recipe
-    from ofbdeploy.report.checks import budget_checks, format_checks, make_baseline, parse_tolerance, regression_checks
+    from ofbdeploy.report.checks import format_checks, make_baseline, parse_tolerance, recipe_checks, regression_checks
 
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise OfbError(f"{report_path}: missing; run the recipe to the report stage first")
     report = json.loads(report_path.read_text())
-    checks = budget_checks(report, load_recipe(run_dir / "recipe.yaml").budget)
+    checks = recipe_checks(report, load_recipe(run_dir / "recipe.yaml"))
     if baseline is not None:
         if not baseline.is_file():
             raise OfbError(f"baseline not found: {baseline}")
@@ -260,16 +260,18 @@ def lut() -> None:
 @click.option("--embed-points", default=4, show_default=True, type=int, help="Embedding widths measured.")
 @click.option("--width-points", default=3, show_default=True, type=int,
               help="Head widths and MLP widths measured per embedding width.")
+@click.option("--random-points", default=16, show_default=True, type=int,
+              help="Random uneven models measured (like the ones a search ends with).")
 @click.option("--repeats", default=20, show_default=True, type=int, help="Timed calls per probe model.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where tables are kept (default ~/.cache/ofbdeploy/lut); an existing one is reused.")
 def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, precision: str, align: str | None,
-              embed_points: int, width_points: int, repeats: int, cache_dir: Path | None) -> None:
+              embed_points: int, width_points: int, random_points: int, repeats: int, cache_dir: Path | None) -> None:
     """Measure (or reuse) the latency table of a model family and print where it is.
 
-    Probe ViTs (a depth-0 one for stem and head, depth-2 ones per attention and MLP width) are timed with
-    the profile protocol; a linear fit per embedding width and linear interpolation cover the widths in
-    between, and the dense and narrowest whole models calibrate the sum.
+    Whole probe ViTs (uniform ones on a coarse grid of widths, and random uneven ones) are each timed
+    alternately with the dense model, with the profile protocol; a non-negative least-squares fit of
+    per-part work counts (GEMM sizes, heads, widths) to those latencies covers every width in between.
     """
     from ofbdeploy.arch import ArchSpec, ViTShape
     from ofbdeploy.grids import space_for
@@ -280,9 +282,11 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     space = space_for(shape, int(align) if align else None)
     cache = cache_dir or default_cache_dir()
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
-                          embed_points=embed_points, width_points=width_points, repeats=repeats)
+                          embed_points=embed_points, width_points=width_points, random_points=random_points,
+                          repeats=repeats)
     click.echo(f"{cache / table.key.filename()}: {table.points} probe models, built in {table.build_seconds:.1f} s "
-               f"on {table.key.device}; dense predicted {table.predict(ArchSpec.dense(shape)):.3f} ms")
+               f"on {table.key.device}; dense predicted {table.predict(ArchSpec.dense(shape)):.3f} ms, fit error "
+               f"on the probes median {table.fit_error['median_abs']:.1%}, max {table.fit_error['max_abs']:.1%}")
 
 
 @main.command()

@@ -26,13 +26,13 @@ from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.grids import SearchSpace, space_for
 from ofbdeploy.io import atomic_write_text
-from ofbdeploy.latency.lut import LatencyLUT, load_or_build
-from ofbdeploy.latency.objective import LatencyObjective
+from ofbdeploy.latency.lut import LatencyLUT
+from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
 from ofbdeploy.recipe import Recipe
-from ofbdeploy.report.checks import budget_checks, format_checks
+from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableViT
@@ -201,16 +201,10 @@ class Run:
         cfg = self.recipe.search.latency
         if cfg is None:
             return None
-        if cfg.lut is not None:
-            lut = LatencyLUT.load(Path(cfg.lut))
-        else:
-            lut = load_or_build(model.shape, model.space, backend=cfg.backend, precision=cfg.precision,
-                                batch=cfg.batch, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                embed_points=cfg.embed_points, width_points=cfg.width_points, repeats=cfg.repeats,
-                                progress=self.progress)
+        objective = build_objective(cfg, model, progress=self.progress)
         if self.ctx.is_main:
-            lut.save(self.paths.lut)
-        return LatencyObjective(lut, model.space, target_ms=cfg.target_ms, target_ratio=cfg.target_ratio)
+            objective.lut.save(self.paths.lut)
+        return objective
 
     def stage_search(self) -> None:
         """OFB search from the dense weights; the decided state is kept for materialisation."""
@@ -307,7 +301,7 @@ class Run:
         if not self.ctx.is_main:
             return
         report = build_report(self.paths)
-        checks = budget_checks(report, self.recipe.budget)
+        checks = recipe_checks(report, self.recipe)
         report["budget"] = [asdict(c) for c in checks]
         report["budget_met"] = all(c.ok for c in checks)
         write_json(self.paths.report, report)
@@ -396,7 +390,8 @@ def _prediction(paths: RunPaths, spec: ArchSpec, rows: list[dict[str, Any]]) -> 
     if row is not None:
         result.update(measured_ms_pruned=row["latency_ms_pruned"], measured_ms_dense=row["latency_ms_dense"],
                       rel_error_pruned=predicted / row["latency_ms_pruned"] - 1,
-                      rel_error_dense=dense / row["latency_ms_dense"] - 1)
+                      rel_error_dense=dense / row["latency_ms_dense"] - 1,
+                      rel_error_fraction=(predicted / dense) / (row["latency_ms_pruned"] / row["latency_ms_dense"]) - 1)
     return result
 
 

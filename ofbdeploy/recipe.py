@@ -97,6 +97,7 @@ class LatencyTargetCfg(_Strict):
     cache_dir: str | None = Field(None, description="LUT cache directory (default ~/.cache/ofbdeploy/lut)")
     embed_points: int = Field(4, ge=1, description="embedding widths measured when building the LUT")
     width_points: int = Field(3, ge=1, description="head widths and MLP widths measured per embedding width")
+    random_points: int = Field(16, ge=0, description="random uneven models measured when building the LUT")
     repeats: int = Field(20, ge=5)
 
     @model_validator(mode="after")
@@ -230,6 +231,16 @@ class Recipe(_Strict):
     export: ExportCfg = Field(default_factory=ExportCfg)
     profile: ProfileCfg = Field(default_factory=ProfileCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
+
+    @model_validator(mode="after")
+    def _latency_target_is_measured(self) -> Recipe:
+        """A search latency budget is checked against a measurement, so the profile must take it."""
+        target, profile = self.search.latency, self.profile
+        if target is not None and not (profile.enabled and target.backend in profile.backends
+                                       and target.batch in profile.batches and target.precision == profile.precision):
+            raise ValueError(f"search.latency targets {target.backend} {target.precision} batch {target.batch}, "
+                             f"which profile does not measure: add it to profile.backends/batches/precision")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -2,14 +2,23 @@
 
 import random
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.errors import OfbError
-from ofbdeploy.grids import SearchSpace, space_for
-from ofbdeploy.latency.lut import LatencyLUT, LutKey, load_or_build
+from ofbdeploy.grids import space_for
+from ofbdeploy.latency.lut import (
+    LatencyLUT,
+    LutKey,
+    arch_features,
+    fit_coefficients,
+    load_or_build,
+    probe_set,
+    sample_arch,
+)
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.engine import run_search
@@ -31,36 +40,67 @@ def lut(tmp_path_factory) -> LatencyLUT:
     shape, space = _shape_space()
     cache = tmp_path_factory.mktemp("lut")
     table = load_or_build(shape, space, backend="ort-cpu", precision="fp32", batch=1, cache_dir=cache,
-                          embed_points=2, width_points=2, repeats=5, progress=False)
+                          embed_points=2, width_points=2, random_points=3, repeats=5, progress=False)
     again = load_or_build(shape, space, backend="ort-cpu", precision="fp32", batch=1, cache_dir=cache,
-                          embed_points=2, width_points=2, repeats=5, progress=False)
+                          embed_points=2, width_points=2, random_points=3, repeats=5, progress=False)
     assert again.to_dict() == table.to_dict()  # the second call is a cache hit, not a rebuild
     return table
 
 
-def _synthetic(shape: ViTShape, space: SearchSpace) -> LatencyLUT:
-    """A table with made-up, monotone part costs: search logic tested without measurement noise."""
-    embed = [min(space.embedding), max(space.embedding)]
-    heads = sorted({n for n, _ in space.attention})
-    widths = sorted({c for _, c in space.attention})
-    mlp = [min(space.mlp), max(space.mlp)]
-    attn = [[[1e-3 * e * n * c / 64 for c in widths] for n in heads] for e in embed]
-    hidden = [[1e-3 * e * k / 32 for k in mlp] for e in embed]
+COEFFICIENTS = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]  # made up, one per latency-model feature
+
+
+def _synthetic(shape: ViTShape) -> LatencyLUT:
+    """A table with made-up, positive coefficients: search logic tested without measurement noise."""
     key = LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, shape.img_size, shape.model_name)
-    return LatencyLUT(key, shape, embed, heads, widths, mlp, [0.05, 0.1], attn, hidden, probe_depth=shape.depth)
+    dense = float(arch_features(ArchSpec.dense(shape)) @ COEFFICIENTS)
+    return LatencyLUT(key, shape, COEFFICIENTS, dense)
 
 
 def test_table_is_keyed_and_round_trips(lut, tmp_path):
+    shape, space = _shape_space()
     assert lut.key.backend == "ort-cpu" and lut.key.batch == 1 and lut.key.device.startswith("cpu")
-    assert lut.points == 2 * (len(lut.heads) * 2 + 1) + 2  # stems + attention probes + MLP probes
+    heads = len({n for n, _ in space.attention})
+    assert lut.points == 2 + 2 * (heads * 2 + 1) + 3  # dense and narrowest, grid probes, random uneven ones
+    assert len(lut.probes) == lut.points and all(c >= 0 for c in lut.coefficients)
     path = lut.save(tmp_path / "t.json")
     assert LatencyLUT.load(path).to_dict() == lut.to_dict()
     assert lut.predict(ArchSpec.dense(lut.shape)) > 0
+    assert lut.predict(ArchSpec.narrowest(shape, space)) < lut.predict(ArchSpec.dense(shape))
+
+
+def test_old_or_foreign_tables_are_refused(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text('{"format": "ofbdeploy.lut/1"}')
+    with pytest.raises(OfbError, match="rebuild it with `ofbdeploy lut build`"):
+        LatencyLUT.load(path)
+
+
+def test_fit_recovers_a_known_latency_model_and_predicts_unseen_uneven_models():
+    shape, space = _shape_space()
+    specs = probe_set(shape, space, embed_points=3, width_points=3, random_points=8)
+    truth = [float(arch_features(s) @ COEFFICIENTS) for s in specs]
+    coefficients, errors = fit_coefficients(specs, truth)
+    assert np.abs(errors).max() < 1e-6
+    rng = np.random.default_rng(5)
+    for fraction in (0.1, 0.5, 0.9):
+        unseen = sample_arch(shape, space, fraction, rng)
+        assert float(arch_features(unseen) @ coefficients) == pytest.approx(float(arch_features(unseen) @
+                                                                                  COEFFICIENTS), rel=1e-6)
+
+
+def test_fit_keeps_every_part_non_negative_under_noise():
+    shape, space = _shape_space()
+    specs = probe_set(shape, space, embed_points=2, width_points=2, random_points=4)
+    rng = np.random.default_rng(0)
+    noisy = [float(arch_features(s) @ COEFFICIENTS) * rng.uniform(0.7, 1.3) for s in specs]
+    coefficients, _ = fit_coefficients(specs, noisy)
+    assert min(coefficients) >= 0.0
 
 
 def test_expected_latency_is_exact_for_decided_models_and_differentiable():
     shape, space = _shape_space()
-    lut = _synthetic(shape, space)
+    lut = _synthetic(shape)
     objective = LatencyObjective(lut, space, target_ratio=0.6)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     expected = objective.expected_ms(model)
@@ -73,7 +113,7 @@ def test_expected_latency_is_exact_for_decided_models_and_differentiable():
 
 def test_latency_only_search_meets_the_predicted_budget():
     shape, space = _shape_space()
-    lut = _synthetic(shape, space)
+    lut = _synthetic(shape)
     torch.manual_seed(0)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=128, limit_val=16))
@@ -88,7 +128,7 @@ def test_latency_only_search_meets_the_predicted_budget():
 
 def test_impossible_latency_budget_is_refused():
     shape, space = _shape_space()
-    lut = _synthetic(shape, space)
+    lut = _synthetic(shape)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     objective = LatencyObjective(lut, space, target_ms=1e-6)
     train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=64, limit_val=16))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from click.testing import CliRunner
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
+from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.cli import main
+from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
 from ofbdeploy.pipeline import Run
 from ofbdeploy.recipe import load_recipe
 
@@ -171,6 +174,29 @@ def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
     baseline.write_text(json.dumps(data))
     regressed = runner.invoke(main, ["check", str(finished_run), "--baseline", str(baseline)])
     assert regressed.exit_code == 1 and "MISSED" in regressed.output
+
+
+def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tmp_path):
+    shape = ViTShape.from_model(timm.create_model(TINY["model"]["name"], img_size=16), TINY["model"]["name"])
+    coefficients = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]  # made up: the search logic, not a measurement
+    dense_ms = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
+    lut = LatencyLUT(LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, 16, shape.model_name), shape, coefficients,
+                     dense_ms).save(tmp_path / "lut.json")
+    recipe = _recipe(tmp_path, search__target_flops_ratio=None, pretrain__epochs=1, finetune__epochs=1,
+                     search__latency={"target_ratio": 0.6, "lut": str(lut), "backend": "ort-cpu", "batch": 1})
+    result = _invoke(str(recipe))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    prediction = report["latency_prediction"]
+    spec = ArchSpec.load(tmp_path / "run" / "finetuned" / "arch.json")
+    assert prediction["predicted_ms_pruned"] == pytest.approx(float(arch_features(spec) @ coefficients))
+    assert prediction["predicted_ms_pruned"] <= 0.6 * dense_ms + 1e-9  # the search met its budget on the table
+    row = next(r for r in report["latency"] if r["batch"] == 1)
+    measured = row["latency_ms_pruned"] / row["latency_ms_dense"]
+    predicted = prediction["predicted_ms_pruned"] / dense_ms
+    assert prediction["rel_error_fraction"] == pytest.approx(predicted / measured - 1)
+    check = next(c for c in report["budget"] if c["name"].startswith("search latency target"))
+    assert check["ok"] == (measured <= 0.6) and check["measured"] == f"{measured:.1%}"  # measured, not predicted
+    assert result.exit_code == (0 if check["ok"] else 1), result.output
 
 
 def test_export_without_tensorrt_says_how_to_get_it(finished_run, tmp_path):

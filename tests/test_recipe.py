@@ -65,6 +65,8 @@ def test_overrides_are_yaml_values(tmp_path):
         (["data.batch_size=0"], r"data\.batch_size: Input should be greater than or equal to 1, got 0"),
         (["modle.name=x"], r"modle: unknown field \(did you mean 'model'\?\)"),
         (["search=3"], "search: Input should be"),
+        (["search.latency={target_ratio: 0.5, backend: ort-cpu, batch: 8}"],
+         "search.latency targets ort-cpu fp32 batch 8, which profile does not measure"),
     ],
 )
 def test_errors_are_one_line_naming_the_field(tmp_path, change, message):

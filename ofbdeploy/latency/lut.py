@@ -1,11 +1,13 @@
-"""A latency model of the target: measured on the device, interpolated, usable inside the search loss.
+"""A latency model of the target: measured on the device, fitted, usable inside the search loss.
 
 Latency of a ViT is modelled as stem-and-head(E) + sum over blocks of attention(E, heads, head width) +
-MLP(E, hidden width). The parts are measured with probe ViTs (plain timm models, exported and timed
-through the same backends and protocol as the final models): a depth-0 probe gives the stem and head, and
-probes with uniform blocks give the per-block cost of each attention and MLP configuration against a
-reference block. Points between the measured ones are linearly interpolated, so the table covers every
-width the search can choose (aligned or not) while measuring only a coarse grid.
+MLP(E, hidden width), each part a non-negative combination of the work it does (GEMM sizes, heads,
+widths). The coefficients are fitted to whole probe models exported and timed through the same backends
+and protocol as the final models: uniform ones on a coarse grid of widths, and random uneven ones like
+the architectures a search ends with. Every probe is timed alternately with the dense model and enters
+the fit as a fraction of it, so a machine that is busier or quieter from one probe to the next does not
+bend the table. The fitted model interpolates (and extrapolates) smoothly to every width the search can
+choose, aligned or not, from a few dozen measured models.
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.interpolate import RegularGridInterpolator
+from scipy.optimize import nnls
 from torch import Tensor
 from tqdm import tqdm
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.io import atomic_write_text
 
 log = logging.getLogger("ofbdeploy.lut")
 
-LUT_FORMAT = "ofbdeploy.lut/1"
+LUT_FORMAT = "ofbdeploy.lut/2"
 
 
 @dataclass(frozen=True)
@@ -65,66 +67,58 @@ def _subsample(values: Sequence[int], count: int) -> list[int]:
 
 @dataclass
 class LatencyLUT:
-    """Measured part latencies (ms) on a coarse grid, with interpolation in between."""
+    """Fitted part latencies (ms) of one model family on one device/backend/precision/batch.
+
+    ``coefficients`` weigh :data:`FEATURES`: the stem-and-head's fixed cost and its embedding width,
+    then per block the attention GEMMs (E x heads x head width), the attention matmuls and softmax
+    (heads x head width, heads) and the MLP GEMMs and activation (E x hidden, hidden). ``probes`` keeps
+    every measured model (as a fraction of dense, times ``dense_ms``), so a table can be re-fitted and
+    audited.
+    """
 
     key: LutKey
     shape: ViTShape
-    embed: list[int]
-    heads: list[int]
-    head_widths: list[int]
-    mlp: list[int]
-    stem_ms: list[float]  # [embed]
-    attn_ms: list[list[list[float]]]  # [embed][heads][head_widths], relative to the reference block
-    mlp_ms: list[list[float]]  # [embed][mlp]
+    coefficients: list[float]
+    dense_ms: float  # median of every dense measurement taken while building
+    probes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fit_error: dict[str, float] = dataclasses.field(default_factory=dict)  # relative, on the probes
     points: int = 0
     build_seconds: float = 0.0
-    probe_depth: int = 0
-    calibration: tuple[float, float] = (0.0, 1.0)  # measured = a + b * raw prediction (fit on whole models)
 
     def __post_init__(self) -> None:
-        embed, heads = np.asarray(self.embed, float), np.asarray(self.heads, float)
-        widths, mlp = np.asarray(self.head_widths, float), np.asarray(self.mlp, float)
-        self._attn = _interpolator([embed, heads, widths], np.asarray(self.attn_ms, float))
-        self._mlp = _interpolator([embed, mlp], np.asarray(self.mlp_ms, float))
-        self._stem = _interpolator([embed], np.asarray(self.stem_ms, float))
+        if len(self.coefficients) != len(FEATURES):
+            raise OfbError(f"latency table: expected {len(FEATURES)} coefficients, got {len(self.coefficients)}")
 
     # -- evaluation -----------------------------------------------------------------------------
+    def stem(self, embed: float) -> float:
+        c = self.coefficients
+        return c[0] + c[1] * embed
+
     def attention(self, embed: float, heads: float, width: float) -> float:
-        return float(self._attn([[embed, heads, width]])[0])
+        c = self.coefficients
+        return c[2] * embed * heads * width + c[3] * heads * width + c[4] * heads
 
     def mlp_part(self, embed: float, hidden: float) -> float:
-        return float(self._mlp([[embed, hidden]])[0])
-
-    def stem(self, embed: float) -> float:
-        return float(self._stem([[embed]])[0])
-
-    def raw(self, spec: ArchSpec) -> float:
-        """Sum of the interpolated parts, before calibration."""
-        e = spec.embed_dim
-        return self.stem(e) + sum(self.attention(e, b.heads, b.head_dim) + self.mlp_part(e, b.mlp_dim)
-                                  for b in spec.blocks)
+        c = self.coefficients
+        return c[5] * embed * hidden + c[6] * hidden
 
     def predict(self, spec: ArchSpec) -> float:
         """Predicted latency (ms) of an architecture of this family."""
-        a, b = self.calibration
-        return a + b * self.raw(spec)
+        return float(arch_features(spec) @ np.asarray(self.coefficients))
 
     def tables(self, space: SearchSpace) -> dict[str, Tensor]:
-        """Per-cell tables for the differentiable expected latency of a search over ``space`` (calibrated:
-        the offset sits in the stem, the scale in every part)."""
-        a, b = self.calibration
-        stem = [a + b * self.stem(e) for e in space.embedding]
-        attn = [[b * self.attention(e, n, c) for n, c in space.attention] for e in space.embedding]
-        mlp = [[b * self.mlp_part(e, k) for k in space.mlp] for e in space.embedding]
+        """Per-cell tables for the differentiable expected latency of a search over ``space``."""
+        stem = [self.stem(e) for e in space.embedding]
+        attn = [[self.attention(e, n, c) for n, c in space.attention] for e in space.embedding]
+        mlp = [[self.mlp_part(e, k) for k in space.mlp] for e in space.embedding]
         return {"stem": torch.tensor(stem), "attn": torch.tensor(attn), "mlp": torch.tensor(mlp)}
 
     # -- storage --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": LUT_FORMAT, "key": dataclasses.asdict(self.key), "shape": dataclasses.asdict(self.shape),
-                "embed": self.embed, "heads": self.heads, "head_widths": self.head_widths, "mlp": self.mlp,
-                "stem_ms": self.stem_ms, "attn_ms": self.attn_ms, "mlp_ms": self.mlp_ms, "points": self.points,
-                "build_seconds": self.build_seconds, "calibration": list(self.calibration),
-                "probe_depth": self.probe_depth}
+                "features": list(FEATURES), "coefficients": self.coefficients, "dense_ms": self.dense_ms,
+                "fit_error": self.fit_error, "points": self.points, "build_seconds": self.build_seconds,
+                "probes": self.probes}
 
     def save(self, path: Path) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -135,31 +129,67 @@ class LatencyLUT:
             raise OfbError(f"latency table not found: {path}")
         data = json.loads(path.read_text())
         if data.get("format") != LUT_FORMAT:
-            raise OfbError(f"{path}: not an ofbdeploy latency table (format {data.get('format')!r})")
-        fields = {k: data[k] for k in ("embed", "heads", "head_widths", "mlp", "stem_ms", "attn_ms", "mlp_ms",
-                                       "points", "build_seconds", "probe_depth")}
-        return cls(LutKey(**data["key"]), ViTShape(**data["shape"]), **fields,
-                   calibration=tuple(data.get("calibration", (0.0, 1.0))))
+            raise OfbError(f"{path}: not an ofbdeploy latency table of format {LUT_FORMAT} (found "
+                           f"{data.get('format')!r}); rebuild it with `ofbdeploy lut build`")
+        fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds")}
+        return cls(LutKey(**data["key"]), ViTShape(**data["shape"]), **fields)
 
 
-def _interpolator(axes: list[np.ndarray], values: np.ndarray) -> RegularGridInterpolator:
-    """Linear interpolation (and extrapolation) over the measured grid; an axis with a single measured
-    point is held constant along it."""
-    for i, axis in enumerate(axes):
-        if len(axis) == 1:
-            axes[i] = np.asarray([axis[0], axis[0] + 1.0])
-            values = np.repeat(values, 2, axis=i)
-    return RegularGridInterpolator(axes, values, bounds_error=False, fill_value=None)
+FEATURES = ("stem", "stem x embed", "embed x heads x head width", "heads x head width", "heads",
+            "embed x mlp", "mlp")
+
+
+def arch_features(spec: ArchSpec) -> np.ndarray:
+    """The work counts the latency model weighs, summed over the blocks of ``spec``."""
+    e = float(spec.embed_dim)
+    attn = sum(b.heads * b.head_dim for b in spec.blocks)
+    return np.array([1.0, e, e * attn, attn, sum(b.heads for b in spec.blocks),
+                     e * sum(b.mlp_dim for b in spec.blocks), sum(b.mlp_dim for b in spec.blocks)])
+
+
+def fit_coefficients(specs: Sequence[ArchSpec], latency_ms: Sequence[float]) -> tuple[list[float], np.ndarray]:
+    """Non-negative least squares of the latency model on measured whole models, in relative error.
+
+    Non-negative because no unit of work makes a model faster (a noisy probe cannot turn a slope
+    negative); relative because a 1 ms miss matters more on a 10 ms model than on a 100 ms one. Columns
+    are scaled to unit size first so the solver sees a well-conditioned problem. Returns the coefficients
+    and the relative error of the fit on each model.
+    """
+    x = np.stack([arch_features(s) for s in specs])
+    y = np.asarray(latency_ms, float)
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+    coef, _ = nnls(x / scale / y[:, None], np.ones_like(y))
+    coef = coef / scale
+    return coef.tolist(), x @ coef / y - 1
 
 
 # -- building -------------------------------------------------------------------------------------
-def _probe(shape: ViTShape, embed: int, depth: int, attn: tuple[int, int], mlp: int) -> ArchSpec:
-    """A uniform probe model of ``depth`` blocks."""
-    return ArchSpec.uniform(dataclasses.replace(shape, depth=depth), embed, *attn, mlp)
+def _probe(shape: ViTShape, embed: int, attn: tuple[int, int], mlp: int) -> ArchSpec:
+    """A uniform probe model of the family's own depth."""
+    return ArchSpec.uniform(shape, embed, *attn, mlp)
 
 
-def _runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None):
-    """A runner of one probe model on the backend (exported and checked like any deployed model)."""
+def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.random.Generator,
+                spread: float = 0.3) -> ArchSpec:
+    """A random uneven architecture around ``fraction`` of each grid (0 narrowest, 1 dense).
+
+    Searched models differ block to block; fitting and checking the table on such models, rather than on
+    uniform ones only, tests it where it is used.
+    """
+    def pick(values: Sequence, at: float) -> Any:
+        ordered = sorted(values, key=lambda v: v[0] * v[1] if isinstance(v, tuple) else v)
+        return ordered[round(float(np.clip(at, 0.0, 1.0)) * (len(ordered) - 1))]
+
+    def jitter() -> float:
+        return fraction + rng.uniform(-spread, spread)
+
+    blocks = tuple(BlockSpec(*pick(space.attention, jitter()), pick(space.mlp, jitter())) for _ in range(shape.depth))
+    return ArchSpec(shape, pick(space.embedding, fraction), blocks)
+
+
+def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None):
+    """A runner of a model of ``spec`` with random weights on the backend (exported and checked like any
+    deployed model)."""
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
     from ofbdeploy.recipe import ExportCfg, ProfileCfg
 
@@ -178,102 +208,60 @@ def _runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path,
                        ProfileCfg(backends=[backend], precision=precision, batches=[batch], threads=threads))
 
 
-def _fit(features: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Least-squares fit of measured part latencies to a linear model in the widths, clamped at zero.
-
-    GEMM time grows linearly with a width at a fixed embedding width; fitting a line through several
-    noisy points predicts better than any single point, and no part can cost less than nothing.
-    """
-    coef, *_ = np.linalg.lstsq(features, values, rcond=None)
-    return np.clip(features @ coef, 0.0, None)
-
-
-def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
-              embed_points: int = 4, width_points: int = 3, repeats: int = 20, threads: int | None = None,
-              probe_depth: int | None = None, progress: bool = True) -> LatencyLUT:
-    """Measure the probes on this machine and return the table (keyed by the device they ran on).
-
-    Probes have uniform blocks, ``probe_depth`` of them (default: the model's own depth, so that a block
-    is timed amid as many others as in the real model: cache and memory-traffic effects included). Each
-    is timed alternately with the depth-0 probe of the same embedding width (the protocol's paired mode),
-    so that machine noise cancels in their difference.
-    """
-    depth = probe_depth or shape.depth
-    from ofbdeploy.deploy.measure import measure_pair
-
+def probe_set(shape: ViTShape, space: SearchSpace, embed_points: int = 4, width_points: int = 3,
+              random_points: int = 16, seed: int = 0) -> list[ArchSpec]:
+    """The models a table is fitted on: the narrowest, uniform ones on a coarse grid (attention cells
+    with the narrowest MLP, MLP widths with the narrowest attention, at each of ``embed_points``
+    embedding widths) and ``random_points`` uneven ones spread from narrow to dense."""
     embed = _subsample(space.embedding, embed_points)
     heads = sorted({n for n, _ in space.attention})
     widths = _subsample([c for _, c in space.attention], width_points)
     mlp = _subsample(space.mlp, width_points)
-    ref_attn, ref_mlp = (heads[0], widths[0]), mlp[0]
-    attn_cells = [(n, c) for n in heads for c in widths]
-    jobs = [(e, (n, c), ref_mlp) for e in embed for n, c in attn_cells]
-    jobs += [(e, ref_attn, k) for e in embed for k in mlp if k != ref_mlp]
-    t0 = time.perf_counter()
-    log.info("latency table for %s on %s %s batch %d: %d probe models (%d embedding x %d attention x %d MLP "
-             "points)", shape.model_name, backend, precision, batch, len(jobs) + len(embed), len(embed),
-             len(attn_cells), len(mlp))
-    per_block: dict[tuple, float] = {}
-    stem: dict[int, list[float]] = {e: [] for e in embed}
-    device = ""
-    with tempfile.TemporaryDirectory() as tmp:
-        stems = {e: _runner(_probe(shape, e, 0, ref_attn, ref_mlp), backend, precision, batch, Path(tmp), threads)
-                 for e in embed}
-        for job in tqdm(jobs, desc="lut", disable=not progress):
-            e, attn, k = job
-            probe = _runner(_probe(shape, e, depth, attn, k), backend, precision, batch, Path(tmp), threads)
-            base, deep = measure_pair(stems[e], probe, batch, warmup=max(3, repeats // 5), repeats=repeats)
-            per_block[job] = (deep.median_ms - base.median_ms) / depth
-            stem[e].append(base.median_ms)
-            device = deep.device
-        attn_ms, mlp_ms = [], []
-        for e in embed:
-            # block(E, a, m) = P(E, a, m_ref) + P(E, a_ref, m) - P(E, a_ref, m_ref), split evenly between parts.
-            ref = per_block[(e, ref_attn, ref_mlp)] / 2
-            a_feat = np.array([[1.0, n * c, n] for n, c in attn_cells])
-            a_vals = _fit(a_feat, np.array([per_block[(e, cell, ref_mlp)] - ref for cell in attn_cells]))
-            attn_ms.append(a_vals.reshape(len(heads), len(widths)).tolist())
-            m_feat = np.array([[1.0, k] for k in mlp])
-            mlp_ms.append(_fit(m_feat, np.array([per_block[(e, ref_attn, k)] - ref for k in mlp])).tolist())
-        key = LutKey(device, backend, precision, batch, shape.img_size, shape.model_name)
-        lut = LatencyLUT(key, shape, embed, heads, widths, mlp, [float(np.median(stem[e])) for e in embed],
-                         attn_ms, mlp_ms, len(jobs) + len(embed), probe_depth=depth)
-        lut.calibration = _calibrate(lut, space, backend, precision, batch, Path(tmp), threads, repeats)
-    lut.build_seconds = time.perf_counter() - t0
-    log.info("latency table built: %d probe models measured in %.1f s; calibration %.3f + %.3f x raw",
-             lut.points + 2, lut.build_seconds, *lut.calibration)
-    return lut
+    specs = [_probe(shape, e, (n, c), mlp[0]) for e in embed for n in heads for c in widths]
+    specs += [_probe(shape, e, (heads[0], widths[0]), k) for e in embed for k in mlp[1:]]
+    rng = np.random.default_rng(seed)
+    specs += [sample_arch(shape, space, float(f), rng) for f in np.linspace(0.0, 1.0, random_points)]
+    return [ArchSpec.narrowest(shape, space), *specs]
 
 
-def _calibrate(lut: LatencyLUT, space: SearchSpace, backend: str, precision: str, batch: int, tmp: Path,
-               threads: int | None, repeats: int) -> tuple[float, float]:
-    """Affine map from the summed parts to whole-model latency, least-squares over four whole models.
+def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
+              embed_points: int = 4, width_points: int = 3, random_points: int = 16, repeats: int = 20,
+              threads: int | None = None, progress: bool = True) -> LatencyLUT:
+    """Measure the probes on this machine and return the fitted table (keyed by the device they ran on).
 
-    The dense, the narrowest and two intermediate uniform architectures are each timed alternately with
-    the dense model; the fit absorbs what the part sums miss (per-layer overheads, memory traffic) and,
-    with four points rather than two, one noisy measurement cannot tilt the whole table.
+    Each probe is timed alternately with the dense model (the protocol's paired mode) and recorded as
+    its fraction of that dense measurement times the median dense latency of the whole build, so slow
+    and fast spells of a shared machine cancel in the ratios.
     """
     from ofbdeploy.deploy.measure import measure_pair
 
-    shape = lut.shape
-
-    def uniform(fraction: float) -> ArchSpec:
-        def pick(values: Sequence) -> Any:
-            ordered = sorted(values, key=lambda v: v[0] * v[1] if isinstance(v, tuple) else v)
-            return ordered[round(fraction * (len(ordered) - 1))]
-
-        return _probe(shape, pick(space.embedding), shape.depth, pick(space.attention), pick(space.mlp))
-
+    specs = probe_set(shape, space, embed_points, width_points, random_points)
     dense = ArchSpec.dense(shape)
-    dense_runner = _runner(dense, backend, precision, batch, tmp, threads)
-    raw, measured = [], []
-    for spec in (uniform(0.0), uniform(1 / 3), uniform(2 / 3)):
-        other = _runner(spec, backend, precision, batch, tmp, threads)
-        big, small = measure_pair(dense_runner, other, batch, warmup=max(3, repeats // 5), repeats=repeats)
-        raw += [lut.raw(dense), lut.raw(spec)]
-        measured += [big.median_ms, small.median_ms]
-    slope, offset = np.polyfit(np.asarray(raw), np.asarray(measured), 1)
-    return (float(offset), float(slope))
+    t0 = time.perf_counter()
+    log.info("latency table for %s on %s %s batch %d: %d probe models, each timed against the dense model",
+             shape.model_name, backend, precision, batch, len(specs))
+    fractions, dense_ms, device = [], [], ""
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_runner = spec_runner(dense, backend, precision, batch, Path(tmp), threads)
+        for spec in tqdm(specs, desc="lut", disable=not progress):
+            runner = spec_runner(spec, backend, precision, batch, Path(tmp), threads)
+            d, p = measure_pair(dense_runner, runner, batch, warmup=max(3, repeats // 5), repeats=repeats)
+            fractions.append(p.median_ms / d.median_ms)
+            dense_ms.append(d.median_ms)
+            device = p.device
+    reference = float(np.median(dense_ms))
+    specs, measured = [dense, *specs], [reference, *(reference * f for f in fractions)]
+    coefficients, errors = fit_coefficients(specs, measured)
+    probes = [{"embed": s.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in s.blocks], "ms": ms,
+               "fit_error": float(err)} for s, ms, err in zip(specs, measured, errors, strict=True)]
+    lut = LatencyLUT(LutKey(device, backend, precision, batch, shape.img_size, shape.model_name), shape,
+                     coefficients, reference, probes,
+                     {"median_abs": float(np.median(np.abs(errors))), "max_abs": float(np.max(np.abs(errors)))},
+                     points=len(specs), build_seconds=time.perf_counter() - t0)
+    log.info("latency table built: %d models measured in %.1f s; dense %.3f ms; fit error median %.1f%%, max %.1f%%",
+             lut.points, lut.build_seconds, reference, 100 * lut.fit_error["median_abs"],
+             100 * lut.fit_error["max_abs"])
+    return lut
 
 
 def default_cache_dir() -> Path:

@@ -7,11 +7,14 @@ exact: q^T S + sum over blocks of q^T A p_attn + q^T M p_mlp, with q the embeddi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.grids import SearchSpace
-from ofbdeploy.latency.lut import LatencyLUT
+from ofbdeploy.latency.lut import LatencyLUT, load_or_build
+from ofbdeploy.recipe import LatencyTargetCfg
 from ofbdeploy.search.searchable import SearchableViT
 
 
@@ -40,3 +43,17 @@ class LatencyObjective:
     def floor_ms(self, space: SearchSpace) -> float:
         """Predicted latency of the narrowest architecture the grids allow."""
         return self.lut.predict(ArchSpec.narrowest(self.lut.shape, space))
+
+
+def build_objective(cfg: LatencyTargetCfg, model: SearchableViT, *, progress: bool = True) -> LatencyObjective:
+    """The latency budget of ``cfg`` for ``model``'s search space, with its LUT: the given file, else the
+    cached one, else measured now on this machine. One builder, so that a run and a benchmark steer the
+    search with the same table for the same settings."""
+    if cfg.lut is not None:
+        lut = LatencyLUT.load(Path(cfg.lut))
+    else:
+        lut = load_or_build(model.shape, model.space, backend=cfg.backend, precision=cfg.precision, batch=cfg.batch,
+                            cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, embed_points=cfg.embed_points,
+                            width_points=cfg.width_points, random_points=cfg.random_points, repeats=cfg.repeats,
+                            progress=progress)
+    return LatencyObjective(lut, model.space, target_ms=cfg.target_ms, target_ratio=cfg.target_ratio)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ofbdeploy.recipe import BudgetCfg
+from ofbdeploy.recipe import BudgetCfg, LatencyTargetCfg, Recipe
 from ofbdeploy.table import format_table
 
 
@@ -54,6 +54,29 @@ def budget_checks(report: dict[str, Any], budget: BudgetCfg) -> list[Check]:
         measured = "not measured" if row is None else f"{row['speedup']:.3f}x"
         checks.append(Check(name, f">= {limit.min:g}x", measured, row is not None and row["speedup"] >= limit.min))
     return checks
+
+
+def search_target_checks(report: dict[str, Any], target: LatencyTargetCfg | None) -> list[Check]:
+    """The search's latency budget against the final model's measured latency (never the prediction): in
+    milliseconds for ``target_ms``, as the measured fraction of dense for ``target_ratio``."""
+    if target is None:
+        return []
+    where = f"{target.backend} {target.precision} batch {target.batch}"
+    row = _row(report, target.backend, target.batch, target.precision)
+    if target.target_ms is not None:
+        value = None if row is None else row["latency_ms_pruned"]
+        return [Check(f"search latency target ms {where}", f"<= {target.target_ms:g}",
+                      "not measured" if value is None else f"{value:.3f}",
+                      value is not None and value <= target.target_ms)]
+    value = None if row is None else row["latency_ms_pruned"] / row["latency_ms_dense"]
+    return [Check(f"search latency target, fraction of dense {where}", f"<= {target.target_ratio:.1%}",
+                  "not measured" if value is None else f"{value:.1%}",
+                  value is not None and value <= target.target_ratio)]
+
+
+def recipe_checks(report: dict[str, Any], recipe: Recipe) -> list[Check]:
+    """Every limit a recipe sets on its run: the ``budget`` section and the search's latency target."""
+    return budget_checks(report, recipe.budget) + search_target_checks(report, recipe.search.latency)
 
 
 def make_baseline(report: dict[str, Any]) -> dict[str, Any]:

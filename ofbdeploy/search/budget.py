@@ -44,6 +44,11 @@ def as_spec(shape: ViTShape, widths: Widths) -> ArchSpec:
     return ArchSpec(shape, widths["embedding"][0], blocks)
 
 
+def spec_cost(shape: ViTShape, predict: Callable[[ArchSpec], float]) -> Cost:
+    """A cost of whole architectures (a latency table's prediction) as a cost of the widths."""
+    return lambda widths: predict(as_spec(shape, widths))
+
+
 def macs_cost(shape: ViTShape) -> Cost:
     """MACs of the widths (the same function as the FLOPs loss and the reports)."""
     def cost(widths: Widths) -> float:

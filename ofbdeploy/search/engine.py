@@ -24,7 +24,7 @@ from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import as_spec, enforce_budget
+from ofbdeploy.search.budget import enforce_budget, spec_cost
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.search.searchable import SearchableViT
@@ -296,7 +296,7 @@ def run_search(
         repairs += enforce_budget(model, search.target, search.optimizers.values())
     if latency is not None:
         repairs += enforce_budget(model, latency.target_ms, search.optimizers.values(),
-                                  cost=lambda widths: latency.lut.predict(as_spec(model.shape, widths)))
+                                  cost=spec_cost(model.shape, latency.lut.predict))
     for step in repairs:
         log.warning("search over budget: narrowed %s from %s to %s (cost now %.4g)", step.group,
                     "x".join(map(str, step.before)), "x".join(map(str, step.after)), step.cost_after)
