@@ -5,6 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import timm
+
+import ofbdeploy.models.zoo  # noqa: F401  (the pico config)
+from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
+
 TOOLS = Path(__file__).parent.parent / "tools"
 
 
@@ -21,19 +27,35 @@ def test_bench_search_cost_smoke(tmp_path):
     assert result["search_step_s"] > 0 and result["dense_step_s"] > 0 and result["ratio"] > 0
 
 
+def _synthetic_lut(path: Path) -> Path:
+    """A latency table with made-up coefficients for the pico model at 32 px (no measuring in a smoke run)."""
+    shape = ViTShape.from_model(timm.create_model("ofb_vit_pico_patch4_32", img_size=32), "ofb_vit_pico_patch4_32")
+    coefficients = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]
+    dense = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
+    return LatencyLUT(LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, 32, shape.model_name), shape, coefficients,
+                      dense).save(path)
+
+
 def test_bench_latency_smoke(tmp_path):
     out = tmp_path / "lat.json"
     _run("bench_latency.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--ratio", "0.5",
          "--align", "none", "--backend", "ort-cpu", "--batch", "1", "--repeats", "5", "--warmup", "1",
-         "--json", str(out))
+         "--lut", str(_synthetic_lut(tmp_path / "lut.json")), "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["flops_ratio"] <= 0.5 and rows[0]["speedup"] > 0
+    assert [r["method"] for r in rows] == ["flops", "latency"] and all(r["speedup"] > 0 for r in rows)
+    assert rows[0]["flops_ratio"] <= 0.5 and rows[0]["predicted_latency_fraction"] is None
+    assert rows[1]["predicted_latency_fraction"] <= 0.5  # the budget is met on the table's prediction
 
 
 def test_bench_accuracy_smoke(tmp_path):
     out = tmp_path / "acc.json"
     _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["ofb", "uniform", "l1", "random"]
-    assert all(r["flops_ratio"] <= 0.5 and 0 <= r["top1"] <= 100 and r["speedup_ort_cpu_b32"] > 0 for r in rows)
+    assert [r["method"] for r in rows] == ["ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning"]
+    assert all(0 <= r["top1"] <= 100 and r["speedup_ort_cpu_b32"] > 0 and r["latency_ms_pruned_ort_cpu_b32"] > 0
+               and r["latency_ms_dense_ort_cpu_b32"] > 0 for r in rows)
+    assert all(r["flops_ratio"] <= r["ratio"] for r in rows if r["budget"] == "flops")
+    assert [r["method"] for r in rows if r["budget"] == "latency"] == ["ofb-latency"]
+    assert all(r["predicted_latency_ms"] <= r["target_latency_ms"] for r in rows if r["budget"] == "latency")
     assert list((tmp_path / "cache").glob("teacher-*.safetensors"))  # the dense teacher is cached
+    assert list((tmp_path / "cache" / "lut").glob("*.json"))  # and the latency table of ofb-latency
