@@ -270,15 +270,20 @@ def default_cache_dir() -> Path:
 
 def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
                   cache_dir: Path | None = None, **options: Any) -> LatencyLUT:
-    """The cached table for this device/backend/precision/batch/family, built and cached when missing."""
+    """The cached table for this device/backend/precision/batch/family, built and cached when missing (or
+    when the cached file is of an older format or another model)."""
     cache_dir = cache_dir or default_cache_dir()
     wanted = LutKey(_this_device(backend), backend, precision, batch, shape.img_size, shape.model_name)
     path = cache_dir / wanted.filename()
     if path.is_file():
-        lut = LatencyLUT.load(path)
-        if lut.key == wanted and lut.shape == shape:
-            log.info("latency table from cache: %s", path)
-            return lut
+        try:
+            lut = LatencyLUT.load(path)
+        except (OfbError, ValueError, KeyError, TypeError) as err:
+            log.warning("latency table cache %s unusable (%s): measuring a new one", path, err)
+        else:
+            if lut.key == wanted and lut.shape == shape:
+                log.info("latency table from cache: %s", path)
+                return lut
     lut = build_lut(shape, space, backend=backend, precision=precision, batch=batch, **options)
     lut.save(cache_dir / lut.key.filename())
     return lut
