@@ -386,12 +386,14 @@ def _prediction(paths: RunPaths, spec: ArchSpec, rows: list[dict[str, Any]]) -> 
                None)
     predicted, dense = lut.predict(spec), lut.predict(ArchSpec.dense(spec.base))
     result: dict[str, Any] = {"backend": k.backend, "batch": k.batch, "precision": k.precision,
-                              "predicted_ms_pruned": predicted, "predicted_ms_dense": dense}
+                              "predicted_ms_pruned": predicted, "predicted_ms_dense": dense,
+                              "dense_ms_at_build": lut.dense_ms}
     if row is not None:
+        measured_fraction = row["latency_ms_pruned"] / row["latency_ms_dense"]
         result.update(measured_ms_pruned=row["latency_ms_pruned"], measured_ms_dense=row["latency_ms_dense"],
                       rel_error_pruned=predicted / row["latency_ms_pruned"] - 1,
                       rel_error_dense=dense / row["latency_ms_dense"] - 1,
-                      rel_error_fraction=(predicted / dense) / (row["latency_ms_pruned"] / row["latency_ms_dense"]) - 1)
+                      rel_error_fraction=predicted / lut.dense_ms / measured_fraction - 1)
     return result
 
 

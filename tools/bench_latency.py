@@ -51,7 +51,7 @@ def pruned_pair(name: str, ratio: float, align: int | None, img_size: int, metho
     searchable.decide_widest()
     if method == "latency":
         lut = LatencyLUT.load(lut_file) if lut_file else load_or_build(shape, space, **lut_options)
-        dense_ms = lut.predict(ArchSpec.dense(shape))
+        dense_ms = lut.dense_ms
         enforce_budget(searchable, ratio * dense_ms, cost=spec_cost(shape, lut.predict))
     else:
         enforce_budget(searchable, ratio * ArchSpec.dense(shape).macs())

@@ -67,10 +67,12 @@ def main() -> None:
             runner = spec_runner(spec, args.backend, args.precision, args.batch, Path(tmp))
             d, p = measure_pair(dense_runner, runner, args.batch, warmup=5, repeats=args.repeats)
             predicted, predicted_dense = lut.predict(spec), lut.predict(dense)
+            fraction = predicted / lut.dense_ms  # what a target_ratio budget is held to
             row = {"flops_ratio": spec.macs() / dense.macs(), "predicted_ms": predicted, "measured_ms": p.median_ms,
                    "predicted_dense_ms": predicted_dense, "measured_dense_ms": d.median_ms,
                    "error": predicted / p.median_ms - 1, "dense_error": predicted_dense / d.median_ms - 1,
-                   "ratio_error": (predicted / predicted_dense) / (p.median_ms / d.median_ms) - 1,
+                   "predicted_fraction": fraction, "measured_fraction": p.median_ms / d.median_ms,
+                   "ratio_error": fraction / (p.median_ms / d.median_ms) - 1,
                    "embed_dim": spec.embed_dim, "blocks": [(b.heads, b.head_dim, b.mlp_dim) for b in spec.blocks]}
             rows.append(row)
             table.append((f"{row['flops_ratio']:.1%}", f"{predicted:.2f}", f"{p.median_ms:.2f}", f"{row['error']:+.1%}",

@@ -88,7 +88,7 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
                      f"{prediction['measured_ms_pruned']:.3f} ms measured ({prediction['rel_error_pruned']:+.1%}); "
                      f"dense {prediction['predicted_ms_dense']:.3f} vs {prediction['measured_ms_dense']:.3f} ms "
                      f"({prediction['rel_error_dense']:+.1%}); as a fraction of dense, "
-                     f"{prediction['predicted_ms_pruned'] / prediction['predicted_ms_dense']:.1%} predicted vs "
+                     f"{prediction['predicted_ms_pruned'] / prediction['dense_ms_at_build']:.1%} predicted vs "
                      f"{prediction['measured_ms_pruned'] / prediction['measured_ms_dense']:.1%} measured "
                      f"({prediction['rel_error_fraction']:+.1%}). Budgets are checked against the measured numbers.")
     for skipped in report.get("profile_skipped", []):
