@@ -284,7 +284,8 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
                           embed_points=embed_points, width_points=width_points, random_points=random_points,
                           repeats=repeats)
-    click.echo(f"{cache / table.key.filename()}: {table.points} probe models, built in {table.build_seconds:.1f} s "
+    path = cache / table.key.filename(shape)
+    click.echo(f"{path}: {table.points} probe models, built in {table.build_seconds:.1f} s "
                f"on {table.key.device}; dense predicted {table.predict(ArchSpec.dense(shape)):.3f} ms, fit error "
                f"on the probes median {table.fit_error['median_abs']:.1%}, max {table.fit_error['max_abs']:.1%}")
 

@@ -13,6 +13,7 @@ choose, aligned or not, from a few dozen measured models.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -50,10 +51,13 @@ class LutKey:
     img_size: int
     family: str
 
-    def filename(self) -> str:
+    def filename(self, shape: ViTShape) -> str:
+        """The cache file of this key for models of ``shape`` (a digest of the shape keeps, e.g., a 10-class
+        and a 1000-class head of the same family apart)."""
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.family}-{self.img_size}-{self.backend}-{self.precision}-"
                                               f"b{self.batch}-{self.device}").strip("-")
-        return f"{slug}.json"
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{slug}-{digest}.json"
 
 
 def _subsample(values: Sequence[int], count: int) -> list[int]:
@@ -274,7 +278,7 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
     when the cached file is of an older format or another model)."""
     cache_dir = cache_dir or default_cache_dir()
     wanted = LutKey(_this_device(backend), backend, precision, batch, shape.img_size, shape.model_name)
-    path = cache_dir / wanted.filename()
+    path = cache_dir / wanted.filename(shape)
     if path.is_file():
         try:
             lut = LatencyLUT.load(path)
@@ -285,7 +289,7 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
                 log.info("latency table from cache: %s", path)
                 return lut
     lut = build_lut(shape, space, backend=backend, precision=precision, batch=batch, **options)
-    lut.save(cache_dir / lut.key.filename())
+    lut.save(cache_dir / lut.key.filename(shape))
     return lut
 
 
