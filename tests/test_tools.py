@@ -19,14 +19,6 @@ def _run(script: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_bench_search_cost_smoke(tmp_path):
-    out = tmp_path / "cost.json"
-    _run("bench_search_cost.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--batch", "4",
-         "--steps", "2", "--warmup", "1", "--json", str(out))
-    result = json.loads(out.read_text())
-    assert result["search_step_s"] > 0 and result["dense_step_s"] > 0 and result["ratio"] > 0
-
-
 def _synthetic_lut(path: Path) -> Path:
     """A latency table with made-up coefficients for the pico model at 32 px (no measuring in a smoke run)."""
     shape = ViTShape.from_model(timm.create_model("ofb_vit_pico_patch4_32", img_size=32), "ofb_vit_pico_patch4_32")
@@ -34,6 +26,16 @@ def _synthetic_lut(path: Path) -> Path:
     dense = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
     return LatencyLUT(LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, 32, shape.model_name), shape, coefficients,
                       dense).save(path)
+
+
+def test_bench_search_cost_smoke(tmp_path):
+    out = tmp_path / "cost.json"
+    _run("bench_search_cost.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--batch", "4",
+         "--steps", "2", "--warmup", "1", "--latency-lut", str(_synthetic_lut(tmp_path / "lut.json")),
+         "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["search_step_s"] > 0 and result["dense_step_s"] > 0 and result["ratio"] > 0
+    assert result["latency_search_step_s"] > 0 and result["latency_ratio"] > 0
 
 
 def test_bench_latency_smoke(tmp_path):

@@ -1,8 +1,10 @@
 """Cost of an OFB search step (bi-masks + PMIM + one-hot/FLOPs losses + three optimisers) against a plain
-training step of the dense model, same model, batch and device; and, on CUDA, the projected GPU-hours of
-a DeiT-S ImageNet search with the paper's schedule.
+training step of the dense model, same model, batch and device; with --latency-lut, also the step of the
+latency-targeted search (the table's expected latency added to the loss); and, on CUDA, the projected
+GPU-hours of a DeiT-S ImageNet search with the paper's schedule.
 
-    python tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5
+    python tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5 \
+        --latency-lut docs/benchmarks/lut_deit_s_ort_cpu_b1.json
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.deploy.backends import device_name
+from ofbdeploy.latency.lut import LatencyLUT
+from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.engine import Search
 from ofbdeploy.search.searchable import SearchableViT
@@ -59,6 +63,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--latency-lut", type=Path, default=None,
+                        help="a latency table file: also time the latency-targeted search step (50%% of dense)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -75,23 +81,29 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    searchable = SearchableViT(timm.create_model(args.model, img_size=args.img_size), model_name=args.model)
-    searchable.to(device).train()
-    loader = torch.utils.data.DataLoader([(images[0].cpu(), 0)] * args.batch, batch_size=args.batch)
-    search = Search(searchable, loader, SearchCfg(target_flops_ratio=0.5, epochs=100), Dist(device=device), 0,
-                    args.amp, logging.getLogger("bench"), None)
-    keep = search.schedules(search.steps * 10)  # mid warm-up: PMIM hides ~10% of the patches
+    def search_step(latency_lut: Path | None):
+        """One step of a fresh search: FLOPs-targeted, or latency-targeted with the given table."""
+        searchable = SearchableViT(timm.create_model(args.model, img_size=args.img_size), model_name=args.model)
+        searchable.to(device).train()
+        loader = torch.utils.data.DataLoader([(images[0].cpu(), 0)] * args.batch, batch_size=args.batch)
+        cfg, objective = SearchCfg(target_flops_ratio=0.5, epochs=100), None
+        if latency_lut is not None:
+            cfg = SearchCfg(epochs=100, latency={"target_ratio": 0.5, "lut": str(latency_lut)})
+            objective = LatencyObjective(LatencyLUT.load(latency_lut), searchable.space, target_ratio=0.5)
+        search = Search(searchable, loader, cfg, Dist(device=device), 0, args.amp, logging.getLogger("bench"),
+                        objective)
+        keep = search.schedules(search.steps * 10)  # mid warm-up: PMIM hides ~10% of the patches
+        return lambda: search.step(images, labels, keep)
 
-    def search_step() -> None:
-        search.step(images, labels, keep)
-
-    dense_times = _timed(dense_step, args.steps, args.warmup, device)
-    search_times = _timed(search_step, args.steps, args.warmup, device)
-    dense_s, search_s = statistics.median(dense_times), statistics.median(search_times)
+    dense_s = statistics.median(_timed(dense_step, args.steps, args.warmup, device))
+    search_s = statistics.median(_timed(search_step(None), args.steps, args.warmup, device))
     result = {"model": args.model, "batch": args.batch, "img_size": args.img_size, "device": str(device),
               "device_name": device_name(device),
               "amp": args.amp, "dense_step_s": dense_s, "search_step_s": search_s, "ratio": search_s / dense_s,
               "dense_images_per_s": args.batch / dense_s, "search_images_per_s": args.batch / search_s}
+    if args.latency_lut is not None:
+        latency_s = statistics.median(_timed(search_step(args.latency_lut), args.steps, args.warmup, device))
+        result.update(latency_search_step_s=latency_s, latency_ratio=latency_s / dense_s)
     if device.type == "cuda":
         result["projected_search_gpu_hours_imagenet_100_epochs"] = (
             IMAGENET_TRAIN * PAPER_EPOCHS / args.batch * search_s / 3600)
