@@ -197,14 +197,18 @@ class Run:
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
 
     def latency_objective(self, model: SearchableViT) -> LatencyObjective | None:
-        """The recipe's latency budget with its LUT (given, cached, or measured now on this machine)."""
+        """The recipe's latency budget with its LUT (given, cached, or measured now on this machine).
+
+        Under torchrun only the first process measures (every rank timing at once would measure their
+        contention) and writes the run's copy; the others wait for it and read it.
+        """
         cfg = self.recipe.search.latency
         if cfg is None:
             return None
-        objective = build_objective(cfg, model, progress=self.progress)
         if self.ctx.is_main:
-            objective.lut.save(self.paths.lut)
-        return objective
+            build_objective(cfg, model, progress=self.progress).lut.save(self.paths.lut)
+        barrier(self.ctx)
+        return build_objective(cfg.model_copy(update={"lut": str(self.paths.lut)}), model)
 
     def stage_search(self) -> None:
         """OFB search from the dense weights; the decided state is kept for materialisation."""
