@@ -45,6 +45,8 @@ import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cost import measure_macs
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
+from ofbdeploy.errors import OfbError
+from ofbdeploy.io import atomic_write_text
 from ofbdeploy.latency.objective import build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
@@ -304,15 +306,23 @@ def finetune_and_measure(made: Compressed, bench: Bench) -> dict[str, float]:
 
 
 def run_method(method: str, ratio: float, bench: Bench) -> dict[str, Any]:
-    """One JSON row: compress, then the shared finetune and measurements, and the widths reached."""
-    made = compress(method, bench, ratio)
-    return {"method": method, "budget": "latency" if method in LATENCY_METHODS else "flops", "ratio": ratio,
-            "flops_ratio": made.flops_ratio, **finetune_and_measure(made, bench), **widths(made.model), **made.extra}
+    """One JSON row: compress, then the shared finetune and measurements, and the widths reached. A budget
+    the method cannot meet (e.g. a latency below the narrowest architecture's) is a row saying so."""
+    row = {"method": method, "budget": "latency" if method in LATENCY_METHODS else "flops", "ratio": ratio}
+    try:
+        made = compress(method, bench, ratio)
+    except OfbError as err:
+        log.warning("%s at %.2f: %s", method, ratio, err)
+        return {**row, "unreachable": str(err)}
+    return {**row, "flops_ratio": made.flops_ratio, **finetune_and_measure(made, bench), **widths(made.model),
+            **made.extra}
 
 
 def table_row(row: dict[str, Any], dense_top1: float) -> tuple[str, ...]:
     """A JSON row as printed: a latency budget is marked so that its FLOPs are not read as a FLOPs target."""
     target = f"lat {row['ratio']:.2f}" if row["budget"] == "latency" else f"{row['ratio']:.2f}"
+    if "unreachable" in row:
+        return (row["method"], target, "budget cannot be met", "-", "-", "-", "-", "-")
     return (row["method"], target, f"{row['flops_ratio']:.1%}", f"{row['top1']:.2f}",
             f"{row['top1'] - dense_top1:+.2f}", f"{row['latency_ms_pruned_ort_cpu_b32']:.3f}",
             f"{row['latency_ms_dense_ort_cpu_b32']:.3f}", f"{row['speedup_ort_cpu_b32']:.2f}x")
@@ -396,15 +406,21 @@ def main() -> None:
                                    warmup_epochs=0, label_smoothing=0.1, distill_alpha=0.5, distill_temperature=2.0),
             export_dir=Path(tmp),
             dense_onnx=export_models({"dense": teacher}, Path(tmp) / "dense", EXPORT, img_size=args.img_size))
-        rows = [{**run_method(method, ratio, bench), "top1_dense": dense_top1}
-                for ratio in args.ratio or [0.5] for method in methods]
+        rows = []
+        for ratio in args.ratio or [0.5]:
+            for method in methods:
+                rows.append({**run_method(method, ratio, bench), "top1_dense": dense_top1})
+                write_rows(args, rows)  # kept as they come: a long run stopped late still leaves its rows
     table = [("dense", "-", "100.0%", f"{dense_top1:.2f}", "-", "-", "-", "1.00x")]
     print(format_table(("method", "target", "FLOPs", "top-1 %", "vs dense", "ORT CPU b32 ms", "dense ms", "speedup"),
                        table + [table_row(row, dense_top1) for row in rows]))
+
+
+def write_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The raw rows and how they were made, written atomically to --json (when given)."""
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": date.today().isoformat(), "command": "python tools/bench_accuracy.py " + " ".join(sys.argv[1:])}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
