@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import SYNTHETIC_COEFFICIENTS
 
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import space_for
 from ofbdeploy.latency.lut import (
     LatencyLUT,
-    LutKey,
     arch_features,
     fit_coefficients,
     load_or_build,
@@ -47,16 +47,6 @@ def lut(tmp_path_factory) -> LatencyLUT:
     return table
 
 
-COEFFICIENTS = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]  # made up, one per latency-model feature
-
-
-def _synthetic(shape: ViTShape) -> LatencyLUT:
-    """A table with made-up, positive coefficients: search logic tested without measurement noise."""
-    key = LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, shape.img_size, shape.model_name)
-    dense = float(arch_features(ArchSpec.dense(shape)) @ COEFFICIENTS)
-    return LatencyLUT(key, shape, COEFFICIENTS, dense)
-
-
 def test_table_is_keyed_and_round_trips(lut, tmp_path):
     shape, space = _shape_space()
     assert lut.key.backend == "ort-cpu" and lut.key.batch == 1 and lut.key.device.startswith("cpu")
@@ -84,28 +74,28 @@ def test_old_or_foreign_tables_are_refused_and_an_old_cache_entry_is_rebuilt(lut
 def test_fit_recovers_a_known_latency_model_and_predicts_unseen_uneven_models():
     shape, space = _shape_space()
     specs = probe_set(shape, space, embed_points=3, width_points=3, random_points=8)
-    truth = [float(arch_features(s) @ COEFFICIENTS) for s in specs]
+    truth = [float(arch_features(s) @ SYNTHETIC_COEFFICIENTS) for s in specs]
     coefficients, errors = fit_coefficients(specs, truth)
     assert np.abs(errors).max() < 1e-6
     rng = np.random.default_rng(5)
     for fraction in (0.1, 0.5, 0.9):
         unseen = sample_arch(shape, space, fraction, rng)
         assert float(arch_features(unseen) @ coefficients) == pytest.approx(float(arch_features(unseen) @
-                                                                                  COEFFICIENTS), rel=1e-6)
+                                                                                  SYNTHETIC_COEFFICIENTS), rel=1e-6)
 
 
 def test_fit_keeps_every_part_non_negative_under_noise():
     shape, space = _shape_space()
     specs = probe_set(shape, space, embed_points=2, width_points=2, random_points=4)
     rng = np.random.default_rng(0)
-    noisy = [float(arch_features(s) @ COEFFICIENTS) * rng.uniform(0.7, 1.3) for s in specs]
+    noisy = [float(arch_features(s) @ SYNTHETIC_COEFFICIENTS) * rng.uniform(0.7, 1.3) for s in specs]
     coefficients, _ = fit_coefficients(specs, noisy)
     assert min(coefficients) >= 0.0
 
 
-def test_expected_latency_is_exact_for_decided_models_and_differentiable():
+def test_expected_latency_is_exact_for_decided_models_and_differentiable(synthetic_lut):
     shape, space = _shape_space()
-    lut = _synthetic(shape)
+    lut = synthetic_lut(NAME, 16)
     objective = LatencyObjective(lut, space, target_ratio=0.6)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     expected = objective.expected_ms(model)
@@ -116,9 +106,9 @@ def test_expected_latency_is_exact_for_decided_models_and_differentiable():
     assert objective.target_ms == pytest.approx(0.6 * lut.predict(ArchSpec.dense(shape)))
 
 
-def test_latency_only_search_meets_the_predicted_budget():
-    shape, space = _shape_space()
-    lut = _synthetic(shape)
+def test_latency_only_search_meets_the_predicted_budget(synthetic_lut):
+    _, space = _shape_space()
+    lut = synthetic_lut(NAME, 16)
     torch.manual_seed(0)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=128, limit_val=16))
@@ -131,9 +121,9 @@ def test_latency_only_search_meets_the_predicted_budget():
     assert result.predicted_latency_ms == pytest.approx(lut.predict(model.arch_spec()))
 
 
-def test_impossible_latency_budget_is_refused():
-    shape, space = _shape_space()
-    lut = _synthetic(shape)
+def test_impossible_latency_budget_is_refused(synthetic_lut):
+    _, space = _shape_space()
+    lut = synthetic_lut(NAME, 16)
     model = SearchableViT(timm.create_model(NAME, img_size=16), space, NAME)
     objective = LatencyObjective(lut, space, target_ms=1e-6)
     train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=64, limit_val=16))

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import yaml
 from click.testing import CliRunner
@@ -16,9 +15,8 @@ from safetensors.torch import load_file
 
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cli import main
-from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
 from ofbdeploy.pipeline import Run
 from ofbdeploy.recipe import load_recipe
 
@@ -176,19 +174,17 @@ def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
     assert regressed.exit_code == 1 and "MISSED" in regressed.output
 
 
-def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tmp_path):
-    shape = ViTShape.from_model(timm.create_model(TINY["model"]["name"], img_size=16), TINY["model"]["name"])
-    coefficients = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]  # made up: the search logic, not a measurement
-    dense_ms = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
-    lut = LatencyLUT(LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, 16, shape.model_name), shape, coefficients,
-                     dense_ms).save(tmp_path / "lut.json")
+def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tmp_path, synthetic_lut):
+    table = synthetic_lut(TINY["model"]["name"], 16)
+    dense_ms = table.dense_ms
+    lut = table.save(tmp_path / "lut.json")
     recipe = _recipe(tmp_path, search__target_flops_ratio=None, pretrain__epochs=1, finetune__epochs=1,
                      search__latency={"target_ratio": 0.6, "lut": str(lut), "backend": "ort-cpu", "batch": 1})
     result = _invoke(str(recipe))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     prediction = report["latency_prediction"]
     spec = ArchSpec.load(tmp_path / "run" / "finetuned" / "arch.json")
-    assert prediction["predicted_ms_pruned"] == pytest.approx(float(arch_features(spec) @ coefficients))
+    assert prediction["predicted_ms_pruned"] == pytest.approx(table.predict(spec))
     assert prediction["predicted_ms_pruned"] <= 0.6 * dense_ms + 1e-9  # the search met its budget on the table
     row = next(r for r in report["latency"] if r["batch"] == 1)
     measured = row["latency_ms_pruned"] / row["latency_ms_dense"]

@@ -5,13 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import timm
-
-import ofbdeploy.models.zoo  # noqa: F401  (the pico config)
-from ofbdeploy.arch import ArchSpec, ViTShape
-from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
-
 TOOLS = Path(__file__).parent.parent / "tools"
+PICO = "ofb_vit_pico_patch4_32"
 
 
 def _run(script: str, *args: str) -> None:
@@ -19,30 +14,21 @@ def _run(script: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def _synthetic_lut(path: Path) -> Path:
-    """A latency table with made-up coefficients for the pico model at 32 px (no measuring in a smoke run)."""
-    shape = ViTShape.from_model(timm.create_model("ofb_vit_pico_patch4_32", img_size=32), "ofb_vit_pico_patch4_32")
-    coefficients = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]
-    dense = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
-    return LatencyLUT(LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, 32, shape.model_name), shape, coefficients,
-                      dense).save(path)
-
-
-def test_bench_search_cost_smoke(tmp_path):
+def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
     out = tmp_path / "cost.json"
     _run("bench_search_cost.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--batch", "4",
-         "--steps", "2", "--warmup", "1", "--latency-lut", str(_synthetic_lut(tmp_path / "lut.json")),
+         "--steps", "2", "--warmup", "1", "--latency-lut", str(synthetic_lut(PICO, 32).save(tmp_path / "lut.json")),
          "--json", str(out))
     result = json.loads(out.read_text())
     assert result["search_step_s"] > 0 and result["dense_step_s"] > 0 and result["ratio"] > 0
     assert result["latency_search_step_s"] > 0 and result["latency_ratio"] > 0
 
 
-def test_bench_latency_smoke(tmp_path):
+def test_bench_latency_smoke(tmp_path, synthetic_lut):
     out = tmp_path / "lat.json"
     _run("bench_latency.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--ratio", "0.5",
          "--align", "none", "--backend", "ort-cpu", "--batch", "1", "--repeats", "5", "--warmup", "1",
-         "--lut", str(_synthetic_lut(tmp_path / "lut.json")), "--json", str(out))
+         "--lut", str(synthetic_lut(PICO, 32).save(tmp_path / "lut.json")), "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["flops", "latency"] and all(r["speedup"] > 0 for r in rows)
     assert rows[0]["flops_ratio"] <= 0.5 and rows[0]["predicted_latency_fraction"] is None
