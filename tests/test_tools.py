@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).parent.parent / "tools"
 PICO = "ofb_vit_pico_patch4_32"
 
@@ -47,3 +49,15 @@ def test_bench_accuracy_smoke(tmp_path):
     assert all(r["predicted_latency_ms"] <= r["target_latency_ms"] for r in rows if r["budget"] == "latency")
     assert list((tmp_path / "cache").glob("teacher-*.safetensors"))  # the dense teacher is cached
     assert list((tmp_path / "cache" / "lut").glob("*.json"))  # and the latency table of ofb-latency
+
+
+def test_bench_lut_smoke(tmp_path, synthetic_lut):
+    out = tmp_path / "lut_accuracy.json"
+    table = synthetic_lut(PICO, 32)
+    _run("bench_lut.py", "--model", PICO, "--img-size", "32", "--samples", "2", "--repeats", "5",
+         "--lut", str(table.save(tmp_path / "lut.json")), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 and result["meta"]["lut"]["coefficients"] == table.coefficients
+    for row in result["rows"]:
+        assert row["measured_ms"] > 0 and row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
+        assert row["ratio_error"] == pytest.approx(row["predicted_fraction"] / row["measured_fraction"] - 1)
