@@ -1,5 +1,6 @@
 """Latency lookup tables and the latency-aware search (ONNX Runtime CPU, tiny models)."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -130,3 +131,14 @@ def test_impossible_latency_budget_is_refused(synthetic_lut):
     with pytest.raises(OfbError, match=r"latency budget .* cannot be met"):
         run_search(model, build_loader(train, batch_size=32, train=True), SearchCfg(latency={"target_ms": 1e-6}),
                    Dist(), progress=False, latency=objective)
+
+
+def test_cache_serves_other_head_widths_but_not_other_families(lut, tmp_path):
+    shape, space = _shape_space()
+    lut.save(tmp_path / lut.key.filename(shape))
+    ten_classes = dataclasses.replace(shape, num_classes=10)
+    assert lut.key.filename(ten_classes) == lut.key.filename(shape)
+    reused = load_or_build(ten_classes, space, backend="ort-cpu", precision="fp32", batch=1, cache_dir=tmp_path,
+                           progress=False)  # a rebuild would take minutes with the default probe counts
+    assert reused.to_dict() == lut.to_dict()
+    assert lut.key.filename(dataclasses.replace(shape, layer_scale=True)) != lut.key.filename(shape)

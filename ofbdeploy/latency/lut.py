@@ -52,12 +52,20 @@ class LutKey:
     family: str
 
     def filename(self, shape: ViTShape) -> str:
-        """The cache file of this key for models of ``shape`` (a digest of the shape keeps, e.g., a 10-class
-        and a 1000-class head of the same family apart)."""
+        """The cache file of this key for models of ``shape`` (a digest of the latency-relevant shape keeps,
+        e.g., a layer-scale variant apart; the classifier's width is left out, see :func:`latency_shape`)."""
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.family}-{self.img_size}-{self.backend}-{self.precision}-"
                                               f"b{self.batch}-{self.device}").strip("-")
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(shape), sort_keys=True).encode()).hexdigest()[:8]
+        fields = dataclasses.asdict(latency_shape(shape))
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"{slug}-{digest}.json"
+
+
+def latency_shape(shape: ViTShape) -> ViTShape:
+    """``shape`` without its number of classes: the classifier is one E x classes product next to
+    billions of multiply-accumulates, so a table measured with a 1000-class head serves a 10-class model of
+    the same family (and `ofbdeploy lut build` serves a recipe that finetunes to its own classes)."""
+    return dataclasses.replace(shape, num_classes=0)
 
 
 def _subsample(values: Sequence[int], count: int) -> list[int]:
@@ -285,7 +293,7 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
         except (OfbError, ValueError, KeyError, TypeError) as err:
             log.warning("latency table cache %s unusable (%s): measuring a new one", path, err)
         else:
-            if lut.key == wanted and lut.shape == shape:
+            if lut.key == wanted and latency_shape(lut.shape) == latency_shape(shape):
                 log.info("latency table from cache: %s", path)
                 return lut
     lut = build_lut(shape, space, backend=backend, precision=precision, batch=batch, **options)
