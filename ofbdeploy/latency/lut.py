@@ -103,16 +103,13 @@ class LatencyLUT:
 
     # -- evaluation -----------------------------------------------------------------------------
     def stem(self, embed: float) -> float:
-        c = self.coefficients
-        return c[0] + c[1] * embed
+        return float(stem_features(embed) @ np.asarray(self.coefficients))
 
     def attention(self, embed: float, heads: float, width: float) -> float:
-        c = self.coefficients
-        return c[2] * embed * heads * width + c[3] * heads * width + c[4] * heads
+        return float(attention_features(embed, heads, width) @ np.asarray(self.coefficients))
 
     def mlp_part(self, embed: float, hidden: float) -> float:
-        c = self.coefficients
-        return c[5] * embed * hidden + c[6] * hidden
+        return float(mlp_features(embed, hidden) @ np.asarray(self.coefficients))
 
     def predict(self, spec: ArchSpec) -> float:
         """Predicted latency (ms) of an architecture of this family."""
@@ -151,12 +148,27 @@ FEATURES = ("stem", "stem x embed", "embed x heads x head width", "heads x head 
             "embed x mlp", "mlp")
 
 
+def stem_features(embed: float) -> np.ndarray:
+    """The stem-and-head's work counts (the first two of :data:`FEATURES`)."""
+    return np.array([1.0, embed, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def attention_features(embed: float, heads: float, width: float) -> np.ndarray:
+    """One attention's work counts: its GEMMs, its matmuls and softmax, its heads."""
+    return np.array([0.0, 0.0, embed * heads * width, heads * width, heads, 0.0, 0.0])
+
+
+def mlp_features(embed: float, hidden: float) -> np.ndarray:
+    """One MLP's work counts: its GEMMs and its activation."""
+    return np.array([0.0, 0.0, 0.0, 0.0, 0.0, embed * hidden, hidden])
+
+
 def arch_features(spec: ArchSpec) -> np.ndarray:
-    """The work counts the latency model weighs, summed over the blocks of ``spec``."""
+    """The work counts the latency model weighs, summed over the parts of ``spec`` (the same part
+    functions the search's per-cell tables use, so the fit and the search cannot disagree)."""
     e = float(spec.embed_dim)
-    attn = sum(b.heads * b.head_dim for b in spec.blocks)
-    return np.array([1.0, e, e * attn, attn, sum(b.heads for b in spec.blocks),
-                     e * sum(b.mlp_dim for b in spec.blocks), sum(b.mlp_dim for b in spec.blocks)])
+    return stem_features(e) + sum(attention_features(e, b.heads, b.head_dim) + mlp_features(e, b.mlp_dim)
+                                  for b in spec.blocks)
 
 
 def fit_coefficients(specs: Sequence[ArchSpec], latency_ms: Sequence[float]) -> tuple[list[float], np.ndarray]:
@@ -176,11 +188,6 @@ def fit_coefficients(specs: Sequence[ArchSpec], latency_ms: Sequence[float]) -> 
 
 
 # -- building -------------------------------------------------------------------------------------
-def _probe(shape: ViTShape, embed: int, attn: tuple[int, int], mlp: int) -> ArchSpec:
-    """A uniform probe model of the family's own depth."""
-    return ArchSpec.uniform(shape, embed, *attn, mlp)
-
-
 def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.random.Generator,
                 spread: float = 0.3) -> ArchSpec:
     """A random uneven architecture around ``fraction`` of each grid (0 narrowest, 1 dense).
@@ -229,8 +236,8 @@ def probe_set(shape: ViTShape, space: SearchSpace, embed_points: int = 4, width_
     heads = sorted({n for n, _ in space.attention})
     widths = _subsample([c for _, c in space.attention], width_points)
     mlp = _subsample(space.mlp, width_points)
-    specs = [_probe(shape, e, (n, c), mlp[0]) for e in embed for n in heads for c in widths]
-    specs += [_probe(shape, e, (heads[0], widths[0]), k) for e in embed for k in mlp[1:]]
+    specs = [ArchSpec.uniform(shape, e, n, c, mlp[0]) for e in embed for n in heads for c in widths]
+    specs += [ArchSpec.uniform(shape, e, heads[0], widths[0], k) for e in embed for k in mlp[1:]]
     rng = np.random.default_rng(seed)
     specs += [sample_arch(shape, space, float(f), rng) for f in np.linspace(0.0, 1.0, random_points)]
     return [ArchSpec.narrowest(shape, space), *specs]
