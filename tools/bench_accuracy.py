@@ -60,6 +60,7 @@ from ofbdeploy.table import format_table
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
+from ofbdeploy.verify import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
 METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning")
@@ -189,16 +190,13 @@ def _sync_shapes(attentions: list[Attention], num_heads: dict[nn.Module, int]) -
 
 def _outputs(model: nn.Module, images: Tensor, fused: bool) -> Tensor:
     """Logits with timm's fused attention (scaled_dot_product_attention) switched on or off."""
-    attentions = _attentions(model)
-    flags = [a.fused_attn for a in attentions]
+    before = _attentions(model)[0].fused_attn
+    set_fused_attention(model, fused)
     try:
-        for attn in attentions:
-            attn.fused_attn = fused
         with torch.no_grad():
             return model(images)
     finally:
-        for attn, flag in zip(attentions, flags, strict=True):
-            attn.fused_attn = flag
+        set_fused_attention(model, before)
 
 
 def _fold_scale(attn: Attention, dense_head_dim: int) -> None:
