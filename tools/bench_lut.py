@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--lut", type=Path, default=None, help="a table file; default: the cache, else build one")
     parser.add_argument("--cache", type=Path, default=None, help="LUT cache directory")
     parser.add_argument("--lut-repeats", type=int, default=20, help="timed calls per probe when building")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed (the table calibrates with seed 0)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed (a table draws its own probes with seed 0)")
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows here")
     args = parser.parse_args()
 
