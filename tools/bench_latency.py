@@ -6,7 +6,7 @@ values): every group starts at full width and the budget enforcement narrows the
 widths a real search produces. Two budgets, one per method:
   flops    the MACs of the architecture at most ``ratio`` of dense
   latency  the latency table's prediction (``--lut-backend`` at ``--lut-batch``, built on first use and
-           cached) at most ``ratio`` of the predicted dense latency
+           cached) at most ``ratio`` of the dense latency measured while building it
 With --align the grids hold multiples of N only.
 
     python tools/bench_latency.py --model deit_small_patch16_224 --ratio 0.5 --align none --align 8 \
@@ -42,7 +42,7 @@ from ofbdeploy.table import format_table
 def pruned_pair(name: str, ratio: float, align: int | None, img_size: int, method: str, lut_options: dict,
                 lut_file: Path | None = None, seed: int = 0):
     """(dense timm model, pruned plain timm model, its ArchSpec, predicted fraction of dense latency or None)
-    at ``ratio`` of dense FLOPs (``method`` flops) or of predicted dense latency (``method`` latency)."""
+    at ``ratio`` of dense FLOPs (``method`` flops) or of the table's dense latency (``method`` latency)."""
     torch.manual_seed(seed)
     dense = timm.create_model(name, img_size=img_size).eval()
     shape = ViTShape.from_model(dense, name)
