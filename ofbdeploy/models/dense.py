@@ -38,7 +38,7 @@ class LoadReport:
 
     path: Path
     format: str  # "safetensors", "torch" (bare state dict) or "torch[<key>]" (nested under key)
-    reset_head: bool
+    reset_head: bool  # the model keeps its freshly initialised classifier (other class count, or none in the file)
     resized_pos_embed: bool
     missing: list[str]
     unexpected: list[str]
@@ -88,8 +88,11 @@ def load_weights(model: VisionTransformer, path: str | Path) -> LoadReport:
         old, new = tuple(state["pos_embed"].shape), tuple(adapted["pos_embed"].shape)
         logger.info("%s: resized pos_embed %s -> %s", path, old, new)
     expected = model.state_dict()
-    reset_head = _head_differs(adapted, expected)
-    if reset_head:
+    backbone = _is_backbone(adapted, expected)
+    reset_head = backbone or _head_differs(adapted, expected)
+    if backbone:
+        logger.info("%s: a backbone without a classifier; the model's head is freshly initialised", path)
+    elif reset_head:
         logger.info("%s: classifier shape differs from the model's; keeping its fresh head", path)
         adapted = {k: v for k, v in adapted.items() if k not in _HEAD_KEYS}
     allowed_missing = set(_HEAD_KEYS) if reset_head else set()
@@ -147,6 +150,12 @@ def _tensors_only(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tenso
     if bad:
         raise CheckpointError(f"{path}: not a state dict; non-tensor entries: {', '.join(bad[:_SHOWN_KEYS])}")
     return dict(state)
+
+
+def _is_backbone(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
+    """True for a checkpoint with no classifier at all (DINOv2, MAE, CLIP image towers) loaded into a model that
+    has one: the head stays as initialised and is trained with the rest."""
+    return not any(k in state for k in _HEAD_KEYS) and any(k in expected for k in _HEAD_KEYS)
 
 
 def _head_differs(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
