@@ -38,17 +38,28 @@ def test_bench_latency_smoke(tmp_path, synthetic_lut):
 
 
 def test_bench_accuracy_smoke(tmp_path):
-    out = tmp_path / "acc.json"
-    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    out, plot = tmp_path / "acc.json", tmp_path / "acc.png"
+    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--plot", str(plot))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["method"] for r in rows] == ["ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning"]
-    assert all(0 <= r["top1"] <= 100 and r["speedup_ort_cpu_b32"] > 0 and r["latency_ms_pruned_ort_cpu_b32"] > 0
-               and r["latency_ms_dense_ort_cpu_b32"] > 0 for r in rows)
+    assert all(0 <= r["top1"] <= 100 and 0 <= r["top1_before_finetune"] <= 100 and r["speedup_ort_cpu_b32"] > 0
+               and r["latency_ms_pruned_ort_cpu_b32"] > 0 and r["latency_ms_dense_ort_cpu_b32"] > 0 and r["seed"] == 0
+               and r["params"] > 0 for r in rows)
     assert all(r["flops_ratio"] <= r["ratio"] for r in rows if r["budget"] == "flops")
     assert [r["method"] for r in rows if r["budget"] == "latency"] == ["ofb-latency"]
     assert all(r["predicted_latency_ms"] <= r["target_latency_ms"] for r in rows if r["budget"] == "latency")
+    # every method trains on as many images: OFB's search epochs run plus its finetune = the others' finetune
+    searched = {r["method"]: r["search_epochs_run"] + r["finetune_epochs"] for r in rows if "search_epochs_run" in r}
+    assert set(searched) == {"ofb", "ofb-latency"}
+    assert {r["finetune_epochs"] for r in rows if "search_epochs_run" not in r} == set(searched.values())
+    assert {(s["method"], s["seeds"] == [0]) for s in result["summary"]} == {(r["method"], True) for r in rows}
+    assert plot.stat().st_size > 0
     assert list((tmp_path / "cache").glob("teacher-*.safetensors"))  # the dense teacher is cached
     assert list((tmp_path / "cache" / "lut").glob("*.json"))  # and the latency table of ofb-latency
+    # a rerun with the same --json resumes: nothing is left to do, the rows stay as they were
+    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out))
+    assert json.loads(out.read_text())["rows"] == rows
 
 
 def test_bench_lut_smoke(tmp_path, synthetic_lut):

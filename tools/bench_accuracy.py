@@ -1,6 +1,8 @@
 """Accuracy and latency of OFB against structured-pruning baselines at equal budgets, same finetune, same data.
 
-A dense teacher is trained once (cached by its settings), then compressed to each budget ratio by:
+A dense teacher is made once (cached by its settings): trained from scratch, or, with ``--checkpoint``, from
+pretrained weights (e.g. the DINOv2 ViT-S/14 backbone of tools/convert_dinov2.py) with a fresh head trained
+together with the backbone on the task. It is then compressed to each budget ratio, once per seed, by:
   ofb            the OFB search (this project) to the ratio of the teacher's FLOPs, from the teacher's weights
   ofb-latency    the OFB search to the ratio of the teacher's latency on ONNX Runtime CPU at batch 32, steered
                  by a measured latency table (cached under --cache/lut); its FLOPs are whatever that gives
@@ -9,24 +11,33 @@ A dense teacher is trained once (cached by its settings), then compressed to eac
   random         random importance, widths allocated by the budget enforcement
   torch-pruning  Torch-Pruning's isomorphic global pruning with group L2 magnitude (heads' qkv channels, MLP
                  neurons, embedding), in small steps until the FLOPs fit (needs `pip install 'ofbdeploy[bench]'`)
-Every pruned model is a plain timm ViT, finetuned with the same epochs and distillation from the teacher,
-evaluated, exported to ONNX, and its latency measured against the dense model on ONNX Runtime CPU at batch
-32 in one run (alternating, the profile protocol). A JSON row holds the method, its budget kind ("flops" or
-"latency") and ratio, the FLOPs reached, top-1, the measured latencies (pruned, dense) and speedup, the widths
-(read from the module), and for ofb-latency the table's target and predicted latency.
+Every method sees the same number of training images: OFB's search epochs plus its finetune epochs. The
+one-shot baselines spend them all as finetune; an OFB search that decides early spends the epochs it did not
+use as finetune too. Every pruned model is a plain timm ViT, evaluated before and after the same finetune
+(distillation from the teacher), exported to ONNX and timed against the dense model on ONNX Runtime CPU at
+batch 32 in one run (alternating, the profile protocol).
 
-    python tools/bench_accuracy.py --data fashion_mnist --ratio 0.5 --ratio 0.3 --json docs/benchmarks/acc.json
-    python tools/bench_accuracy.py --smoke          # half a minute, on digits: what the test runs
+Rows are keyed by (tag, method, ratio, seed) and written to --json as each finishes; a rerun with the same
+--json skips the rows it already has, so a stopped run resumes (settings must match: they are recorded).
+``--search-set key=value`` changes the OFB search settings (ablations; give them a --tag).
+
+    python tools/convert_dinov2.py --img-size 56 --out weights/dinov2_vits14_56.safetensors
+    python tools/bench_accuracy.py --model vit_small_patch14_dinov2 --img-size 56 \\
+        --checkpoint weights/dinov2_vits14_56.safetensors --limit-train 10000 --ratio 0.5 --ratio 0.3 \\
+        --seed 0 --seed 1 --seed 2 --json docs/benchmarks/acc_dinov2.json --plot docs/benchmarks/acc_dinov2.png
+    python tools/bench_accuracy.py --smoke          # a minute, on digits: what the test runs
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import logging
+import math
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,20 +47,21 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
-from timm.layers import Attention
+from timm.layers import Attention, LayerScale
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.cost import measure_macs
+from ofbdeploy.cost import count_params, measure_macs
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write_text
 from ofbdeploy.latency.objective import build_objective
 from ofbdeploy.materialize import materialize
-from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.pruned import save_weights
 from ofbdeploy.pipeline import MATERIALIZE_TOLERANCE
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
@@ -65,25 +77,26 @@ from ofbdeploy.verify import set_fused_attention
 log = logging.getLogger("bench_accuracy")
 METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning")
 LATENCY_METHODS = ("ofb-latency",)  # budget is a latency ratio; every other method's is a FLOPs ratio
+SEARCHED = ("ofb", "ofb-latency")
 TORCH_PRUNING_MISSING = "the torch-pruning method needs Torch-Pruning: pip install 'ofbdeploy[bench]'"
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
+FORMAT = "ofbdeploy.bench_accuracy/2"
 
 
 @dataclass
 class Bench:
-    """What every method shares: the teacher, the training data and the compression settings."""
+    """What every method shares: the teacher, the training data and the compression and finetune settings."""
 
     teacher: nn.Module
     loader: DataLoader
     val_loader: DataLoader
     model_name: str
     img_size: int
-    seed: int
     search: SearchCfg
     latency: LatencyTargetCfg  # the LUT settings of ofb-latency (its target_ratio is set per ratio)
     prune_step: float  # width fraction Torch-Pruning removes per step
-    finetune: TrainSettings
+    finetune: TrainSettings  # its epochs are the finetune epochs of OFB; baselines get the search epochs on top
     export_dir: Path
     dense_onnx: DeployArtifacts  # the teacher is exported once and timed against every pruned model
 
@@ -145,18 +158,22 @@ def _decide_by_scores(method: str, model: SearchableViT, ratio: float) -> None:
         enforce_budget(model, target)
 
 
-def _search(model: SearchableViT, bench: Bench, ratio: float, by_latency: bool) -> dict[str, Any]:
-    """The OFB search to ``ratio`` of dense FLOPs, or of dense predicted latency; the latency fields for JSON."""
-    if not by_latency:
-        cfg = bench.search.model_copy(update={"target_flops_ratio": ratio})
-        run_search(model, bench.loader, cfg, Dist(), seed=bench.seed, progress=False)
-        return {}
-    target = bench.latency.model_copy(update={"target_ratio": ratio})
-    cfg = bench.search.model_copy(update={"target_flops_ratio": None, "latency": target})
-    result = run_search(model, bench.loader, cfg, Dist(), seed=bench.seed, progress=False,
-                        latency=build_objective(target, model, progress=False))
-    return {"target_latency_ms": result.target_latency_ms, "predicted_latency_ms": result.predicted_latency_ms,
-            "predicted_dense_latency_ms": result.predicted_dense_latency_ms}
+def _search(model: SearchableViT, bench: Bench, ratio: float, seed: int, by_latency: bool) -> dict[str, Any]:
+    """The OFB search to ``ratio`` of dense FLOPs, or of dense predicted latency; what it did, for the JSON row."""
+    latency = None
+    cfg = bench.search.model_copy(update={"target_flops_ratio": ratio})
+    if by_latency:
+        target = bench.latency.model_copy(update={"target_ratio": ratio})
+        cfg = bench.search.model_copy(update={"target_flops_ratio": None, "latency": target})
+        latency = build_objective(target, model, progress=False)
+    result = run_search(model, bench.loader, cfg, Dist(), seed=seed, progress=False, latency=latency)
+    extra: dict[str, Any] = {"search_epochs_run": result.epochs_run, "decided_epoch": result.decided_epoch,
+                             "forced_groups": len(result.forced_groups), "budget_steps": len(result.budget_steps),
+                             "search_seconds": result.seconds}
+    if by_latency:
+        extra.update(target_latency_ms=result.target_latency_ms, predicted_latency_ms=result.predicted_latency_ms,
+                     predicted_dense_latency_ms=result.predicted_dense_latency_ms)
+    return extra
 
 
 def _materialized(model: SearchableViT, extra: dict[str, Any]) -> Compressed:
@@ -234,6 +251,13 @@ def _fix_attention(model: nn.Module, dense_head_dims: list[int], img_size: int) 
         raise RuntimeError(f"attention fix changed the Torch-Pruning model's outputs: max |diff| {diff:.2e}")
 
 
+def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside the layers Torch-Pruning knows, with their embedding axis: tokens, position
+    embedding, and LayerScale's gammas (DINOv2, DeiT-III), which scale the residual stream channel by channel."""
+    owned = [(p, p.dim() - 1) for p in model.parameters(recurse=False)]
+    return owned + [(m.gamma, 0) for m in model.modules() if isinstance(m, LayerScale)]
+
+
 def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, step: float) -> Compressed:
     """Torch-Pruning's isomorphic global pruning, ``step`` of every width at a time, until FLOPs <= ratio.
 
@@ -255,7 +279,7 @@ def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, st
         global_pruning=True, isomorphic=True, pruning_ratio=steps * step, iterative_steps=steps,
         ignored_layers=[model.head], num_heads={a.qkv: a.num_heads for a in attentions},
         prune_num_heads=False, prune_head_dims=True,
-        unwrapped_parameters=[(p, p.dim() - 1) for p in model.parameters(recurse=False)])
+        unwrapped_parameters=_unwrapped(model))
     for _ in range(steps):
         pruner.step()
         _sync_shapes(attentions, pruner.num_heads)
@@ -269,15 +293,15 @@ def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, st
     return Compressed(model, macs / dense)
 
 
-# -- one method, then the shared finetune / evaluate / export / profile ---------------------------------------
-def compress(method: str, bench: Bench, ratio: float) -> Compressed:
+# -- one method, then the shared evaluate / finetune / export / profile ---------------------------------------
+def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
     """A plain pruned copy of the teacher at ``ratio`` of its FLOPs (latency for ofb-latency), by ``method``."""
-    torch.manual_seed(bench.seed)
+    torch.manual_seed(seed)
     if method == "torch-pruning":
         return prune_with_torch_pruning(bench.teacher, ratio, bench.img_size, bench.prune_step)
     model = SearchableViT(copy.deepcopy(bench.teacher), model_name=bench.model_name)
-    if method in ("ofb", "ofb-latency"):
-        return _materialized(model, _search(model, bench, ratio, by_latency=method in LATENCY_METHODS))
+    if method in SEARCHED:
+        return _materialized(model, _search(model, bench, ratio, seed, by_latency=method in LATENCY_METHODS))
     _decide_by_scores(method, model, ratio)
     return _materialized(model, {})
 
@@ -288,44 +312,111 @@ def widths(model: nn.Module) -> dict[str, Any]:
             "blocks": [(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks]}
 
 
-def finetune_and_measure(made: Compressed, bench: Bench) -> dict[str, float]:
-    """Distil from the teacher, evaluate, export to ONNX and time against the dense model: one protocol for all."""
-    pruned = made.model.train()
-    train_classifier(pruned, bench.loader, bench.finetune, Dist(), teacher=bench.teacher, seed=bench.seed,
-                     progress=False)
+def finetune_epochs(method: str, bench: Bench, made: Compressed) -> int:
+    """Equal training images for all: OFB's finetune plus the search epochs it did not run; the others get the
+    search epochs as finetune."""
+    if method in SEARCHED:
+        return bench.finetune.epochs + bench.search.epochs - made.extra["search_epochs_run"]
+    return bench.finetune.epochs + bench.search.epochs
+
+
+def finetune_and_measure(method: str, made: Compressed, bench: Bench, seed: int) -> dict[str, Any]:
+    """Evaluate, distil from the teacher, evaluate, export to ONNX and time against the dense model."""
+    pruned = made.model
+    top1_before = evaluate(pruned, bench.val_loader, Dist())["top1"]
+    epochs = finetune_epochs(method, bench, made)
+    settings = dataclasses.replace(bench.finetune, epochs=epochs)
+    trained = train_classifier(pruned.train(), bench.loader, settings, Dist(), teacher=bench.teacher, seed=seed,
+                               progress=False)
     pruned.eval()
     top1 = evaluate(pruned, bench.val_loader, Dist())["top1"]
     with tempfile.TemporaryDirectory(dir=bench.export_dir) as tmp:
         own = export_models({"pruned": pruned}, Path(tmp), EXPORT, img_size=bench.img_size)
         both = DeployArtifacts(onnx={**bench.dense_onnx.onnx, **own.onnx}, checks=bench.dense_onnx.checks + own.checks)
         latency = profile_models({"dense": bench.teacher, "pruned": pruned}, both, PROFILE, made.flops_ratio)[0][0]
-    return {"top1": top1, "latency_ms_pruned_ort_cpu_b32": latency["latency_ms_pruned"],
+    return {"top1_before_finetune": top1_before, "top1": top1, "finetune_epochs": epochs,
+            "finetune_seconds": trained.seconds, "params": count_params(pruned),
+            "latency_ms_pruned_ort_cpu_b32": latency["latency_ms_pruned"],
             "latency_ms_dense_ort_cpu_b32": latency["latency_ms_dense"], "speedup_ort_cpu_b32": latency["speedup"]}
 
 
-def run_method(method: str, ratio: float, bench: Bench) -> dict[str, Any]:
+def run_method(method: str, ratio: float, seed: int, bench: Bench) -> dict[str, Any]:
     """One JSON row: compress, then the shared finetune and measurements, and the widths reached. A budget
     the method cannot meet (e.g. a latency below the narrowest architecture's) is a row saying so."""
-    row = {"method": method, "budget": "latency" if method in LATENCY_METHODS else "flops", "ratio": ratio}
+    row = {"method": method, "budget": "latency" if method in LATENCY_METHODS else "flops", "ratio": ratio,
+           "seed": seed}
     try:
-        made = compress(method, bench, ratio)
+        made = compress(method, bench, ratio, seed)
     except OfbError as err:
         log.warning("%s at %.2f: %s", method, ratio, err)
         return {**row, "unreachable": str(err)}
-    return {**row, "flops_ratio": made.flops_ratio, **finetune_and_measure(made, bench), **widths(made.model),
-            **made.extra}
+    return {**row, "flops_ratio": made.flops_ratio, **finetune_and_measure(method, made, bench, seed),
+            **widths(made.model), **made.extra}
 
 
-def table_row(row: dict[str, Any], dense_top1: float) -> tuple[str, ...]:
-    """A JSON row as printed: a latency budget is marked so that its FLOPs are not read as a FLOPs target."""
-    target = f"lat {row['ratio']:.2f}" if row["budget"] == "latency" else f"{row['ratio']:.2f}"
-    if "unreachable" in row:
-        return (row["method"], target, "budget cannot be met", "-", "-", "-", "-", "-")
-    return (row["method"], target, f"{row['flops_ratio']:.1%}", f"{row['top1']:.2f}",
-            f"{row['top1'] - dense_top1:+.2f}", f"{row['latency_ms_pruned_ort_cpu_b32']:.3f}",
-            f"{row['latency_ms_dense_ort_cpu_b32']:.3f}", f"{row['speedup_ort_cpu_b32']:.2f}x")
+# -- aggregation: mean and spread over seeds -------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
 
 
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (tag, method, ratio): mean and std over seeds of each measured figure."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "unreachable" not in row:
+            groups.setdefault((row.get("tag", ""), row["method"], row["ratio"]), []).append(row)
+    summary = []
+    for (tag, method, ratio), members in groups.items():
+        entry: dict[str, Any] = {"tag": tag, "method": method, "ratio": ratio, "budget": members[0]["budget"],
+                                 "seeds": sorted(r["seed"] for r in members)}
+        for key in ("top1", "top1_before_finetune", "flops_ratio", "params", "speedup_ort_cpu_b32"):
+            entry[key], entry[f"{key}_std"] = _mean_std([float(r[key]) for r in members])
+        summary.append(entry)
+    return summary
+
+
+def summary_table(summary: list[dict[str, Any]], dense_top1: float) -> str:
+    def pm(entry: dict[str, Any], key: str, fmt: str) -> str:
+        return f"{entry[key]:{fmt}} ± {entry[key + '_std']:{fmt}}"
+
+    rows = [("dense", "", "-", "100.0%", "-", f"{dense_top1:.2f}", "-", "1.00x")]
+    for e in summary:
+        target = f"lat {e['ratio']:.2f}" if e["budget"] == "latency" else f"{e['ratio']:.2f}"
+        rows.append((e["method"], e["tag"], target, f"{100 * e['flops_ratio']:.1f}%",
+                     pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"),
+                     str(len(e["seeds"])), f"{e['speedup_ort_cpu_b32']:.2f}x"))
+    return format_table(("method", "tag", "target", "FLOPs", "top-1 before ft", "top-1", "seeds", "ORT b32"), rows)
+
+
+def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
+    """Top-1 against achieved FLOPs for every method, with error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(e["tag"], e["method"]) for e in summary}):
+        points = sorted((e for e in summary if (e["tag"], e["method"]) == key), key=lambda e: e["flops_ratio"])
+        label = key[1] + (f" [{key[0]}]" if key[0] else "")
+        ax.errorbar([100 * e["flops_ratio"] for e in points], [e["top1"] for e in points],
+                    xerr=[100 * e["flops_ratio_std"] for e in points], yerr=[e["top1_std"] for e in points],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(dense_top1, color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("FLOPs, % of dense")
+    ax.set_ylabel("top-1 % after finetune (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- setup ---------------------------------------------------------------------------------------------------
 def choose_methods(asked: list[str] | None) -> list[str]:
     """The asked methods, or all of them; torch-pruning only where Torch-Pruning is installed."""
     has_tp = importlib.util.find_spec("torch_pruning") is not None
@@ -339,53 +430,116 @@ def choose_methods(asked: list[str] | None) -> list[str]:
     return [m for m in METHODS if has_tp or m != "torch-pruning"]
 
 
+def _file_digest(path: Path | None) -> str | None:
+    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def load_teacher(args: argparse.Namespace, classes: int, loader: DataLoader) -> nn.Module:
-    """The dense teacher, trained once per data/model/epochs/seed and cached under --cache."""
-    torch.manual_seed(args.seed)
+    """The dense teacher, made once per data/model/start weights/epochs and cached under --cache."""
+    torch.manual_seed(args.data_seed)
     teacher = build_dense(args.model, num_classes=classes, img_size=args.img_size)
-    key = hashlib.sha256(json.dumps([args.data, args.model, args.img_size, args.teacher_epochs, args.limit_train,
-                                     args.seed]).encode()).hexdigest()[:12]
-    cached = args.cache / f"teacher-{key}.safetensors"
+    key = hashlib.sha256(json.dumps([args.data, args.model, args.img_size, args.teacher_epochs, args.teacher_lr,
+                                     args.limit_train, args.data_seed, _file_digest(args.checkpoint)]).encode())
+    cached = args.cache / f"teacher-{key.hexdigest()[:12]}.safetensors"
     if cached.is_file():
         teacher.load_state_dict(load_file(str(cached)))
-    else:
-        train_classifier(teacher, loader, TrainSettings(epochs=args.teacher_epochs, lr=4e-3, min_lr=1e-5,
-                                                        weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1),
-                         Dist(), seed=args.seed, progress=False)
-        save_weights(teacher, cached)
+        return teacher.eval()
+    if args.checkpoint is not None:
+        load_weights(teacher, args.checkpoint)
+    train_classifier(teacher, loader, TrainSettings(epochs=args.teacher_epochs, lr=args.teacher_lr, min_lr=1e-6,
+                                                    weight_decay=0.05, warmup_epochs=min(1, args.teacher_epochs - 1),
+                                                    label_smoothing=0.1), Dist(), seed=args.data_seed,
+                     progress=False)
+    save_weights(teacher, cached)
     return teacher.eval()
 
 
-def parse_args() -> argparse.Namespace:
+def search_settings(args: argparse.Namespace) -> SearchCfg:
+    """The OFB search of every seed: short-schedule defaults, then --search-set overrides, validated."""
+    data: dict[str, Any] = {"target_flops_ratio": 0.5, "epochs": args.search_epochs, "arch_lr": 0.5,
+                            "lr": args.search_lr, "loss_weights": {"flops": 50.0}}
+    for item in args.search_set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--search-set {item!r}: expected key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    try:
+        return SearchCfg.model_validate(data)
+    except ValueError as err:
+        raise SystemExit(f"--search-set: {err}") from None
+
+
+def settings_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What the rows of one --json must share, so that a resumed run adds like to like."""
+    return {"data": args.data, "model": args.model, "img_size": args.img_size, "limit_train": args.limit_train,
+            "limit_val": args.limit_val, "checkpoint_sha256": _file_digest(args.checkpoint),
+            "teacher_epochs": args.teacher_epochs, "teacher_lr": args.teacher_lr, "finetune_lr": args.lr,
+            "finetune_epochs": args.finetune_epochs, "search_epochs": args.search_epochs,
+            "batch_size": args.batch_size, "data_seed": args.data_seed}
+
+
+def read_rows(path: Path | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows an earlier run of the same settings left in ``path`` (none when there is no such file)."""
+    if path is None or not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if data.get("meta", {}).get("settings") != settings:
+        raise SystemExit(f"{path}: holds rows of other settings ({data.get('meta', {}).get('settings')}); "
+                         "use another --json")
+    return data["rows"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "digits"])
     parser.add_argument("--model", default="ofb_vit_micro_patch4_32")
     parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="pretrained weights to start the teacher from (its head is trained on the task)")
     parser.add_argument("--ratio", action="append", type=float, help="budget: FLOPs (latency for ofb-latency) ratio")
     parser.add_argument("--method", action="append", choices=METHODS)
+    parser.add_argument("--seed", action="append", type=int, help="compression/finetune seed (repeatable)")
+    parser.add_argument("--data-seed", type=int, default=0, help="training subset and teacher: one for all rows")
     parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--teacher-lr", type=float, default=4e-3, help="per 256 images")
     parser.add_argument("--search-epochs", type=int, default=10)
+    parser.add_argument("--search-lr", type=float, default=5e-4, help="OFB weights lr per 256 images")
+    parser.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an OFB search setting, e.g. pmim.enabled=false (repeatable)")
+    parser.add_argument("--tag", default="", help="names the rows of an ablation (search settings)")
     parser.add_argument("--finetune-epochs", type=int, default=15)
+    parser.add_argument("--lr", type=float, default=4e-3, help="finetune lr per 256 images")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--prune-step", type=float, default=0.01, help="width fraction per Torch-Pruning step")
     parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--limit-val", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache"), help="teacher weights, LUTs")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="digits, 1-2 epochs each: checks the tool runs")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="rows, written as they finish; resumed from")
+    parser.add_argument("--plot", type=Path, default=None, help="top-1 vs FLOPs with error bars (PNG)")
+    args = parser.parse_args(argv)
     if args.smoke:
         args.data, args.model, args.img_size = "digits", "ofb_vit_pico_patch4_32", 16
         args.teacher_epochs, args.search_epochs, args.finetune_epochs, args.prune_step = 2, 2, 1, 0.05
+    args.seed = args.seed or [0]
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     methods = choose_methods(args.method)
     logging.basicConfig(level=logging.WARNING)
-    train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.seed,
-                                                  limit_train=args.limit_train, crop_padding=2))
-    loader = build_loader(train, batch_size=64, train=True, seed=args.seed)
+    settings = settings_record(args)
+    rows = read_rows(args.json, settings)
+    done = {(r.get("tag", ""), r["method"], r["ratio"], r["seed"]) for r in rows}
+    train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.data_seed,
+                                                  limit_train=args.limit_train, limit_val=args.limit_val,
+                                                  crop_padding=2))
+    loader = build_loader(train, batch_size=args.batch_size, train=True, seed=args.data_seed)
     val_loader = build_loader(val, batch_size=256, train=False)
     teacher = load_teacher(args, classes, loader)
     dense_top1 = evaluate(teacher, val_loader, Dist())["top1"]
@@ -394,31 +548,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(
             teacher=teacher, loader=loader, val_loader=val_loader, model_name=args.model, img_size=args.img_size,
-            seed=args.seed,
-            search=SearchCfg(target_flops_ratio=0.5, epochs=args.search_epochs, arch_lr=0.5, lr=5e-4,
-                             loss_weights={"flops": 50.0}),
+            search=search_settings(args),
             latency=LatencyTargetCfg(target_ratio=0.5, backend=PROFILE.backends[0], batch=PROFILE.batches[0],
                                      cache_dir=str(args.cache / "lut"), **lut_probes),
             prune_step=args.prune_step,
-            finetune=TrainSettings(epochs=args.finetune_epochs, lr=4e-3, min_lr=1e-5, weight_decay=0.05,
+            finetune=TrainSettings(epochs=args.finetune_epochs, lr=args.lr, min_lr=1e-6, weight_decay=0.05,
                                    warmup_epochs=0, label_smoothing=0.1, distill_alpha=0.5, distill_temperature=2.0),
             export_dir=Path(tmp),
             dense_onnx=export_models({"dense": teacher}, Path(tmp) / "dense", EXPORT, img_size=args.img_size))
-        rows = []
         for ratio in args.ratio or [0.5]:
-            for method in methods:
-                rows.append({**run_method(method, ratio, bench), "top1_dense": dense_top1})
-                write_rows(args, rows)  # kept as they come: a long run stopped late still leaves its rows
-    table = [("dense", "-", "100.0%", f"{dense_top1:.2f}", "-", "-", "-", "1.00x")]
-    print(format_table(("method", "target", "FLOPs", "top-1 %", "vs dense", "ORT CPU b32 ms", "dense ms", "speedup"),
-                       table + [table_row(row, dense_top1) for row in rows]))
+            for seed in args.seed:
+                for method in methods:
+                    if (args.tag, method, ratio, seed) in done:
+                        continue
+                    row = run_method(method, ratio, seed, bench)
+                    rows.append({**row, "tag": args.tag, "top1_dense": dense_top1})
+                    write_rows(args, settings, rows, dense_top1)  # each row as it comes: a stopped run resumes
+    write_rows(args, settings, rows, dense_top1)
+    print(summary_table(aggregate(rows), dense_top1))
 
 
-def write_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    """The raw rows and how they were made, written atomically to --json (when given)."""
+def write_rows(args: argparse.Namespace, settings: dict[str, Any], rows: list[dict[str, Any]],
+               dense_top1: float) -> None:
+    """The raw rows, their summary and how they were made, written atomically to --json (and the plot)."""
+    summary = aggregate(rows)
     if args.json is not None:
-        meta = {"date": date.today().isoformat(), "command": "python tools/bench_accuracy.py " + " ".join(sys.argv[1:])}
-        atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        meta = {"format": FORMAT, "date": date.today().isoformat(), "settings": settings,
+                "command": "python tools/bench_accuracy.py " + " ".join(sys.argv[1:]), "top1_dense": dense_top1}
+        atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
+    if args.plot is not None and summary:
+        plot(summary, dense_top1, args.plot)
 
 
 if __name__ == "__main__":
