@@ -29,19 +29,23 @@ L1_OTHER = 1e-4
 
 
 class PixelDecoder(nn.Module):
-    """PMIM's light decoder: a 1x1 convolution to patch_size^2 * channels, then a pixel shuffle."""
+    """PMIM's light decoder: a 1x1 convolution to patch_size^2 * channels, then a pixel shuffle.
+
+    The 1x1 convolution is written as the Linear on tokens it equals: same product, and a weight gradient
+    laid out like the weight (a 1x1 Conv2d's is not, which DDP's gradient buckets warn about).
+    """
 
     def __init__(self, embed_dim: int, patch_size: int, in_chans: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(embed_dim, patch_size**2 * in_chans, kernel_size=1)
+        self.proj = nn.Linear(embed_dim, patch_size**2 * in_chans)
         self.shuffle = nn.PixelShuffle(patch_size)
 
     def forward(self, patch_tokens: Tensor) -> Tensor:
         """(B, patches, E) tokens of a square grid -> (B, C, H, W) image."""
-        b, n, e = patch_tokens.shape
+        b, n, _ = patch_tokens.shape
         side = round(n**0.5)
-        grid = patch_tokens.transpose(1, 2).reshape(b, e, side, side)
-        return self.shuffle(self.conv(grid))
+        grid = self.proj(patch_tokens).transpose(1, 2).reshape(b, -1, side, side)
+        return self.shuffle(grid)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class SearchableViT(nn.Module):
         embed = self.embed_group.expected_units()
         attn = [g.expected_units() for g in self.attn_groups]
         mlp = [g.expected_units() for g in self.mlp_groups]
-        return vit_macs(self.shape, embed, attn, mlp)
+        return self.alpha_zero() + vit_macs(self.shape, embed, attn, mlp)  # a tensor even when all are decided
 
     # -- progressive shrinking ------------------------------------------------------------------
     @torch.no_grad()
@@ -269,8 +273,7 @@ class SearchableViT(nn.Module):
             for scale in (block.ls1, block.ls2):
                 if hasattr(scale, "gamma"):
                     slice_tensor_(scale.gamma, first, optimizers)
-        slice_tensor_(self.decoder.conv.weight, last, optimizers)
-        self.decoder.conv.in_channels = int(self.decoder.conv.weight.shape[1])
+        slice_linear_(self.decoder.proj, last, 1, optimizers)
         for norm in (vit.norm, vit.fc_norm):
             if isinstance(norm, nn.LayerNorm):
                 slice_layer_norm_(norm, first, optimizers)
