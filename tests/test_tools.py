@@ -26,6 +26,14 @@ def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
     assert result["latency_search_step_s"] > 0 and result["latency_ratio"] > 0
 
 
+def test_bench_loader_smoke(tmp_path):
+    out = tmp_path / "loader.json"
+    _run("bench_loader.py", "--images", "16", "--classes", "2", "--img-size", "64", "--batch", "4", "--workers", "0,1",
+         "--repeats", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 1] and all(r["images_per_s_per_worker"] > 0 for r in rows)
+
+
 def test_bench_latency_smoke(tmp_path, synthetic_lut):
     out = tmp_path / "lat.json"
     _run("bench_latency.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--ratio", "0.5",
