@@ -37,14 +37,21 @@ from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
+from ofbdeploy.train.amp import set_fp32_matmul
+from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, sample_batch
-from ofbdeploy.train.distributed import Dist, barrier, init_distributed
+from ofbdeploy.train.distributed import Dist, barrier, init_distributed, leave
+from ofbdeploy.train.drop_path import set_drop_path
+from ofbdeploy.train.schedule import scaled_lr
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
 log = logging.getLogger("ofbdeploy.run")
 
 STAGES = ("dense", "search", "materialize", "finetune", "evaluate", "export", "profile", "report")
+# Under torchrun the processes part after this stage: the rest is rank 0's alone (export, TensorRT builds,
+# profiling), with nobody left waiting on a collective that could time out.
+LAST_COLLECTIVE_STAGE = "evaluate"
 # The recipe sections each stage depends on: a change there re-runs the stage and every later one.
 _DEPENDS = {
     "dense": ("seed", "model", "data", "pretrain"),
@@ -90,9 +97,11 @@ class Run:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True) -> None:
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.paths = RunPaths(Path(recipe.output_dir))
-        self.ctx = init_distributed(recipe.device)
+        self.ctx = init_distributed(recipe.device, recipe.dist_timeout_min)
         if not self.ctx.is_main:
-            logging.getLogger("ofbdeploy").setLevel(logging.WARNING)  # one voice on the console: rank 0
+            logging.getLogger("ofbdeploy").setLevel(logging.ERROR)  # one voice on the console: rank 0
+        self.fp32_matmul = set_fp32_matmul(recipe.strict_fp32) if self.ctx.device.type == "cuda" else "ieee (cpu)"
+        self.batch = plan_batch(recipe.data.batch_size, self.ctx.world_size, recipe.data.max_batch_per_process)
         self._data: tuple | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -141,10 +150,24 @@ class Run:
         return self._img_size
 
     def loader(self, train: bool):
+        """Training batches of the per-process micro-batch size (see :attr:`batch`), or evaluation batches."""
         train_set, val_set, _ = self.data()
         d = self.recipe.data
-        return build_loader(train_set if train else val_set, batch_size=d.batch_size if train else d.eval_batch_size,
-                            train=train, workers=d.workers, seed=self.recipe.seed, distributed=self.ctx.enabled)
+        size = self.batch.micro if train else d.eval_batch_size
+        return build_loader(train_set if train else val_set, batch_size=size, train=train, workers=d.workers,
+                            seed=self.recipe.seed, distributed=self.ctx.enabled,
+                            repeats=d.repeated_aug if train else 1, device=self.ctx.device)
+
+    def log_precision_and_batch(self) -> None:
+        """The run log says how the batch is split and what the learning rates become, and the precision."""
+        r, b = self.recipe, self.batch
+        log.info("precision: amp %s, fp32 products %s%s", r.amp, self.fp32_matmul,
+                 " (strict_fp32)" if r.strict_fp32 and self.ctx.device.type == "cuda" else "")
+        lrs = ", ".join(f"{name} {lr:.3g} -> {scaled_lr(lr, b.global_batch):.3g}" for name, lr in
+                        (("pretrain", r.pretrain.lr), ("search", r.search.lr), ("search arch", r.search.arch_lr),
+                         ("finetune", r.finetune.lr)))
+        (log.warning if b.global_batch != b.requested else log.info)(
+            "batch: %s; learning rates per 256 images x %d/256: %s", b.describe(), b.global_batch, lrs)
 
     def build_dense_model(self) -> torch.nn.Module:
         m = self.recipe.model
@@ -172,7 +195,8 @@ class Run:
         if p.epochs > 0:
             settings = TrainSettings(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay,
                                      warmup_epochs=p.warmup_epochs, label_smoothing=p.label_smoothing,
-                                     max_steps_per_epoch=p.max_steps_per_epoch, amp=self.recipe.amp)
+                                     max_steps_per_epoch=p.max_steps_per_epoch, amp=self.recipe.amp,
+                                     accum_steps=self.batch.accum, drop_path=p.drop_path)
             result = train_classifier(model, self.loader(True), settings, self.ctx, seed=self.recipe.seed,
                                       checkpoint_path=self.paths.dense_ckpt, resume=self.resume, log=log,
                                       progress=self.progress, stage="pretrain")
@@ -212,19 +236,27 @@ class Run:
 
     def stage_search(self) -> None:
         """OFB search from the dense weights; the decided state is kept for materialisation."""
-        model = self.searchable(self.load_dense().train()).to(self.ctx.device)
+        dense = self.load_dense().train()
+        set_drop_path(dense, self.recipe.search.drop_path)
+        model = self.searchable(dense).to(self.ctx.device)
         latency = self.latency_objective(model)
         result = run_search(model, self.loader(True), self.recipe.search, self.ctx, seed=self.recipe.seed,
                             amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
-                            progress=self.progress, latency=latency)
+                            progress=self.progress, latency=latency, accum_steps=self.batch.accum)
         if self.ctx.is_main:
             save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
             summary = asdict(result)
             summary["spec"] = result.spec.to_dict()
+            summary["fp32_matmul"] = self.fp32_matmul
             write_json(self.paths.search_result, summary)
 
     def stage_materialize(self) -> None:
-        """Plain timm model from the decided search state, checked against the masked model on real images."""
+        """Plain timm model from the decided search state, checked against the masked model on real images.
+
+        Rank 0's work alone: the others wait for its files at the stage's end.
+        """
+        if not self.ctx.is_main:
+            return
         final = load_checkpoint(self.paths.search_final)
         model = self.searchable(self.build_dense_model())
         model.apply_arch(ArchSpec.from_dict(final["arch"], str(self.paths.search_final)))
@@ -237,9 +269,8 @@ class Run:
         if diff > MATERIALIZE_TOLERANCE:
             raise RuntimeError(f"materialised model disagrees with the masked model: max |diff| {diff:.2e}")
         log.info("materialised: max |masked - plain| = %.2e on %d val images", diff, len(images))
-        if self.ctx.is_main:
-            save_pruned(pruned, spec, self.paths.pruned)
-            write_json(self.paths.pruned_check, {"max_abs_diff": diff, "images": len(images)})
+        save_pruned(pruned, spec, self.paths.pruned)
+        write_json(self.paths.pruned_check, {"max_abs_diff": diff, "images": len(images)})
 
     def stage_finetune(self) -> None:
         """Finetune the pruned model, distilling from the dense one."""
@@ -251,7 +282,8 @@ class Run:
                                  cutmix=f.cutmix, ema_decay=f.ema_decay,
                                  distill_alpha=f.distill.alpha if f.distill.enabled else 0.0,
                                  distill_temperature=f.distill.temperature,
-                                 max_steps_per_epoch=f.max_steps_per_epoch, amp=self.recipe.amp)
+                                 max_steps_per_epoch=f.max_steps_per_epoch, amp=self.recipe.amp,
+                                 accum_steps=self.batch.accum, drop_path=f.drop_path)
         result = train_classifier(student, self.loader(True), settings, self.ctx, teacher=teacher,
                                   seed=self.recipe.seed, checkpoint_path=self.paths.finetune_ckpt,
                                   resume=self.resume, log=log, progress=self.progress, stage="finetune")
@@ -325,21 +357,33 @@ class Run:
         _log_to_file(self.paths.log, self.ctx)
         log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, self.paths.root, self.ctx.device,
                  self.ctx.world_size)
+        self.log_precision_and_batch()
         self.check_inputs()
         stages: dict[str, Callable[[], None]] = {name: getattr(self, f"stage_{name}") for name in STAGES}
         stale = False
         for name, run_stage in stages.items():
             if not stale and self.is_done(name):
                 log.info("stage %s: done already, skipped", name)
-                continue
-            stale = True  # every later stage depends on this one's output
-            log.info("stage %s: running", name)
-            t0 = time.perf_counter()
-            torch.manual_seed(self.recipe.seed)  # a stage's result must not depend on what ran before it
-            run_stage()
-            self.mark_done(name)
-            log.info("stage %s: finished in %.1f s", name, time.perf_counter() - t0)
+            else:
+                stale = True  # every later stage depends on this one's output
+                log.info("stage %s: running", name)
+                t0 = time.perf_counter()
+                torch.manual_seed(self.recipe.seed)  # a stage's result must not depend on what ran before it
+                run_stage()
+                self.mark_done(name)
+                log.info("stage %s: finished in %.1f s", name, time.perf_counter() - t0)
+            if self._part_after(name):
+                return {}
         return read_json(self.paths.report) if self.paths.report.is_file() else {}
+
+    def _part_after(self, stage: str) -> bool:
+        """After the last collective stage: dissolve the process group; True when this process is done."""
+        if stage != LAST_COLLECTIVE_STAGE or not self.ctx.enabled:
+            return False
+        main = self.ctx.is_main
+        log.info("processes part after stage %s: export, profile and report run on rank 0 alone", stage)
+        self.ctx = leave(self.ctx)
+        return not main
 
 
 def build_report(paths: RunPaths) -> dict[str, Any]:
@@ -364,6 +408,10 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "top1_pruned_before_finetune": metrics["pruned"]["top1"],
         "top1_pruned": metrics["finetuned"]["top1"],
         "top5_pruned": metrics["finetuned"]["top5"],
+        "amp": search.get("amp", "off"),
+        "fp32_matmul": search.get("fp32_matmul", "ieee"),
+        "global_batch": search.get("global_batch"),
+        "accum_steps": search.get("accum_steps", 1),
         "search_seconds": search["seconds"],
         "search_images_per_second": search["images_per_second"],
         "search_decided_epoch": search["decided_epoch"],

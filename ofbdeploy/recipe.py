@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write_text
@@ -49,9 +49,15 @@ class DataCfg(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit_train: int | None = Field(None, ge=1)
     limit_val: int | None = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1, description="images per step per process")
-    eval_batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1, description="images per optimiser step, over all processes (the global "
+                            "batch the learning rates are scaled by)")
+    max_batch_per_process: int | None = Field(
+        None, ge=1, description="memory cap: a process takes at most this many images per forward; a larger "
+                                "share of the batch is split into gradient-accumulation steps")
+    eval_batch_size: int = Field(256, ge=1, description="images per evaluation forward, per process")
+    workers: int = Field(0, ge=0, description="loader worker processes per process")
+    repeated_aug: int = Field(1, ge=1, description="each training image this many times per epoch, the copies "
+                                                   "on different processes (DeiT/OFB use 3)")
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
 
@@ -64,7 +70,8 @@ class PretrainCfg(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class LossWeights(_Strict):
@@ -78,6 +85,9 @@ class PMIMCfg(_Strict):
     enabled: bool = True
     keep_start: float = Field(0.95, gt=0, le=1)
     keep_end: float = Field(0.75, gt=0, le=1)
+    target: Literal["local", "patch"] = Field(
+        "local", description="reconstruction target: pixels normalised over a 47x47 window per channel (the "
+                             "authors' code) or per patch")
 
 
 Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
@@ -129,7 +139,8 @@ class SearchCfg(_Strict):
     mix_start: float = Field(0.99, ge=0, le=1)
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (the authors: 0.1)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
     latency: LatencyTargetCfg | None = Field(None, description="latency budget (instead of, or with, FLOPs)")
 
     @model_validator(mode="after")
@@ -161,8 +172,9 @@ class FinetuneCfg(_Strict):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
     distill: DistillCfg = Field(default_factory=DistillCfg)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class ExportCfg(_Strict):
@@ -222,7 +234,11 @@ class Recipe(_Strict):
     output_dir: str = Field("runs/run", description="the run directory")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision on CUDA")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision of search and training "
+                                                                    "(CUDA or CPU); fp16 adds loss scaling")
+    strict_fp32: bool = Field(False, description="fp32 matrix products in full IEEE fp32 on CUDA (default: TF32)")
+    dist_timeout_min: float = Field(60.0, gt=0, description="longest wait of a torchrun process for the others, "
+                                                            "minutes (rank 0 alone measures latency tables)")
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
@@ -231,6 +247,12 @@ class Recipe(_Strict):
     export: ExportCfg = Field(default_factory=ExportCfg)
     profile: ProfileCfg = Field(default_factory=ProfileCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``--set amp=off``, ``amp: off``) as false: it means "off"."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _latency_target_is_measured(self) -> Recipe:
