@@ -163,6 +163,10 @@ class Run:
         r, b = self.recipe, self.batch
         log.info("precision: amp %s, fp32 products %s%s", r.amp, self.fp32_matmul,
                  " (strict_fp32)" if r.strict_fp32 and self.ctx.device.type == "cuda" else "")
+        if r.amp != "off" and self.ctx.device.type == "cpu":
+            log.warning("amp %s on the CPU (%s): autocast runs, but without native half-precision products (AMX, "
+                        "AVX512-BF16/FP16) it is several times slower than fp32", r.amp,
+                        torch.backends.cpu.get_cpu_capability())
         lrs = ", ".join(f"{name} {lr:.3g} -> {scaled_lr(lr, b.global_batch):.3g}" for name, lr in
                         (("pretrain", r.pretrain.lr), ("search", r.search.lr), ("search arch", r.search.arch_lr),
                          ("finetune", r.finetune.lr)))

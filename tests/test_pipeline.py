@@ -225,15 +225,41 @@ def test_export_and_profile_a_bare_model_directory(finished_run, tmp_path):
     assert {(r["backend"], r["batch"]) for r in rows} == {("ort-cpu", 1), ("ort-cpu", 4), ("torch", 1), ("torch", 4)}
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    recipe = _recipe(tmp_path, search__epochs=2, finetune__epochs=1, pretrain__epochs=1)
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+
+
+def test_torchrun_quickstart_cuts_mid_search_and_finishes_with_a_report(tmp_path):
+    """The README's multi-process command on the bundled recipe, shortened: the search cuts layers while it
+    trains under DDP, the other rank leaves after the last collective stage, rank 0 reports."""
+    run = tmp_path / "run"
+    short = ["pretrain.epochs=3", "search.epochs=3", "finetune.epochs=1", "data.limit_train=512",
+             "export.check_images=16", "profile.repeats=5", "profile.batches=[1]", f"output_dir={run}",
+             "search.shrink_threshold=0.9"]  # weak cells die at the first shrinks: cuts while training
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "ofbdeploy", "run", str(recipe), "--no-progress"],
-        capture_output=True, text=True, timeout=300, env=env,
+         "ofbdeploy", "run", str(QUICKSTART), "--no-progress", *(a for item in short for a in ("--set", item))],
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    search = json.loads((run / "search" / "result.json").read_text())
+    assert search["cut_steps"] and min(search["cut_steps"]) < search["steps_run"] - 1  # cut, then trained on
+    assert search["ddp_builds"] > 1 and search["global_batch"] == 64
+    report = json.loads((run / "report.json").read_text())
+    assert report["flops_pruned"] <= report["flops_target"] and report["amp"] == "off"
+    log = (run / "run.log").read_text()
+    assert "2 process(es)" in log and "global batch 64 = 2 process(es) x 1 accumulation step(s) x 32" in log
+    assert "processes part after stage evaluate" in log and "stage report: finished" in log
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_run_under_cpu_mixed_precision_meets_the_budget_with_a_working_model(tmp_path, amp):
+    result = _invoke(str(_recipe(tmp_path, amp=amp, export={"enabled": False}, profile={"enabled": False})))
+    assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["amp"] == amp and report["fp32_matmul"] == "ieee (cpu)"
     assert report["flops_pruned"] <= report["flops_target"]
-    assert "2 process(es)" in (tmp_path / "run" / "run.log").read_text()
+    assert report["top1_pruned"] > 50 and report["top1_dense"] > 50  # chance is 10%
+    run = tmp_path / "run"
+    assert json.loads((run / "search" / "result.json").read_text())["amp"] == amp
+    assert json.loads((run / "finetuned" / "train.json").read_text())["amp"] == amp
