@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import auto_augment
 from timm.data.loader import PrefetchLoader
 
 from ofbdeploy.train.checkpoint import seed_epoch
@@ -231,6 +232,14 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path: Path, workers: int) -> N
     with pytest.raises(DataError) as caught:
         list(build_loader(train, batch_size=5, train=False, workers=workers))
     assert str(caught.value).startswith(f"{bad}: unreadable image") and "\n" not in str(caught.value)
+
+
+def test_deits_randaugment_survives_its_strongest_posterize() -> None:
+    """Magnitude 10 of timm's increasing posterize keeps 0 bits, which Pillow 13 refuses on its own."""
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(op(image)).max() == 0
+    assert np.asarray(auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image)).max() == 192
 
 
 def test_fewer_than_two_classes_are_refused(tmp_path: Path) -> None:

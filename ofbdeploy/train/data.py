@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
@@ -283,6 +283,21 @@ def _from_raw(spec: DataSpec, raw: _RawSplit) -> tuple[Dataset, Dataset, int]:
     train = InMemoryImages(train_x, torch.from_numpy(raw.train_y[train_idx]), mean, std, augment)
     val = InMemoryImages(val_x, torch.from_numpy(raw.val_y[val_idx]), mean, std)
     return train, val, raw.num_classes
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
+    """timm's posterize, also for 0 bits kept (a black image): Pillow 13 refuses 0, and timm's increasing
+    posterize reaches it at magnitude 10, which DeiT's ``rand-m9-mstd0.5-inc1`` draws now and then."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name, _op in list(auto_augment.NAME_TO_OP.items()):
+    if _op is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def read_image(path: str) -> Image.Image:
