@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import ofbdeploy.pipeline as pipeline
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
@@ -250,6 +251,18 @@ def test_torchrun_quickstart_cuts_mid_search_and_finishes_with_a_report(tmp_path
     log = (run / "run.log").read_text()
     assert "2 process(es)" in log and "global batch 64 = 2 process(es) x 1 accumulation step(s) x 32" in log
     assert "processes part after stage evaluate" in log and "stage report: finished" in log
+
+
+def test_the_process_group_timeout_comes_from_the_recipe(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_init(device, timeout_min):
+        seen.update(device=device, timeout_min=timeout_min)
+        return pipeline.Dist()
+
+    monkeypatch.setattr(pipeline, "init_distributed", fake_init)
+    Run(load_recipe(_recipe(tmp_path, dist_timeout_min=240)))
+    assert seen == {"device": "cpu", "timeout_min": 240}
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])

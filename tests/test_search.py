@@ -33,8 +33,8 @@ def _model(seed: int = 0) -> SearchableViT:
     return SearchableViT(vit, model_name="ofb_vit_pico_patch4_32")
 
 
-def _loader(distributed: bool = False, batch: int = 32):
-    train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=256, limit_val=32))
+def _loader(distributed: bool = False, batch: int = 32, images: int = 256):
+    train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=images, limit_val=32))
     return build_loader(train, batch_size=batch, train=True, seed=0, distributed=distributed)
 
 
@@ -231,6 +231,7 @@ def _free_port() -> int:
 
 
 DDP_CFG = {"epochs": 4, "shrink_threshold": 0.9}  # cells die from the first shrinks: layers are cut mid-training
+DDP_RUN = {"seed": 5, "progress": False, "accum_steps": 2}  # 2 processes x 2 accumulated batches of 8
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -242,18 +243,18 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     cfg, found = _cfg(**DDP_CFG), {}
     try:
         straight = _model()
-        result = run_search(straight, _loader(distributed=True, batch=16), cfg, ctx, seed=5, progress=False,
+        result = run_search(straight, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
                             checkpoint_path=Path(out) / "straight.ckpt")
         found["straight"] = {"arch": straight.arch_spec().to_dict(), "state": straight.state_dict(),
                              "cut_steps": result.cut_steps, "steps_run": result.steps_run,
-                             "ddp_builds": result.ddp_builds}
+                             "ddp_builds": result.ddp_builds, "global_batch": result.global_batch}
         try:
-            run_search(_model(), _KilledLoader(_loader(distributed=True, batch=16), die_in_epoch=2, after_batches=3),
-                       cfg, ctx, seed=5, checkpoint_path=Path(out) / "stopped.ckpt", progress=False)
+            killed = _KilledLoader(_loader(distributed=True, batch=8, images=128), die_in_epoch=2, after_batches=3)
+            run_search(_model(), killed, cfg, ctx, **DDP_RUN, checkpoint_path=Path(out) / "stopped.ckpt")
         except KeyboardInterrupt:
             found["stopped_arch"] = torch.load(Path(out) / "stopped.ckpt", weights_only=True)["arch"]
         resumed = _model()
-        result = run_search(resumed, _loader(distributed=True, batch=16), cfg, ctx, seed=5, progress=False,
+        result = run_search(resumed, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
                             checkpoint_path=Path(out) / "stopped.ckpt", resume=True)
         found["resumed"] = {"arch": resumed.arch_spec().to_dict(), "state": resumed.state_dict(),
                             "resumed_from": result.resumed_from}
@@ -277,7 +278,8 @@ def _same_state(a: dict, b: dict) -> bool:
 def test_ddp_search_cuts_layers_mid_training_and_ranks_stay_identical(ddp_runs):
     r0, r1 = (r["straight"] for r in ddp_runs)
     assert r0["cut_steps"] and min(r0["cut_steps"]) < r0["steps_run"] - 1  # steps trained after a physical cut
-    assert r0["ddp_builds"] > 1  # the DDP wrapper was rebuilt around the cut model
+    assert r0["ddp_builds"] > 1 and r0["global_batch"] == 32  # rebuilt around the cut model; accumulating
+    assert r0["steps_run"] > 4  # more than one epoch of 4 steps: the search went on training after its cuts
     assert r0["arch"] == r1["arch"] and _same_state(r0["state"], r1["state"])
     spec = ArchSpec.from_dict(r0["arch"])
     assert spec.macs() <= 0.5 * ArchSpec.dense(spec.base).macs()

@@ -28,6 +28,7 @@ from ofbdeploy.train.amp import AMP_DTYPES, amp_dtype, grad_scaler, set_fp32_mat
 from ofbdeploy.train.checkpoint import seed_epoch
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist, init_distributed
+from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.trainer import (
     TrainSettings,
     build_optimizer,
@@ -233,6 +234,18 @@ def test_accumulating_two_halves_gives_the_full_batch_update(synthetic: tuple[Da
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-7), name
     for name, weight in weights[0].items():
         assert torch.allclose(weight, weights[1][name], atol=1e-5), name
+
+
+def test_drop_path_grows_linearly_with_depth_and_only_acts_in_training() -> None:
+    model, x = pico(), torch.randn(4, 3, 16, 16)
+    expected = model.eval()(x)
+    set_drop_path(model, 0.3)
+    assert isinstance(model.blocks[0].drop_path1, nn.Identity)
+    assert [b.drop_path2.drop_prob for b in model.blocks[1:]] == pytest.approx([0.1, 0.2, 0.3])
+    assert torch.equal(model.eval()(x), expected)
+    assert not torch.equal(model.train()(x), model.train()(x))  # branches dropped at random while training
+    set_drop_path(model, 0.0)
+    assert all(isinstance(b.drop_path1, nn.Identity) for b in model.blocks)
 
 
 def test_epoch_seeds_differ_across_ranks_and_repeat_for_a_rank() -> None:
