@@ -1,5 +1,6 @@
 """Throughput of the ImageFolder input pipeline alone (JPEG decode + timm's training augmentation), in
-images per second per loader worker, on an ImageFolder of ImageNet-sized JPEGs that this tool writes.
+images per second per loader worker, on an ImageFolder of ImageNet-sized JPEGs that this tool writes; also
+images per CPU-second (what one dedicated core sustains, whatever else the machine is running).
 
 No model runs: this is the CPU budget a training process needs from its loader workers. The images are
 the 20 ImageNet photos that foolbox ships (random crops re-encoded at ImageNet's typical size and JPEG
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -69,6 +71,15 @@ def write_image_folder(root: Path, images: int, classes: int, size: tuple[int, i
     return origin
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process and by its finished children (the loader's workers).
+
+    A wall-clock rate depends on what else the machine runs; CPU time per image does not.
+    """
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512, help="training images written (and read per repeat)")
@@ -94,15 +105,19 @@ def main() -> None:
         rows = []
         for workers in (int(w) for w in args.workers.split(",")):
             loader = build_loader(train, batch_size=args.batch, train=True, workers=workers, seed=0)
-            rates = []
+            rates, per_cpu_second = [], []
             for epoch in range(args.repeats):
                 seed_epoch(0, epoch, loader)
-                start = time.perf_counter()
-                count = sum(len(labels) for _, labels in loader)
+                start, cpu = time.perf_counter(), _cpu_seconds()
+                count = sum(len(labels) for _, labels in loader)  # workers exit (and are counted) at the end
                 rates.append(count / (time.perf_counter() - start))
-            rate = statistics.median(rates)
-            rows.append({"workers": workers, "images_per_s": rate, "images_per_s_per_worker": rate / max(workers, 1)})
-            print(f"workers {workers}: {rate:.1f} images/s ({rate / max(workers, 1):.1f} per worker)", flush=True)
+                main_cpu, worker_cpu = (after - before for after, before in zip(_cpu_seconds(), cpu, strict=True))
+                per_cpu_second.append(count / (worker_cpu if workers else main_cpu))
+            rate, cpu_rate = statistics.median(rates), statistics.median(per_cpu_second)
+            rows.append({"workers": workers, "images_per_s": rate, "images_per_s_per_worker": rate / max(workers, 1),
+                         "images_per_cpu_s": cpu_rate})
+            print(f"workers {workers}: {rate:.1f} images/s ({rate / max(workers, 1):.1f} per worker); "
+                  f"{cpu_rate:.1f} images per CPU-second of decoding and augmenting", flush=True)
     result = {"images": len(train), "source": source, "jpeg_size": list(IMAGENET_MEDIAN_SIZE),
               "img_size": args.img_size, "augment": f"RRC + flip + {args.randaugment} + erasing 0.25 (on device)",
               "device_name": device_name(torch.device("cpu")), "threads_per_worker": 1, "rows": rows}
