@@ -28,7 +28,7 @@ def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
 
 def test_bench_loader_smoke(tmp_path):
     out = tmp_path / "loader.json"
-    _run("bench_loader.py", "--images", "16", "--classes", "2", "--img-size", "64", "--batch", "4", "--workers", "0,1",
+    _run("bench_loader.py", "--images", "8", "--classes", "2", "--img-size", "32", "--batch", "4", "--workers", "0,1",
          "--repeats", "1", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["workers"] for r in rows] == [0, 1]

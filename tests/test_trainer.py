@@ -308,7 +308,7 @@ def test_ddp_two_cpu_ranks_end_identical(tmp_path: Path) -> None:
 
 
 def test_empty_loader_is_an_error(synthetic: tuple[Dataset, Dataset]) -> None:
-    with pytest.raises(OfbError, match="no batches"):
+    with pytest.raises(OfbError, match="no optimiser step"):
         train_classifier(pico(), build_loader(synthetic[0], batch_size=1000, train=True), QUICK, CPU, progress=False)
     with pytest.raises(OfbError, match="no images"):
         evaluate(pico(), [], CPU)
