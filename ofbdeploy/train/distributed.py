@@ -137,10 +137,6 @@ class Replicated:
         return net.no_sync() if isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def all_reduce_sum(tensor: Tensor, ctx: Dist) -> Tensor:
     """Sum a tensor over ranks (metrics); a no-op in a single process."""
     if ctx.enabled:
@@ -148,14 +144,9 @@ def all_reduce_sum(tensor: Tensor, ctx: Dist) -> Tensor:
     return tensor
 
 
-def broadcast_(tensor: Tensor, ctx: Dist) -> None:
-    """Make every rank hold rank 0's value (so that decisions taken from it agree everywhere)."""
-    if ctx.enabled:
-        dist.broadcast(tensor, src=0)
-
-
 def broadcast_all_(tensors: list[Tensor], ctx: Dist) -> None:
-    """:func:`broadcast_` for many tensors of one dtype and device, in one collective."""
+    """Make every rank hold rank 0's values (so that decisions taken from them agree everywhere); one
+    collective for many tensors of one dtype and device."""
     if not ctx.enabled or not tensors:
         return
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
