@@ -41,7 +41,7 @@ from ofbdeploy.train.amp import set_fp32_matmul
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, sample_batch
-from ofbdeploy.train.distributed import Dist, barrier, init_distributed, leave
+from ofbdeploy.train.distributed import Dist, barrier, init_distributed, leave, wait_for_main
 from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import scaled_lr
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
@@ -235,7 +235,7 @@ class Run:
             return None
         if self.ctx.is_main:
             build_objective(cfg, model, progress=self.progress).lut.save(self.paths.lut)
-        barrier(self.ctx)
+        wait_for_main(self.ctx)
         return build_objective(cfg.model_copy(update={"lut": str(self.paths.lut)}), model)
 
     def stage_search(self) -> None:

@@ -237,8 +237,9 @@ class Recipe(_Strict):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision of search and training "
                                                                     "(CUDA or CPU); fp16 adds loss scaling")
     strict_fp32: bool = Field(False, description="fp32 matrix products in full IEEE fp32 on CUDA (default: TF32)")
-    dist_timeout_min: float = Field(60.0, gt=0, description="longest wait of a torchrun process for the others, "
-                                                            "minutes (rank 0 alone measures latency tables)")
+    dist_timeout_min: float = Field(30.0, gt=0, description="torchrun: minutes a collective may wait for a rank "
+                                                            "before the run fails (waits for rank 0's solo work, "
+                                                            "such as a latency table, are not bounded by it)")
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)

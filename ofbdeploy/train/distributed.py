@@ -7,6 +7,7 @@ Without torchrun's environment everything degrades to a single process, so the s
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import weakref
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-DEFAULT_TIMEOUT_MIN = 60
+DEFAULT_TIMEOUT_MIN = 30
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,8 @@ def pick_device(wanted: str) -> torch.device:
 def init_distributed(wanted_device: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Dist:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on CUDA).
 
-    ``timeout_min`` bounds every collective wait, including the waits of the other ranks while rank 0
-    alone measures a latency table: it is explicit so that a long measurement is not cut short by the
-    backend's default.
+    ``timeout_min`` bounds every collective: a rank that stops answering fails the run after that long
+    instead of hanging it. Waits for rank 0's solo work do not count against it (:func:`wait_for_main`).
     """
     device = pick_device(wanted_device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,6 +78,7 @@ def leave(ctx: Dist) -> Dist:
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _patient_group.cache_clear()
     return Dist(0, 1, ctx.device) if ctx.is_main else ctx
 
 
@@ -161,3 +162,23 @@ def broadcast_all_(tensors: list[Tensor], ctx: Dist) -> None:
 def barrier(ctx: Dist) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+PATIENT_WAIT = timedelta(days=2)
+
+
+@functools.cache
+def _patient_group() -> dist.ProcessGroup:
+    """A gloo group whose collectives may wait for days (for rank 0's solo work, never for a hang)."""
+    return dist.new_group(backend="gloo", timeout=PATIENT_WAIT)
+
+
+def wait_for_main(ctx: Dist) -> None:
+    """Hold the other ranks until rank 0 ends work it does alone (measuring a latency table).
+
+    Such work may take longer than any sensible collective timeout (a TensorRT table builds an engine per
+    probe), so the wait runs on a gloo group of its own with a deadline of days: nothing else is pending
+    meanwhile, and if rank 0 dies torchrun stops the others.
+    """
+    if ctx.enabled:
+        dist.barrier(group=_patient_group())
