@@ -401,3 +401,27 @@ def sample_batch(ds: Dataset, n: int) -> Tensor:
     if not 1 <= n <= len(ds):
         raise DataError(f"n: expected 1 <= n <= {len(ds)} (dataset size), got {n}")
     return torch.stack([ds[i][0] for i in range(n)])
+
+
+def calibration_batch(train: Dataset, val: Dataset, n: int, seed: int) -> Tensor:
+    """A seeded, class-balanced random sample of ``n`` training images through the eval transform (N, C, H, W).
+
+    int8 calibration must see what inference sees: un-augmented images of every class. The first ``n``
+    training images of a class-sorted folder would be one class, with training augmentation on top.
+    The eval transform is the one ``val`` applies (the val split itself is left for measuring accuracy).
+    """
+    import copy
+
+    if not 1 <= n <= len(train):
+        raise DataError(f"calibration images: expected 1 <= n <= {len(train)} (training set size), got {n}")
+    if isinstance(train, InMemoryImages):
+        labels = train.targets.numpy()
+        view: Dataset = InMemoryImages(train.images, train.targets, train.mean, train.std)
+    elif isinstance(train, Subset) and isinstance(train.dataset, ImageFolder) and isinstance(val, Subset):
+        labels = np.asarray(train.dataset.targets)[np.asarray(train.indices)]
+        folder = copy.copy(train.dataset)
+        folder.transform = val.dataset.transform
+        view = Subset(folder, train.indices)
+    else:
+        raise DataError(f"calibration images: unsupported training set type {type(train).__name__}")
+    return torch.stack([view[int(i)][0] for i in balanced_indices(labels, n, seed)])
