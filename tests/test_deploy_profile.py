@@ -181,3 +181,42 @@ def test_accuracy_table_compares_each_precision_with_fp32() -> None:
     ]}
     lines = accuracy_table(report).splitlines()
     assert "-0.75" in lines[-1] and "int8" in lines[-1]
+
+
+def test_engines_are_built_from_the_graph_of_their_precision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With TensorRT faked: each engine comes from the ONNX file of its precision (strongly typed builds), is
+    checked against that file inside the engine profile, and remembers the TF32 flag it was built with."""
+    import timm
+
+    import ofbdeploy.deploy.tensorrt_engine as engine_module
+    from ofbdeploy.deploy import parity
+    from ofbdeploy.recipe import ExportCfg
+
+    built: list[tuple[str, str, bool]] = []
+
+    def fake_build(onnx_path, spec, cache_dir, log=None):
+        built.append((Path(onnx_path).name, spec.precision, spec.tf32))
+        return Path(cache_dir) / f"{spec.precision}.engine"
+
+    def fake_parity(engine, onnx_path, images, *, precision, batch_range, tf32):
+        assert batch_range == (2, 8) and Path(onnx_path).name.endswith(f"{precision}.onnx")
+        return {"max_abs_diff": 0.0, "top1_agreement": 1.0, "tolerance": 1.0, "min_top1_agreement": 0.9,
+                "images": len(images)}
+
+    # random weights have near-tied logits: the int8 gate (tested in test_quantize) is not what this test is about
+    monkeypatch.setitem(parity.TOLERANCES, "int8", parity.Tolerance(rtol=1.0, min_top1_agreement=0.0))
+    monkeypatch.setattr(engine_module, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(engine_module, "build_engine", fake_build)
+    monkeypatch.setattr(engine_module, "check_engine_parity", fake_parity)
+    model = timm.create_model("ofb_vit_pico_patch4_32", img_size=16).eval()
+    cfg = ExportCfg(trt=True, trt_precisions=["fp16", "int8"], batch_range=(2, 4, 8), simplify=False)
+    calibration = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    images = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    artifacts = workflow.export_models({"pruned": model}, tmp_path, cfg, img_size=16, check_images=images,
+                                       calibration=calibration, tf32=False)
+    assert built == [("pruned-fp16.onnx", "fp16", False), ("pruned-int8.onnx", "int8", False)]
+    assert set(artifacts.onnx) == {"pruned", "pruned-fp16", "pruned-int8"}
+    assert artifacts.engine_tf32 == {"pruned-fp16": False, "pruned-int8": False}
+    cfg_on = ProfileCfg(backends=["tensorrt"], precisions=["int8"])
+    with pytest.raises(BackendUnavailable, match="built with TF32 off, the profile's policy is on"):
+        workflow.make_runner("tensorrt", "pruned", {}, artifacts, cfg_on, "int8")

@@ -119,3 +119,28 @@ def test_calibration_batch_is_class_balanced_seeded_and_unaugmented() -> None:
     assert counts.min() == counts.max() == 5  # every class alike, unlike the first 50 of a class-sorted set
     plain = (train.images[indices].float() / 255 - train.mean) / train.std  # the eval transform: no augmentation
     torch.testing.assert_close(batch, plain.repeat(1, 3, 1, 1))
+
+
+def test_int8_session_at_a_fixed_batch_keeps_the_integer_matmuls(calibration, tmp_path: Path) -> None:
+    """Sessions are specialised to their batch; ONNX Runtime's MatMulAddFusion must not turn the Q/DQ products
+    into dequantise + fp32 Gemm first (what made int8 slower than fp32). Models as the pipeline builds them."""
+    import onnxruntime as ort
+
+    from ofbdeploy.arch import ArchSpec, ViTShape
+    from ofbdeploy.deploy.backends import disabled_optimizers
+    from ofbdeploy.deploy.workflow import with_random_weights
+
+    shape = ViTShape.from_model(timm.create_model(PICO), PICO)
+    fp32 = export_onnx(with_random_weights(ArchSpec.dense(shape)), tmp_path / "plain.onnx", img_size=32).path
+    int8 = quantize_int8(fp32, tmp_path / "plain-int8.onnx", calibration).path
+
+    def fused(disabled: list[str]) -> set[str]:
+        options = ort.SessionOptions()
+        options.add_free_dimension_override_by_name("batch", 1)
+        options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return {node.op_type for node in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
+
+    assert "MatMulIntegerToFloat" not in fused([])  # the trap, as ONNX Runtime 1.32 sets it
+    assert "MatMulIntegerToFloat" in fused(disabled_optimizers("int8"))
+    assert disabled_optimizers("fp32") == []

@@ -152,7 +152,7 @@ def _quantize(source: Path, target: Path, calibration: np.ndarray, nodes: list[s
     try:
         with _quiet_library():
             quantize_static(
-                str(source), str(target), _Batches(calibration), quant_format=QuantFormat.QDQ,
+                str(source), str(target), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTISED_OPS), nodes_to_quantize=nodes, per_channel=True,
                 reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
@@ -163,7 +163,7 @@ def _quantize(source: Path, target: Path, calibration: np.ndarray, nodes: list[s
         raise QuantizeError(f"{name}: ONNX Runtime quantize_static failed: {type(err).__name__}: {err}") from err
 
 
-class _Batches:
+class CalibrationReader:
     """ONNX Runtime's calibration reader protocol over an array, in fixed batches (the graph's batch is dynamic)."""
 
     def __init__(self, images: np.ndarray) -> None:

@@ -174,7 +174,7 @@ def check_engine_parity(
     runner = runner_factory("tensorrt", engine_path=Path(engine_path), precision=precision)
     batches = parity_batches(np.ascontiguousarray(images, dtype=np.float32), *batch_range)
     logits = np.concatenate([np.asarray(runner.run_on(b), dtype=np.float32) for b in batches])
-    reference = np.concatenate([_onnxruntime_logits(Path(onnx_path), b) for b in batches])
+    reference = _onnxruntime_logits(Path(onnx_path), batches)
     if logits.shape != reference.shape:
         raise OfbError(f"{engine_path}: engine output shape {logits.shape}, ONNX Runtime gives {reference.shape}")
     parity = compare(logits, reference, limits.max_abs_diff(reference), limits.min_top1_agreement)
@@ -185,9 +185,10 @@ def check_engine_parity(
             "tolerance": parity.tolerance, "min_top1_agreement": parity.min_top1_agreement, "images": parity.images}
 
 
-def _onnxruntime_logits(onnx_path: Path, images: np.ndarray) -> np.ndarray:
+def _onnxruntime_logits(onnx_path: Path, batches: list[np.ndarray]) -> np.ndarray:
     """Reference outputs: ONNX Runtime's CPU provider, the most trusted implementation of the ONNX graph."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {session.get_inputs()[0].name: images})[0], dtype=np.float32)
+    name = session.get_inputs()[0].name
+    return np.concatenate([np.asarray(session.run(None, {name: b})[0], dtype=np.float32) for b in batches])
