@@ -660,6 +660,12 @@ _BACKENDS: dict[str, _Backend] = {
 }
 
 
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (None if it can, or if it is unknown)."""
+    entry = _BACKENDS.get(backend)
+    return None if entry is None else entry.missing()
+
+
 def available_backends() -> list[str]:
     """The registered backends that can run on this machine, in registry order."""
     return [name for name, entry in _BACKENDS.items() if entry.missing() is None]

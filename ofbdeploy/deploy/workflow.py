@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.deploy.backends import BackendError, BackendUnavailable, Runner, create_runner
+from ofbdeploy.deploy.backends import BackendError, BackendUnavailable, Runner, create_runner, unavailable_reason
 from ofbdeploy.deploy.measure import LatencyStats, measure_group
 from ofbdeploy.deploy.onnx_export import check_against_torch, export_onnx
 from ofbdeploy.deploy.parity import Parity
@@ -163,6 +163,9 @@ def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts
     """The runner of model ``name`` in ``precision`` (default: the profile's first) on ``backend``: the module for
     torch, the ONNX file of that precision for ONNX Runtime, the engine for TensorRT."""
     precision = precision or cfg.precisions[0]
+    missing = unavailable_reason(backend)
+    if missing is not None:  # say what the machine lacks before what the export lacks
+        raise BackendUnavailable(f"{backend}: {missing}")
     if backend in ("torch", "torch-compile"):
         return create_runner(backend, model=models[name], precision=precision, threads=cfg.threads, tf32=cfg.tf32)
     if backend == "tensorrt":
