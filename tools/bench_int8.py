@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--variants", action="store_true", help="also time the u8-asym and all-qdq files")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (for timing them again)")
     args = parser.parse_args()
 
     dense_model = build_dense(args.model)
@@ -81,7 +82,9 @@ def main() -> None:
     calibration = np.random.default_rng(0).standard_normal(
         (args.calibration_images, shape.in_chans, size, size)).astype(np.float32)
     rows, table = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         files: dict[tuple[str, str], Path] = {}
         for name, spec in specs.items():
             fp32 = export_onnx(with_random_weights(spec), Path(tmp) / f"{name}.onnx", img_size=size,
