@@ -159,6 +159,9 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
                               in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration,
                               tf32=tf32)
+    if target.run is not None:  # a run's export.json carries the files' accuracy, as `ofbdeploy run` writes it
+        artifacts.accuracy = target.run.onnx_accuracy(artifacts)
+        artifacts.save(target.export_dir)
     for check in artifacts.checks:
         click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
                    f"top-1 agreement {check['top1_agreement']:.1%}")
