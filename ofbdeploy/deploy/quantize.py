@@ -31,9 +31,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -67,9 +66,6 @@ class QuantResult:
     quantised_nodes: int
     reused: bool
     parity: Parity | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "path": str(self.path)}
 
 
 def weight_products(model: onnx.ModelProto) -> list[str]:
