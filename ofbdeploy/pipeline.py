@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.grids import SearchSpace, space_for
 from ofbdeploy.io import atomic_write_text
@@ -40,7 +41,7 @@ from ofbdeploy.table import format_table
 from ofbdeploy.train.amp import set_fp32_matmul
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
-from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, sample_batch
+from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, calibration_batch, sample_batch
 from ofbdeploy.train.distributed import Dist, barrier, init_distributed, leave, wait_for_main
 from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import scaled_lr
@@ -59,7 +60,7 @@ _DEPENDS = {
     "materialize": (),
     "finetune": ("finetune",),
     "evaluate": (),
-    "export": ("export",),
+    "export": ("export", "profile"),  # engines are built with the profile's TF32 policy
     "profile": ("profile",),
     "report": ("budget",),
 }
@@ -311,7 +312,9 @@ class Run:
         return {"dense": self.load_dense().cpu(), "pruned": load_pruned(self.paths.finetuned)}
 
     def stage_export(self) -> None:
-        """ONNX of dense and pruned (checked in ONNX Runtime on val images); TensorRT engines if asked."""
+        """ONNX of dense and pruned in each precision asked for (checked in ONNX Runtime on val images; int8
+        calibrated on a class-balanced sample of the training split), TensorRT engines if asked, and the
+        ONNX Runtime CPU accuracy of every file on the validation split."""
         cfg = self.recipe.export
         if self.ctx.is_main:
             if not cfg.enabled:
@@ -319,16 +322,41 @@ class Run:
                 return
             train, val, _ = self.data()
             check = sample_batch(val, min(cfg.check_images, len(val)))
-            calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy() if cfg.trt else None
-            export_models(self.deploy_models(), self.paths.export, cfg, img_size=self.img_size(),
-                          in_chans=check.shape[1], check_images=check, calibration=calibration)
+            calibration = None
+            if "int8" in cfg.onnx_precisions():
+                calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
+                                                self.recipe.seed).numpy()
+            artifacts = export_models(self.deploy_models(), self.paths.export, cfg, img_size=self.img_size(),
+                                      in_chans=check.shape[1], check_images=check, calibration=calibration,
+                                      tf32=self.recipe.profile.tf32)
+            artifacts.accuracy = self.onnx_accuracy(artifacts)
+            artifacts.save(self.paths.export)
+
+    def onnx_accuracy(self, artifacts: DeployArtifacts) -> list[dict[str, Any]]:
+        """Top-1/top-5 of every exported ONNX file on ONNX Runtime CPU, over the validation split (or the
+        recipe's sample of it)."""
+        val = self.data()[1]
+        limit = self.recipe.export.accuracy_images
+        if limit is not None and limit < len(val):
+            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(self.recipe.seed))
+            val = torch.utils.data.Subset(val, order[:limit].tolist())
+        loader = build_loader(val, batch_size=self.recipe.data.eval_batch_size, train=False,
+                              workers=self.recipe.data.workers, seed=self.recipe.seed)
+        entries = []
+        for key, path in artifacts.onnx.items():
+            model, _, precision = key.partition("-")
+            entry = accuracy_entry(model, precision or "fp32", Path(path), loader)
+            log.info("ONNX Runtime CPU accuracy of %s: top-1 %.2f%%, top-5 %.2f%% on %d images", key, entry["top1"],
+                     entry["top5"], entry["images"])
+            entries.append(entry)
+        return entries
 
     def stage_profile(self) -> None:
         """Dense vs pruned latency on each backend of the recipe, measured alternately in this process."""
         if not self.ctx.is_main:
             return
         rows: list[dict[str, Any]] = []
-        skipped: list[str] = []
+        skipped: list[dict[str, Any]] = []
         if self.recipe.profile.enabled:
             spec = ArchSpec.load(self.paths.finetuned / "arch.json")
             ratio = spec.macs() / ArchSpec.dense(spec.base).macs()
@@ -398,6 +426,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
     metrics = read_json(paths.metrics)
     finetune = read_json(paths.finetuned / "train.json")
     profile = read_json(paths.profile) if paths.profile.is_file() else {"latency": [], "skipped": []}
+    artifacts = DeployArtifacts.load(paths.export)
     return {
         "model": spec.base.model_name,
         "flops_dense": dense_spec.macs(),
@@ -423,7 +452,9 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "search_budget_steps": search["budget_steps"],
         "finetune_seconds": finetune["seconds"],
         "materialize_max_abs_diff": read_json(paths.pruned_check)["max_abs_diff"],
-        "export": DeployArtifacts.load(paths.export).checks,
+        "export": artifacts.checks,
+        "accuracy": [{k: entry[k] for k in ("model", "precision", "runtime", "top1", "top5", "images")}
+                     for entry in artifacts.accuracy],
         "latency": profile["latency"],
         "profile_skipped": profile["skipped"],
         "latency_prediction": _prediction(paths, spec, profile["latency"]),

@@ -175,6 +175,48 @@ def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
     assert regressed.exit_code == 1 and "MISSED" in regressed.output
 
 
+def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finished_run, tmp_path):
+    """export.int8 on a finished run: a calibrated Q/DQ file per model, their ORT CPU accuracy next to fp32, int8
+    latency rows (with the pruned int8 model against dense fp32 from the same run); a backend this machine lacks
+    is skipped with its reason, the rest measured, and a budget on it fails the run (exit 1) naming the reason."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    missing = "ort-trt"  # no TensorRT provider in the CPU onnxruntime
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "export.int8=true",
+                     "--set", "export.calibration_images=64", "--set", "profile.precisions=[fp32, int8]",
+                     "--set", f"profile.backends=[ort-cpu, {missing}]", "--set", "profile.batches=[1, 8]",
+                     "--set", "profile.repeats=5",
+                     "--set", f"budget.speedup=[{{backend: {missing}, batch: 1, min: 1}}]")
+    assert result.exit_code == 1, result.output
+    assert (run / "export" / "pruned-int8.onnx").is_file() and (run / "export" / "dense-int8.onnx").is_file()
+    record = json.loads((run / "export" / "pruned-int8.onnx.quant.json").read_text())
+    assert record["calibration_images"] == 64 and record["settings"]["activations"] == "int8 symmetric"
+    report = json.loads((run / "report.json").read_text())
+    accuracy = {(e["model"], e["precision"]): e for e in report["accuracy"]}
+    assert set(accuracy) == {("dense", "fp32"), ("pruned", "fp32"), ("dense", "int8"), ("pruned", "int8")}
+    assert all(e["runtime"] == "ort-cpu" and e["images"] == 64 and 0 <= e["top5"] <= 100 for e in accuracy.values())
+    # the fp32 file's accuracy is the torch model's (same weights, same val split)
+    assert accuracy[("pruned", "fp32")]["top1"] == pytest.approx(report["top1_pruned"], abs=1e-6)
+    assert {(r["backend"], r["precision"], r["batch"]) for r in report["latency"]} == {
+        ("ort-cpu", p, b) for p in ("fp32", "int8") for b in (1, 8)}
+    int8 = next(r for r in report["latency"] if (r["precision"], r["batch"]) == ("int8", 1))
+    fp32 = next(r for r in report["latency"] if (r["precision"], r["batch"]) == ("fp32", 1))
+    assert int8["speedup_vs_dense_fp32"] > 0 and fp32["speedup_vs_dense_fp32"] == pytest.approx(fp32["speedup"])
+    assert {(s["backend"], s["precision"], s["batch"]) for s in report["profile_skipped"]} == {
+        (missing, "fp32", None), (missing, "int8", None)}
+    assert all("TensorrtExecutionProvider" in s["reason"] for s in report["profile_skipped"])
+    [check] = report["budget"]
+    assert not check["ok"] and check["measured"].startswith("not measured: ") and "Tensorrt" in check["measured"]
+    markdown = (run / "report.md").read_text()
+    assert "## Accuracy of the exported files" in markdown and f"{missing} int8 every batch:" in markdown
+    # `ofbdeploy export --precision int8` on the run: the calibrated files are reused, the accuracy recorded again
+    result = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--check-images", "16"])
+    assert result.exit_code == 0, result.output
+    assert "pruned-int8" in result.output
+    again = json.loads((run / "export" / "export.json").read_text())["accuracy"]
+    assert [{k: e[k] for k in report["accuracy"][0]} for e in again] == report["accuracy"]
+
+
 def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tmp_path, synthetic_lut):
     table = synthetic_lut(TINY["model"]["name"], 16)
     dense_ms = table.dense_ms

@@ -70,3 +70,16 @@ def test_bench_lut_smoke(tmp_path, synthetic_lut):
     for row in result["rows"]:
         assert row["measured_ms"] > 0 and row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
         assert row["ratio_error"] == pytest.approx(row["predicted_fraction"] / row["measured_fraction"] - 1)
+
+
+def test_bench_int8_smoke(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"arch": {"embed_dim": 48, "blocks": [
+        {"heads": 2, "head_dim": 16, "mlp_dim": 96}] * 4}}))
+    out = tmp_path / "int8.json"
+    _run("bench_int8.py", "--model", PICO, "--arch", str(report), "--batch", "1", "--repeats", "5", "--warmup", "1",
+         "--calibration-images", "8", "--variants", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["file"]) for r in rows] == [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"),
+                                                       ("pruned", "int8"), ("pruned", "u8-asym"), ("pruned", "all-qdq")]
+    assert rows[0]["speedup_vs_dense_fp32"] == 1.0 and all(r["median_ms"] > 0 for r in rows)

@@ -9,6 +9,7 @@ prefetching loader (pinned memory, normalisation and random erasing on the devic
 
 from __future__ import annotations
 
+import copy
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -523,3 +524,25 @@ def sample_batch(ds: Dataset, n: int) -> Tensor:
         raise DataError(f"n: expected 1 <= n <= {len(ds)} (dataset size), got {n}")
     images = torch.stack([ds[i][0] for i in range(n)])
     return ds.normalise(images) if isinstance(ds, FolderImages) else images
+
+
+def calibration_batch(train: Dataset, val: Dataset, n: int, seed: int) -> Tensor:
+    """A seeded, class-balanced random sample of ``n`` training images through the eval transform (N, C, H, W).
+
+    int8 calibration must see what inference sees: un-augmented images of every class. The first ``n``
+    training images of a class-sorted folder would be one class, with training augmentation on top.
+    The eval transform is the one ``val`` applies (the val split itself is left for measuring accuracy).
+    """
+    if not 1 <= n <= len(train):
+        raise DataError(f"calibration images: expected 1 <= n <= {len(train)} (training set size), got {n}")
+    if isinstance(train, InMemoryImages):
+        view: Dataset = InMemoryImages(train.images, train.targets, train.mean, train.std)
+    elif isinstance(train, FolderImages) and isinstance(val, FolderImages):
+        folder = copy.copy(train.folder)
+        folder.transform = val.folder.transform
+        view = FolderImages(folder, np.asarray(train.indices))
+    else:
+        raise DataError(f"calibration images: unsupported training set type {type(train).__name__}")
+    picked = balanced_indices(train.targets.numpy(), n, seed)
+    images = torch.stack([view[int(i)][0] for i in picked])
+    return view.normalise(images) if isinstance(view, FolderImages) else images
