@@ -143,9 +143,12 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     if len(batch_range) != 3:
         raise click.BadParameter("expected min,opt,max", param_hint="--batch-range")
     target = _Target(path)
-    cfg = ExportCfg(opset=opset, fp16=fp16_onnx or "fp16" in precisions, int8="int8" in precisions, trt=trt,
-                    trt_precisions=list(precisions) or ["fp16"], batch_range=tuple(batch_range),
-                    check_images=check_images)
+    # a run keeps its recipe's other export settings (calibration sample size, simplification, ...)
+    base = target.run.recipe.export if target.run is not None else ExportCfg()
+    cfg = base.model_copy(update={"opset": opset, "fp16": fp16_onnx or "fp16" in precisions,
+                                  "int8": "int8" in precisions, "trt": trt,
+                                  "trt_precisions": list(precisions) or ["fp16"], "batch_range": tuple(batch_range),
+                                  "check_images": check_images})
     calibration = None
     if "int8" in cfg.onnx_precisions():
         if target.run is None:

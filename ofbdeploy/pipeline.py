@@ -32,13 +32,13 @@ from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
+from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
-from ofbdeploy.train.amp import set_fp32_matmul
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, calibration_batch, sample_batch
@@ -101,7 +101,7 @@ class Run:
         self.ctx = init_distributed(recipe.device, recipe.dist_timeout_min)
         if not self.ctx.is_main:
             logging.getLogger("ofbdeploy").setLevel(logging.ERROR)  # one voice on the console: rank 0
-        self.fp32_matmul = set_fp32_matmul(recipe.strict_fp32) if self.ctx.device.type == "cuda" else "ieee (cpu)"
+        self.fp32_matmul = set_tf32(not recipe.strict_fp32) if self.ctx.device.type == "cuda" else "ieee (cpu)"
         self.batch = plan_batch(recipe.data.batch_size, self.ctx.world_size, recipe.data.max_batch_per_process)
         self._data: tuple | None = None
 

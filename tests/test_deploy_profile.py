@@ -13,9 +13,10 @@ import torch
 
 import ofbdeploy.deploy.backends as backends
 import ofbdeploy.deploy.workflow as workflow
-from ofbdeploy.deploy.backends import BackendUnavailable, Runner, Timer, apply_torch_tf32
+from ofbdeploy.deploy.backends import BackendUnavailable, Runner, Timer
 from ofbdeploy.deploy.measure import measure_group
 from ofbdeploy.deploy.provider_check import main as provider_check
+from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import ProfileCfg, RecipeError, parse_recipe
 from ofbdeploy.report.render import accuracy_table, latency_table, skipped_lines
 
@@ -154,17 +155,20 @@ def test_ort_trt_keeps_engine_and_timing_caches(monkeypatch: pytest.MonkeyPatch,
     assert seen["tf32"] is True  # the provider has no TF32 switch: recorded as it runs
 
 
-def test_torch_tf32_policy_sets_matmul_and_cudnn() -> None:
+def test_one_tf32_policy_sets_matmul_and_cudnn() -> None:
+    """Training (the recipe's strict_fp32) and deployment (profile.tf32) flip the same switches, in one spelling:
+    torch refuses to read its cuDNN flag once the legacy and the new spelling were both used."""
+    cudnn = torch.backends.cudnn
     before = torch.get_float32_matmul_precision()
     try:
-        apply_torch_tf32(True)
+        assert set_tf32(True) == "tf32"
         assert torch.get_float32_matmul_precision() == "high"
-        apply_torch_tf32(False)
+        assert (cudnn.fp32_precision == "tf32") if hasattr(cudnn, "fp32_precision") else cudnn.allow_tf32
+        assert set_tf32(False) == "ieee"
         assert torch.get_float32_matmul_precision() == "highest"
-        cudnn = torch.backends.cudnn
         assert (cudnn.fp32_precision == "ieee") if hasattr(cudnn, "fp32_precision") else not cudnn.allow_tf32
     finally:
-        torch.set_float32_matmul_precision(before)
+        set_tf32(before != "highest")
 
 
 def test_provider_check_proves_providers_by_running_them(capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 import ofbdeploy.models.zoo  # noqa: F401  (registers the ofb_vit_* test models, also in spawned workers)
 import ofbdeploy.train.trainer as trainer
 from ofbdeploy.errors import OfbError
-from ofbdeploy.train.amp import AMP_DTYPES, amp_dtype, grad_scaler, set_fp32_matmul, step_all
+from ofbdeploy.train.amp import AMP_DTYPES, amp_dtype, grad_scaler, step_all
 from ofbdeploy.train.checkpoint import seed_epoch
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist, init_distributed
@@ -184,18 +184,6 @@ def test_amp_applies_on_cpu_too_and_is_validated() -> None:
     assert grad_scaler(torch.bfloat16, torch.device("cpu")) is None
     with pytest.raises(OfbError, match="amp"):
         amp_dtype("fp8", torch.device("cpu"))
-
-
-def test_fp32_products_are_tf32_unless_strict() -> None:
-    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        assert set_fp32_matmul(strict=False) == "tf32"
-        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
-        assert set_fp32_matmul(strict=True) == "ieee"
-        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def test_scaled_step_skips_an_optimizer_without_gradients() -> None:

@@ -30,10 +30,11 @@ import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smo
 from ofbdeploy.deploy.backends import device_name
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective
+from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.engine import Search
 from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.train.amp import amp_dtype, autocast, set_fp32_matmul
+from ofbdeploy.train.amp import amp_dtype, autocast
 from ofbdeploy.train.distributed import barrier, init_distributed, wrap_ddp
 
 IMAGENET_TRAIN = 1_281_167
@@ -82,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     ctx = init_distributed(args.device)
     device = ctx.device
-    fp32_matmul = set_fp32_matmul(strict=False) if device.type == "cuda" else "ieee (cpu)"
+    fp32_matmul = set_tf32(True) if device.type == "cuda" else "ieee (cpu)"
     torch.manual_seed(ctx.rank)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     torch.manual_seed(0)

@@ -53,6 +53,7 @@ from torch import nn
 from ofbdeploy.deploy import trt_api
 from ofbdeploy.deploy.onnx_export import graph_precision
 from ofbdeploy.errors import OfbError
+from ofbdeploy.numerics import set_tf32
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -254,15 +255,6 @@ def _input_chw(model: nn.Module) -> tuple[int, ...]:
     return (embed.proj.in_channels, *embed.img_size)
 
 
-def apply_torch_tf32(enabled: bool) -> None:
-    """Torch's TF32 switches for fp32 matmuls and cuDNN convolutions (process-wide, as torch has them)."""
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    if hasattr(torch.backends.cudnn, "fp32_precision"):  # torch >= 2.9; allow_tf32 is its deprecated spelling
-        torch.backends.cudnn.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        torch.backends.cudnn.allow_tf32 = enabled
-
-
 def _capture(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Record one forward in a CUDA graph (after warm-up on a side stream, as capture requires) for replay."""
     side = torch.cuda.Stream(x.device)
@@ -306,7 +298,7 @@ class TorchRunner(Runner):
     def prepare(self, batch: int, images: np.ndarray | None = None) -> None:
         self._step = self._x = self._out = None  # free the previous shape's buffers and graph first
         if self.tf32 is not None:
-            apply_torch_tf32(self.tf32)  # before compiling and capturing: both bake the choice in
+            set_tf32(self.tf32)  # before compiling and capturing: both bake the choice in
         with _CudaPeak(self._device) as peak, torch.inference_mode():
             x = _seeded_input((batch, *self._chw), images).to(self._device, _TORCH_DTYPES[self.precision])
             self._out = self._forward(x)  # compiles, for torch-compile

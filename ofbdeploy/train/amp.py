@@ -71,14 +71,3 @@ def step_all(optimizers: Iterable[torch.optim.Optimizer], scaler: torch.amp.Grad
             scaler.step(opt)
     if scaler is not None and stepped:
         scaler.update()
-
-
-def set_fp32_matmul(strict: bool) -> str:
-    """TF32 for fp32 matrix products and convolutions on CUDA unless ``strict``; returns 'tf32' or 'ieee'.
-
-    TF32 keeps fp32's range with a 10-bit mantissa in the products: roughly 2-8x faster on Ampere and
-    later, and accurate enough for training. It only applies on CUDA; CPU products are always IEEE fp32.
-    """
-    torch.set_float32_matmul_precision("highest" if strict else "high")
-    torch.backends.cudnn.allow_tf32 = not strict
-    return "ieee" if strict else "tf32"
