@@ -174,16 +174,21 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
     run directory and records their digests in stages.json; a stage is skipped only while its recipe
     sections, its inputs and its artifacts are unchanged, so re-running after a change (or after an
     artifact was deleted or replaced) redoes only what is needed, and run.log says why. One run at a time
-    per directory (run.lock). Under `torchrun --standalone --nproc_per_node N -m ofbdeploy run ...` the
-    search and the training stages run with PyTorch DDP.
+    per directory (run.lock). Under `python -m ofbdeploy.torchrun --standalone --nproc_per_node N -m
+    ofbdeploy run ...` (torchrun's arguments, these exit codes) the search and training run with DDP.
     """
-    from ofbdeploy.pipeline import Run
     from ofbdeploy.recipe import load_recipe
+    from ofbdeploy.rundir import check_run_dir
 
     extra = [*overrides, f"output_dir={output}"] if output is not None else list(overrides)
-    report = Run(load_recipe(recipe, extra), resume=resume, progress=not no_progress).execute()
+    resolved = load_recipe(recipe, extra)  # before the heavy imports: a bad recipe or output fails in a blink
+    check_run_dir(Path(resolved.output_dir))
+
+    from ofbdeploy.pipeline import Run
+
+    report = Run(resolved, resume=resume, progress=not no_progress).execute()
     if not report:
-        raise RunDirError(f"{Path(load_recipe(recipe, extra).output_dir)}: the run ended without a report.json")
+        raise RunDirError(f"{resolved.output_dir}: the run ended without a report.json")
     if not report.get("budget_met", True):
         missed = [c["name"] for c in report.get("budget", []) if not c.get("ok")]
         raise LimitMissed(f"{', '.join(missed)} (see the budget table above and report.md)")
@@ -290,12 +295,13 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     Engines are cached by ONNX content, precision, batch range, TensorRT version and GPU name. An existing
     PATH/export is replaced only with --force.
     """
+    if len(batch_range) != 3 or not batch_range[0] <= batch_range[1] <= batch_range[2]:
+        raise click.BadParameter("expected min,opt,max with min <= opt <= max", param_hint="--batch-range")
+    _check_free_dir(path / "export", "export", force)
+
     from ofbdeploy.deploy.workflow import export_models
     from ofbdeploy.recipe import ExportCfg
 
-    if len(batch_range) != 3 or not batch_range[0] <= batch_range[1] <= batch_range[2]:
-        raise click.BadParameter("expected min,opt,max with min <= opt <= max", param_hint="--batch-range")
-    _check_free_dir(path / "export", f"{path}/export", force)
     cfg = _config(ExportCfg, {"opset": "--opset", "batch_range": "--batch-range", "check_images": "--check-images",
                               "trt_precisions": "--precision"},
                   opset=opset, fp16=fp16_onnx, trt=trt, trt_precisions=list(precisions) or ["fp16"],

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ofbdeploy.arch import ArchSpec, ViTShape
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
-from ofbdeploy.errors import OfbError, RunDirError, note_traceback
+from ofbdeploy.errors import InputError, OfbError, note_traceback
 from ofbdeploy.grids import SearchSpace, space_for
 from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
@@ -266,8 +266,14 @@ class Run:
         given latency table is one of this model and target."""
         from ofbdeploy.models.dense import load_weights
 
-        self.data()
-        model = self.build_dense_model()
+        try:
+            self.data()
+            model = self.build_dense_model()
+        except (MemoryError, RuntimeError) as err:  # sizes the recipe allows but this machine cannot hold
+            if not isinstance(err, MemoryError) and "allocate" not in str(err):
+                raise
+            raise InputError(f"model.img_size {self.recipe.model.img_size or '(the model default)'}: the data or "
+                             f"the model does not fit in memory ({type(err).__name__}: {str(err)[:120]})") from None
         if self.recipe.model.checkpoint:
             load_weights(model, self.recipe.model.checkpoint)
         shape = ViTShape.from_model(model, self.recipe.model.name)
@@ -408,10 +414,9 @@ class Run:
         lock = RunLock(root)
         stage, handler = "input checks", None
         try:
-            if root.exists():  # refuse a busy or foreign directory before spending time on checks
-                on_main(self.ctx, lambda: (check_run_dir(root), lock.acquire()))
-            else:
-                on_main(self.ctx, lambda: _check_creatable(root))
+            on_main(self.ctx, lambda: check_run_dir(root))
+            if root.exists():  # refuse a busy directory before spending time on checks
+                on_main(self.ctx, lock.acquire)
             self.check_inputs()
             plan = on_main(self.ctx, lambda: self._open(lock))
             handler = _log_to_file(self.paths.log, self.ctx)
@@ -430,8 +435,8 @@ class Run:
                                                                    self.artifacts(s)))
                 log.info("stage %s: finished in %.1f s", stage, time.perf_counter() - t0)
         except KeyboardInterrupt:
-            log.warning("interrupted during %s; finished stages are kept, `--resume` continues a stopped "
-                        "pretrain, search or finetune from its last epoch", stage)
+            _file_only(handler, logging.WARNING, f"interrupted during {stage}; finished stages are kept, "
+                                                 f"`--resume` continues a stopped pretrain, search or finetune")
             raise
         except OfbError as err:  # the console gets the one-line error from the CLI; the log keeps it too
             _file_only(handler, logging.ERROR, f"stopped during {stage}: {err}")
@@ -467,15 +472,6 @@ class Run:
         if first is not None:
             self.book.forget(list(STAGES[STAGES.index(first):]))
         return plan
-
-
-def _check_creatable(root: Path) -> None:
-    """A run directory that does not exist yet: its nearest existing parent must be a directory."""
-    parent = root
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RunDirError(f"output directory: {root} cannot be created ({parent} is a file)")
 
 
 def build_report(paths: RunPaths) -> dict[str, Any]:

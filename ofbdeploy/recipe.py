@@ -32,8 +32,8 @@ class ModelCfg(_Strict):
 
     name: str = Field(description="timm model name, e.g. deit_small_patch16_224, or an ofb_vit_* test config")
     checkpoint: str | None = Field(None, description="local weights file (DeiT/timm .pth or .safetensors)")
-    num_classes: int | None = Field(None, ge=1, description="classifier size; default: the dataset's class count")
-    img_size: int | None = Field(None, ge=8, description="input size; default: the model's own")
+    num_classes: int | None = Field(None, ge=1, le=1 << 20, description="classifier size; default: the dataset's")
+    img_size: int | None = Field(None, ge=8, le=4096, description="input size; default: the model's own")
     overrides: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
 
 

@@ -90,12 +90,18 @@ def on_main(ctx: Any, fn: Callable[[], T]) -> T:
 
 # -- the directory itself ---------------------------------------------------------------------------
 def check_run_dir(root: Path) -> None:
-    """Refuse an output that is a file, or a non-empty directory that is not a run directory (a typo such
-    as ``--output ~`` must not scatter artifacts through someone's files)."""
+    """Refuse an output that is a file, below a file, or a non-empty directory that is not a run directory
+    (a typo such as ``--output ~`` must not scatter artifacts through someone's files)."""
     if root.exists() and not root.is_dir():
         raise RunDirError(f"output directory: {root} is a file; expected a run directory")
+    parent = root
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"output directory: {root} cannot be created ({parent} is a file)")
     try:
-        foreign = root.is_dir() and any(root.iterdir()) and not any((root / m).exists() for m in RUN_MARKERS)
+        foreign = root.is_dir() and any(not is_temporary(p) for p in root.iterdir()) \
+            and not any((root / m).exists() for m in RUN_MARKERS)
     except OSError as err:
         raise RunDirError(f"output directory: cannot read {root} ({err.strerror or err})") from None
     if foreign:

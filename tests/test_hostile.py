@@ -211,6 +211,18 @@ def test_sigint_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path):
     assert list(StageBook(tmp_path / "run").load()[0]) == ["dense"]
 
 
+def test_the_torchrun_launcher_keeps_the_exit_codes(tmp_path):
+    from ofbdeploy.torchrun import worker_exit_code
+
+    assert [worker_exit_code(c) for c in (1, 2, 3, 130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL, 7)] == \
+        [1, 2, 3, 130, 130, 130, 3, 3]
+    proc = subprocess.run([sys.executable, "-m", "ofbdeploy.torchrun", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ofbdeploy", "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]  # plain torchrun would exit 1, the code of a missed budget
+    assert "Traceback" not in proc.stderr and "recipe not found" in proc.stderr
+
+
 # -- check: a gate that cannot be fooled -------------------------------------------------------------
 @pytest.fixture
 def checked_run(tmp_path) -> Path:
@@ -365,7 +377,7 @@ def test_bad_models_are_refused_before_the_run_directory_exists(tmp_path, model,
     (b"name: \xff\xfe\n", "not UTF-8"),
     (b"a: &a [*a]\n", "recursive"),
     (b"name: \"a\\0b\"\n", "NUL"),
-    (b"[" * 1500, "nested too deeply"),
+    (b"[" * 1500, "nested more than 64 levels"),
     (b"x" * (2 << 20), "too large"),
 ])
 def test_hostile_recipe_files_are_one_line(tmp_path, text, needle):
