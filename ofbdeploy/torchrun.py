@@ -9,6 +9,7 @@ and 3 when a worker died otherwise (killed, out of memory).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -28,10 +29,12 @@ def worker_exit_code(exitcode: int) -> ExitCode:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("LOGLEVEL", "ERROR")  # torch's elastic agent: no warnings next to the workers' lines
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch's elastic agent: only the workers' own lines
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 
     try:
         run(parse_args(argv))
