@@ -190,8 +190,8 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
     if not report:
         raise RunDirError(f"{resolved.output_dir}: the run ended without a report.json")
     if not report.get("budget_met", True):
-        missed = [c["name"] for c in report.get("budget", []) if not c.get("ok")]
-        raise LimitMissed(f"{', '.join(missed)} (see the budget table above and report.md)")
+        missed = [f"{c['name']} ({c['measured']})" for c in report.get("budget", []) if not c.get("ok")]
+        raise LimitMissed(f"{', '.join(missed)}; see the budget table above and report.md")
 
 
 def _comma_ints(_ctx, _param, value: str) -> list[int]:
