@@ -7,7 +7,9 @@ of the dense units that were kept. It is the only object the search and the depl
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +17,22 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ofbdeploy import cost
-from ofbdeploy.errors import ArchError
-from ofbdeploy.io import atomic_write_text
+from ofbdeploy.errors import ArchError, OfbError
+from ofbdeploy.io import atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from ofbdeploy.grids import SearchSpace
 
 ARCH_FORMAT = "ofbdeploy.arch/1"
+# Bounds on a ViT's sizes: far above any real model (ViT-22B: 6144 wide, 48 deep), low enough that a
+# hand-edited record can never ask for a model that does not fit in memory.
+_MAX_WIDTH = 1 << 16
+_SHAPE_INTS = (("img_size", 1, 1 << 14), ("patch_size", 1, 1 << 14), ("in_chans", 1, 1024),
+               ("num_classes", 0, 1 << 20), ("embed_dim", 1, _MAX_WIDTH), ("depth", 1, 1024),
+               ("num_heads", 1, 4096), ("head_dim", 1, _MAX_WIDTH), ("mlp_dim", 1, 1 << 18))
+_POOLS = ("token", "avg")
+_ARCH_KEYS = {"format", "base", "embed_dim", "kept_embed", "blocks", "macs", "params", "notes"}
+_BLOCK_KEYS = {"heads", "head_dim", "mlp_dim", "kept_heads", "kept_channels", "kept_mlp"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,19 @@ class ViTShape:
     fc_norm: bool = False
     layer_scale: bool = False
     model_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Every field of the right type and within what a buildable ViT can have (arch.json is user input)."""
+        for name, low, high in _SHAPE_INTS:
+            _check_int(getattr(self, name), name, low, high)
+        _check(self.patch_size <= self.img_size,
+               f"patch_size: expected at most img_size ({self.img_size}), got {self.patch_size}")
+        for name in ("qkv_bias", "class_token", "fc_norm", "layer_scale"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"{name}: expected true or false, got {str(value)[:40]!r}")
+        _check(self.global_pool in _POOLS, f"global_pool: expected one of {_POOLS}, got {str(self.global_pool)[:40]!r}")
+        _check(isinstance(self.model_name, str) and len(self.model_name) <= 200,
+               "model_name: expected a model name (a string of at most 200 characters)")
 
     @property
     def num_patches(self) -> int:
@@ -198,31 +222,37 @@ class ArchSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "arch.json") -> ArchSpec:
-        """Parse and validate; every problem is one line naming ``source`` and the field."""
+    def from_dict(cls, data: Any, source: str = "arch.json") -> ArchSpec:
+        """Parse and validate; every problem is one :class:`ArchError` line naming ``source`` and the field."""
         try:
-            if data.get("format") != ARCH_FORMAT:
-                raise ArchError(f"format: expected {ARCH_FORMAT!r}, got {data.get('format')!r}")
-            base = _strict(ViTShape, data["base"], "base")
-            blocks = tuple(
-                BlockSpec(
-                    heads=int(b["heads"]),
-                    head_dim=int(b["head_dim"]),
-                    mlp_dim=int(b["mlp_dim"]),
-                    kept_heads=tuple(b.get("kept_heads", ())),
-                    kept_channels=tuple(tuple(c) for c in b.get("kept_channels", ())),
-                    kept_mlp=tuple(b.get("kept_mlp", ())),
-                )
-                for b in data["blocks"]
-            )
-            return cls(base, int(data["embed_dim"]), blocks, tuple(data.get("kept_embed", ())), data.get("notes", {}))
-        except KeyError as err:
-            raise ArchError(f"{source}: missing field {err.args[0]!r}") from None
-        except (TypeError, ValueError) as err:
+            _check(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}")
+            _check(data.get("format") == ARCH_FORMAT,
+                   f"format: expected {ARCH_FORMAT!r}, got {str(data.get('format'))[:40]!r}")
+            _known(data, _ARCH_KEYS, "")
+            for name in ("macs", "params"):
+                _check(name not in data or _is_number(data[name]), f"{name}: expected a number")
+            notes = data.get("notes", {})
+            _check(isinstance(notes, dict), f"notes: expected an object, got {type(notes).__name__}")
+            base = _required(data, "base", "")
+            _check(isinstance(base, dict), "base: expected an object with the dense model's shape")
+            base = _strict(ViTShape, base, "base")
+            blocks = _required(data, "blocks", "")
+            _check(isinstance(blocks, list), "blocks: expected a list of blocks")
+            _check(len(blocks) == base.depth, f"blocks: expected {base.depth} blocks, got {len(blocks)}")
+            return cls(base, _check_int(_required(data, "embed_dim", ""), "embed_dim", 1, _MAX_WIDTH),
+                       tuple(_block(b, f"blocks[{i}]") for i, b in enumerate(blocks)),
+                       _indices(data.get("kept_embed", []), "kept_embed"), notes)
+        except ArchError as err:
             raise ArchError(f"{source}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def digest(self) -> str:
+        """SHA-256 of what the record says about the model (not its free-form notes): the weights file
+        stores it, so weights and an edited or swapped arch.json cannot be paired silently."""
+        record = {k: v for k, v in self.to_dict().items() if k != "notes"}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def load(cls, path: str | Path) -> ArchSpec:
@@ -230,9 +260,9 @@ class ArchSpec:
         if not path.is_file():
             raise ArchError(f"architecture file not found: {path}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ArchError(f"{path}: not valid JSON ({err})") from None
+            data = read_json(path, "arch.json")
+        except OfbError as err:
+            raise ArchError(str(err)) from None
         return cls.from_dict(data, str(path))
 
 
@@ -251,7 +281,55 @@ def _check_indices(name: str, indices: tuple[int, ...], width: int, dense: int) 
 
 def _strict(kind: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in fields(kind)}
-    unknown = sorted(set(data) - names)
+    _known(data, names, where)
+    try:
+        return kind(**data)
+    except TypeError:  # a required field is missing
+        missing = sorted(n for n in names if n not in data)
+        raise ArchError(f"{where}: missing field(s) {', '.join(missing)}") from None
+    except ArchError as err:
+        raise ArchError(f"{where}.{err}") from None
+
+
+def _required(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ArchError(f"{where + ': ' if where else ''}missing field {key!r}")
+    return data[key]
+
+
+def _known(data: dict[str, Any], names: set[str], where: str) -> None:
+    unknown = sorted(str(k)[:40] for k in set(data) - names)
     if unknown:
-        raise ArchError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    return kind(**data)
+        raise ArchError(f"{where + ': ' if where else ''}unknown field(s) {', '.join(unknown[:5])}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(value: Any, name: str, low: int, high: int) -> int:
+    """``value`` if it is an int (not a bool, not a float) in ``low..high``; an ArchError naming ``name`` else."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = repr(value)[:40] if isinstance(value, int | float | str | None) else type(value).__name__
+        raise ArchError(f"{name}: expected an integer in {low}..{high}, got {shown}")
+    return value
+
+
+def _indices(values: Any, name: str) -> tuple[int, ...]:
+    _check(isinstance(values, list), f"{name}: expected a list of indices")
+    return tuple(_check_int(v, f"{name}[{i}]", 0, _MAX_WIDTH * 4) for i, v in enumerate(values))
+
+
+def _block(data: Any, where: str) -> BlockSpec:
+    _check(isinstance(data, dict), f"{where}: expected an object")
+    _known(data, _BLOCK_KEYS, where)
+    channels = data.get("kept_channels", [])
+    _check(isinstance(channels, list), f"{where}.kept_channels: expected a list of index lists")
+    return BlockSpec(
+        heads=_check_int(_required(data, "heads", where), f"{where}.heads", 1, 4096),
+        head_dim=_check_int(_required(data, "head_dim", where), f"{where}.head_dim", 1, _MAX_WIDTH),
+        mlp_dim=_check_int(_required(data, "mlp_dim", where), f"{where}.mlp_dim", 1, 1 << 18),
+        kept_heads=_indices(data.get("kept_heads", []), f"{where}.kept_heads"),
+        kept_channels=tuple(_indices(c, f"{where}.kept_channels[{h}]") for h, c in enumerate(channels)),
+        kept_mlp=_indices(data.get("kept_mlp", []), f"{where}.kept_mlp"),
+    )

@@ -6,7 +6,7 @@ SwiGLU MLPs, attention pooling) are refused up front with the reason, instead of
 
 from __future__ import annotations
 
-from timm.layers import Attention, LayerScale, Mlp
+from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -24,6 +24,11 @@ def check_supported(model: nn.Module) -> None:
     """Raise :class:`ModelError` naming the first feature of ``model`` that cannot be pruned."""
     if type(model) is not VisionTransformer:
         raise ModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if type(model.patch_embed) is not PatchEmbed:  # hybrid ViTs put a CNN stem here (HybridEmbed)
+        raise ModelError(f"this ViT cannot be pruned by ofbdeploy: patch embedding {type(model.patch_embed).__name__} "
+                         f"(a CNN stem?) instead of timm's PatchEmbed")
+    if len(model.blocks) == 0:
+        raise ModelError("this ViT cannot be pruned by ofbdeploy: it has no transformer blocks (depth 0)")
     problems = {
         "register tokens": model.reg_token is not None,
         "position embedding without class slot (no_embed_class)": model.no_embed_class,
