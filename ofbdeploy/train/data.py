@@ -45,7 +45,16 @@ _RESIZE_CHUNK = 4096  # images per interpolate call, bounds the float working me
 
 
 class DataError(OfbError, ValueError):
-    """Bad data configuration or a malformed / missing dataset file."""
+    """Bad data configuration or a malformed / missing dataset file.
+
+    A loader worker's DataError comes back to the main process rebuilt from the worker's whole traceback
+    (torch's ExceptionWrapper); only the worker's own message, which names the file, is kept.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and "Original Traceback" in args[0]:
+            args = (args[0].strip().splitlines()[-1].split("DataError: ", 1)[-1],)
+        super().__init__(*args)
 
 
 @dataclass(frozen=True)
@@ -438,8 +447,7 @@ class RepeatedAugSampler(RepeatAugSampler):
 
 class DeviceLoader(PrefetchLoader):
     """timm's prefetching loader (next batch copied to the device on a side stream, normalised and erased
-    there) that also answers what the training loops ask of a DataLoader, and names a corrupt file in one
-    line whichever worker process met it."""
+    there) that also answers what the training loops ask of a DataLoader."""
 
     def __init__(self, loader: DataLoader, ds: FolderImages, device: torch.device, erasing: float) -> None:
         super().__init__(loader, mean=ds.mean, std=ds.std, device=device, re_prob=erasing, re_mode="pixel")
@@ -451,14 +459,6 @@ class DeviceLoader(PrefetchLoader):
     @property
     def generator(self) -> torch.Generator | None:
         return self.loader.generator
-
-    def __iter__(self):
-        try:
-            yield from super().__iter__()
-        except DataError as exc:
-            # A worker's error comes back with its traceback in the message: keep the line that names the file.
-            last = str(exc).strip().splitlines()[-1]
-            raise DataError(last.split("DataError: ", 1)[-1]) from None
 
 
 def build_loader(
