@@ -187,6 +187,8 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
     from ofbdeploy.pipeline import Run
 
     report = Run(resolved, resume=resume, progress=not no_progress).execute()
+    if report is None:  # a non-main process that parted after the last collective stage: rank 0 reports
+        return
     if not report:
         raise RunDirError(f"{resolved.output_dir}: the run ended without a report.json")
     if not report.get("budget_met", True):

@@ -476,10 +476,11 @@ class Run:
         log.info("report written to %s and %s\n%s", self.paths.report, self.paths.report_md, text)
 
     # -- driver ---------------------------------------------------------------------------------
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> dict[str, Any] | None:
         """Lock the directory, check every input, then write recipe.yaml and run what is not done.
 
-        Under torchrun rank 0 alone locks, decides and records; the others follow its decisions.
+        Under torchrun rank 0 alone locks, decides and records; the others follow its decisions and return
+        None when they part after the last collective stage (rank 0 writes the report).
         """
         root = self.paths.root
         lock = RunLock(root)
@@ -507,7 +508,7 @@ class Run:
                                                                        self.artifacts(s)))
                     log.info("stage %s: finished in %.1f s", stage, time.perf_counter() - t0)
                 if self._part_after(stage):
-                    return {}
+                    return None
         except KeyboardInterrupt:
             _file_only(handler, logging.WARNING, f"interrupted during {stage}; finished stages are kept, "
                                                  f"`--resume` continues a stopped pretrain, search or finetune")
