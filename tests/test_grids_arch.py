@@ -58,8 +58,8 @@ def test_deit_s_headline_numbers():
 
 
 def test_unsupported_vit_is_refused_with_reason():
-    with pytest.raises(ModelError, match="register tokens"):
-        ViTShape.from_model(timm.create_model("vit_small_patch16_224", reg_tokens=4, num_classes=10, img_size=32))
+    with pytest.raises(ModelError, match="q/k norm"):
+        ViTShape.from_model(timm.create_model("vit_small_patch16_224", qk_norm=True, num_classes=10, img_size=32))
 
 
 def _small_spec() -> ArchSpec:
@@ -82,7 +82,7 @@ def test_arch_json_round_trip(tmp_path):
     ("edit", "message"),
     [
         (lambda d: d.update(format="other"), "format"),
-        (lambda d: d.pop("embed_dim"), "missing field 'embed_dim'"),
+        (lambda d: d.pop("embed_dims"), "missing field 'embed_dims'"),
         (lambda d: d["blocks"][1].update(heads=9), r"blocks\[1\].heads: expected 1..4"),
         (lambda d: d["blocks"][0].update(kept_heads=[0, 0]), "unique"),
         (lambda d: d["blocks"][2].update(kept_mlp=list(range(95))), r"blocks\[2\].kept_mlp: expected 96 indices"),
