@@ -90,19 +90,26 @@ def measure_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> float:
     """MACs of one image counted by PyTorch's own FLOP counter (an independent check of the analytic counts).
 
     Fused attention is switched off while counting so that every product is an ordinary ``bmm`` that the
-    counter sees, whichever attention kernel the platform would pick.
+    counter sees, whichever attention kernel the platform would pick. Parameters stop requiring gradients
+    meanwhile: the counter's module tracker fails on a view of a parameter taken under ``no_grad`` (the
+    latent query of SigLIP's attention pool).
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
     try:
         for m, _ in fused:
             m.fused_attn = False
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, in_chans, img_size, img_size, device=device))
     finally:
         for m, flag in fused:
             m.fused_attn = flag
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2
