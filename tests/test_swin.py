@@ -195,3 +195,14 @@ def test_swin_latency_recipe_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "dense").exists()
     with pytest.raises(OfbError, match="swin"):
         family_of(read_shape(timm.create_model(PICO))).check_latency()
+
+
+def test_info_describes_a_pruned_swin(tmp_path):
+    searchable = _searchable()
+    decide_randomly(searchable, random.Random(2))
+    model, spec = materialize(searchable)
+    save_pruned(model, spec, tmp_path / "m")
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "swin family" in result.output and "embedding (per stage): " in result.output
+    assert f"{spec.embed_dims[3]} of 192" in result.output and f"{spec.params() / 1e6:.2f} M" in result.output
