@@ -106,6 +106,8 @@ def vit_problems(model: nn.Module) -> list[str]:
          not isinstance(getattr(model, "head_dist", nn.Identity()), nn.Linear | nn.Identity)),
     ) if bad]
     problems += _pool_problems(model)
+    if hasattr(model, "dist_token") and model.reg_token is not None:
+        problems.append("register tokens in a distilled model (timm's VisionTransformerDistilled ignores them)")
     blocks = list(model.blocks)
     uniform = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features, b.attn.qkv.bias is not None,
                 b.attn.proj.bias is not None, activation_name(b.mlp.act),
