@@ -16,6 +16,14 @@ from ofbdeploy.errors import ArchError, ModelError
 from ofbdeploy.families.base import Family
 
 _FAMILIES: dict[str, Family] = {}
+# Why timm classes close to a supported family are not part of it (what the search has no unit for).
+_UNSUPPORTED = {
+    "Eva": "rotary position embeddings and SwiGLU MLPs",
+    "VisionTransformerRelPos": "relative-position attention",
+    "VisionTransformerSAM": "windowed attention with relative positions",
+    "SwinTransformerV2": "Swin v2's cosine attention with a continuous position-bias MLP (Swin v1 is supported)",
+    "SwinTransformerV2Cr": "Swin v2's cosine attention with a continuous position-bias MLP (Swin v1 is supported)",
+}
 
 
 def register_family(family: Family) -> Family:
@@ -46,8 +54,10 @@ def family_of_model(model: nn.Module) -> Family:
     for family in _FAMILIES.values():
         if family.handles(model):
             return family
+    kind = type(model).__name__
     known = ", ".join(t.__name__ for f in _FAMILIES.values() for t in f.model_types)
-    raise ModelError(f"{type(model).__name__} models cannot be pruned by ofbdeploy (supported timm classes: {known})")
+    why = f": {_UNSUPPORTED[kind]}" if kind in _UNSUPPORTED else ""
+    raise ModelError(f"{kind} models cannot be pruned by ofbdeploy{why} (supported timm classes: {known})")
 
 
 def read_shape(model: nn.Module, model_name: str = "") -> Any:
