@@ -206,3 +206,21 @@ def test_info_describes_a_pruned_swin(tmp_path):
     assert result.exit_code == 0, result.output
     assert "swin family" in result.output and "embedding (per stage): " in result.output
     assert f"{spec.embed_dims[3]} of 192" in result.output and f"{spec.params() / 1e6:.2f} M" in result.output
+
+
+def test_swin_checkpoints_load_with_the_family_filter_and_head_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from ofbdeploy.models.dense import build_dense, load_weights
+
+    source = timm.create_model(PICO)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "full.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("head.")}, str(tmp_path / "backbone.safetensors"))
+    same = build_dense(PICO, checkpoint=tmp_path / "full.safetensors")
+    assert torch.equal(same.head.fc.weight, source.head.fc.weight)
+    for file in ("full", "backbone"):
+        other = build_dense(PICO, num_classes=7)
+        report = load_weights(other, tmp_path / f"{file}.safetensors")
+        assert report.reset_head and other.head.fc.out_features == 7
+        assert torch.equal(other.layers[3].blocks[1].mlp.fc2.weight, source.layers[3].blocks[1].mlp.fc2.weight)
