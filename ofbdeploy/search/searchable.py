@@ -13,7 +13,7 @@ masks into the weights.
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -88,7 +88,7 @@ def scale_rows(state: dict[str, Tensor], prefix: str, factor: Tensor) -> None:
         state[f"{prefix}.bias"] = state[f"{prefix}.bias"] * factor
 
 
-class SearchableModel(nn.Module):
+class SearchableModel(nn.Module, ABC):
     """The family-agnostic part of a searchable model: groups, shrinking, deciding, the architecture record.
 
     Subclasses fill ``embed_groups`` (one per stage), ``attn_groups`` and ``mlp_groups`` (one per block),
