@@ -143,8 +143,9 @@ def test_budget_enforcement_narrows_swin_stages_and_blocks():
     model = _searchable()
     model.decide_widest()
     dense = ArchSpec.dense(model.shape).macs()
-    steps = enforce_budget(model, 0.4 * dense)
-    assert steps and model.arch_spec().macs() <= 0.4 * dense
+    steps = enforce_budget(model, 0.7 * dense)
+    assert steps and model.arch_spec().macs() <= 0.7 * dense
+    assert {s.group.split(".")[0] for s in steps} <= {"stages", "blocks"}
 
 
 def test_latency_budget_is_refused_for_swin_in_one_line(tmp_path):
@@ -169,7 +170,7 @@ def test_swin_quickstart_runs_end_to_end(tmp_path):
     data = yaml.safe_load((RECIPES / "swin_quickstart.yaml").read_text())
     data.update(output_dir=str(tmp_path / "run"), device="cpu")
     data["data"] = {"kind": "synthetic", "limit_train": 96, "limit_val": 32, "batch_size": 32, "eval_batch_size": 32}
-    data["pretrain"].update(epochs=1)
+    data["pretrain"].update(epochs=0)
     data["search"].update(epochs=2, warmup_epochs=1)
     data["finetune"].update(epochs=1)
     data["profile"] = {"enabled": False}  # latency is measured like any model's; here: search to export
