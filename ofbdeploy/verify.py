@@ -16,6 +16,7 @@ from torch import nn
 
 from ofbdeploy.cost import count_params, measure_macs
 from ofbdeploy.families import family_of, read_shape
+from ofbdeploy.families.census import meta_device
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.search.searchable import SearchableModel
@@ -113,7 +114,7 @@ def selfcheck_model(model_name: str, *, img_size: int | None = None, trials: int
     """
     own = None
     if img_size is None:
-        with torch.device("meta"):  # the shape only: no weights are made
+        with meta_device():  # the shape only: no weights are made
             probe = read_shape(build_dense(model_name), model_name)
         own, img_size = probe.img_size, family_of(probe).check_img_size(probe)
     torch.manual_seed(seed)
