@@ -116,21 +116,25 @@ class _Target:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT: see the Dockerfile).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="TensorRT engine precision (repeatable; default fp16). int8 needs a run directory "
-                   "(calibration images come from its data).")
-@click.option("--fp16-onnx", is_flag=True, help="Also write fp16 ONNX graphs (for ORT fp16 profiling).")
+              help="Precision to write (repeatable): an ONNX graph of it, and with --trt an engine built from that "
+                   "graph (default with --trt: fp16). fp32 ONNX is always written. int8 is a Q/DQ graph calibrated "
+                   "on the run's training split, so it needs a run directory.")
+@click.option("--fp16-onnx", is_flag=True, help="Also write fp16 ONNX graphs (the same as --precision fp16).")
 @click.option("--batch-range", default="1,16,64", show_default=True, callback=_comma_ints,
               help="TensorRT optimisation profile: min,opt,max batch.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (>= 17: LayerNormalization op).")
 @click.option("--check-images", default=64, show_default=True, type=int,
               help="Images for the ORT-vs-torch and TensorRT-vs-ORT parity checks.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="TensorRT's TF32 flag for the engines (the profile's TF32 policy must match).")
 def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, batch_range: list[int], opset: int,
-           check_images: int) -> None:
+           check_images: int, tf32: bool) -> None:
     """Export dense and pruned models to ONNX (and TensorRT engines) into PATH/export.
 
     PATH is a run directory or a pruned model directory. Every ONNX file is checked in ONNX Runtime against
     torch, and every engine against ONNX Runtime; a failed check is an error (exit 2), never a warning.
-    Engines are cached by ONNX content, precision, batch range, TensorRT version and GPU name.
+    Engines are strongly typed (their precision is the ONNX graph's) and cached by ONNX content, build
+    settings, TensorRT version and GPU name.
     """
     from ofbdeploy.deploy.workflow import export_models
     from ofbdeploy.recipe import ExportCfg
@@ -138,19 +142,28 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     if len(batch_range) != 3:
         raise click.BadParameter("expected min,opt,max", param_hint="--batch-range")
     target = _Target(path)
-    cfg = ExportCfg(opset=opset, fp16=fp16_onnx, trt=trt, trt_precisions=list(precisions) or ["fp16"],
-                    batch_range=tuple(batch_range), check_images=check_images)
+    # a run keeps its recipe's other export settings (calibration sample size, simplification, ...)
+    base = target.run.recipe.export if target.run is not None else ExportCfg()
+    cfg = base.model_copy(update={"opset": opset, "fp16": fp16_onnx or "fp16" in precisions,
+                                  "int8": "int8" in precisions, "trt": trt,
+                                  "trt_precisions": list(precisions) or ["fp16"], "batch_range": tuple(batch_range),
+                                  "check_images": check_images})
     calibration = None
-    if trt and "int8" in cfg.trt_precisions:
+    if "int8" in cfg.onnx_precisions():
         if target.run is None:
-            raise OfbError("int8 engines need calibration images: export from a run directory")
-        from ofbdeploy.train.data import sample_batch
+            raise OfbError("int8 needs calibration images from the training data: export from a run directory")
+        from ofbdeploy.train.data import calibration_batch
 
-        train = target.run.data()[0]
-        calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy()
+        train, val, _ = target.run.data()
+        calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
+                                        target.run.recipe.seed).numpy()
     images = target.check_images(check_images)
     artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
-                              in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration)
+                              in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration,
+                              tf32=tf32)
+    if target.run is not None:  # a run's export.json carries the files' accuracy, as `ofbdeploy run` writes it
+        artifacts.accuracy = target.run.onnx_accuracy(artifacts)
+        artifacts.save(target.export_dir)
     for check in artifacts.checks:
         click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
                    f"top-1 agreement {check['top1_agreement']:.1%}")
@@ -181,7 +194,7 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     from ofbdeploy.arch import ArchSpec
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
     from ofbdeploy.recipe import ExportCfg, ProfileCfg
-    from ofbdeploy.report.render import latency_table
+    from ofbdeploy.report.render import format_skip, latency_table
 
     target = _Target(path)
     cfg = ProfileCfg(backends=list(backends) or ["ort-cpu"], batches=batches, precision=precision, warmup=warmup,
@@ -196,8 +209,8 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     rows, skipped = profile_models(models, artifacts, cfg, ratio)
     (path / "profile.json").write_text(json.dumps({"latency": rows, "skipped": skipped}, indent=1) + "\n")
     click.echo(latency_table({"latency": rows, "flops_ratio": ratio}))
-    for reason in skipped:
-        click.echo(f"not measured: {reason}")
+    for entry in skipped:
+        click.echo(f"not measured: {format_skip(entry)}")
 
 
 @main.command()

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ofbdeploy.arch import ArchSpec, ModelShape
+from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.io import atomic_write_text
@@ -31,20 +32,27 @@ from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
+from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.table import format_table
+from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
-from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, sample_batch
-from ofbdeploy.train.distributed import Dist, barrier, init_distributed
+from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, calibration_batch, sample_batch
+from ofbdeploy.train.distributed import Dist, barrier, init_distributed, leave, wait_for_main
+from ofbdeploy.train.drop_path import set_drop_path
+from ofbdeploy.train.schedule import scaled_lr
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
 log = logging.getLogger("ofbdeploy.run")
 
 STAGES = ("dense", "search", "materialize", "finetune", "evaluate", "export", "profile", "report")
+# Under torchrun the processes part after this stage: the rest is rank 0's alone (export, TensorRT builds,
+# profiling), with nobody left waiting on a collective that could time out.
+LAST_COLLECTIVE_STAGE = "evaluate"
 # The recipe sections each stage depends on: a change there re-runs the stage and every later one.
 _DEPENDS = {
     "dense": ("seed", "model", "data", "pretrain"),
@@ -52,7 +60,7 @@ _DEPENDS = {
     "materialize": (),
     "finetune": ("finetune",),
     "evaluate": (),
-    "export": ("export",),
+    "export": ("export", "profile"),  # engines are built with the profile's TF32 policy
     "profile": ("profile",),
     "report": ("budget",),
 }
@@ -90,9 +98,11 @@ class Run:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True) -> None:
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.paths = RunPaths(Path(recipe.output_dir))
-        self.ctx = init_distributed(recipe.device)
+        self.ctx = init_distributed(recipe.device, recipe.dist_timeout_min)
         if not self.ctx.is_main:
-            logging.getLogger("ofbdeploy").setLevel(logging.WARNING)  # one voice on the console: rank 0
+            logging.getLogger("ofbdeploy").setLevel(logging.ERROR)  # one voice on the console: rank 0
+        self.fp32_matmul = set_tf32(not recipe.strict_fp32) if self.ctx.device.type == "cuda" else "ieee (cpu)"
+        self.batch = plan_batch(recipe.data.batch_size, self.ctx.world_size, recipe.data.max_batch_per_process)
         self._data: tuple | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -141,10 +151,28 @@ class Run:
         return self._img_size
 
     def loader(self, train: bool):
+        """Training batches of the per-process micro-batch size (see :attr:`batch`), or evaluation batches."""
         train_set, val_set, _ = self.data()
         d = self.recipe.data
-        return build_loader(train_set if train else val_set, batch_size=d.batch_size if train else d.eval_batch_size,
-                            train=train, workers=d.workers, seed=self.recipe.seed, distributed=self.ctx.enabled)
+        size = self.batch.micro if train else d.eval_batch_size
+        return build_loader(train_set if train else val_set, batch_size=size, train=train, workers=d.workers,
+                            seed=self.recipe.seed, distributed=self.ctx.enabled,
+                            repeats=d.repeated_aug if train else 1, device=self.ctx.device)
+
+    def log_precision_and_batch(self) -> None:
+        """The run log says how the batch is split and what the learning rates become, and the precision."""
+        r, b = self.recipe, self.batch
+        log.info("precision: amp %s, fp32 products %s%s", r.amp, self.fp32_matmul,
+                 " (strict_fp32)" if r.strict_fp32 and self.ctx.device.type == "cuda" else "")
+        if r.amp != "off" and self.ctx.device.type == "cpu":
+            log.warning("amp %s on the CPU (%s): autocast runs, but without native half-precision products (AMX, "
+                        "AVX512-BF16/FP16) it is several times slower than fp32", r.amp,
+                        torch.backends.cpu.get_cpu_capability())
+        lrs = ", ".join(f"{name} {lr:.3g} -> {scaled_lr(lr, b.global_batch):.3g}" for name, lr in
+                        (("pretrain", r.pretrain.lr), ("search", r.search.lr), ("search arch", r.search.arch_lr),
+                         ("finetune", r.finetune.lr)))
+        (log.warning if b.global_batch != b.requested else log.info)(
+            "batch: %s; learning rates per 256 images x %d/256: %s", b.describe(), b.global_batch, lrs)
 
     def build_dense_model(self) -> torch.nn.Module:
         m = self.recipe.model
@@ -172,7 +200,8 @@ class Run:
         if p.epochs > 0:
             settings = TrainSettings(epochs=p.epochs, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay,
                                      warmup_epochs=p.warmup_epochs, label_smoothing=p.label_smoothing,
-                                     max_steps_per_epoch=p.max_steps_per_epoch, amp=self.recipe.amp)
+                                     max_steps_per_epoch=p.max_steps_per_epoch, amp=self.recipe.amp,
+                                     accum_steps=self.batch.accum, drop_path=p.drop_path)
             result = train_classifier(model, self.loader(True), settings, self.ctx, seed=self.recipe.seed,
                                       checkpoint_path=self.paths.dense_ckpt, resume=self.resume, log=log,
                                       progress=self.progress, stage="pretrain")
@@ -210,24 +239,32 @@ class Run:
             return None
         if self.ctx.is_main:
             build_objective(cfg, model, progress=self.progress).lut.save(self.paths.lut)
-        barrier(self.ctx)
+        wait_for_main(self.ctx)
         return build_objective(cfg.model_copy(update={"lut": str(self.paths.lut)}), model)
 
     def stage_search(self) -> None:
         """OFB search from the dense weights; the decided state is kept for materialisation."""
-        model = self.searchable(self.load_dense().train()).to(self.ctx.device)
+        dense = self.load_dense().train()
+        set_drop_path(dense, self.recipe.search.drop_path)
+        model = self.searchable(dense).to(self.ctx.device)
         latency = self.latency_objective(model)
         result = run_search(model, self.loader(True), self.recipe.search, self.ctx, seed=self.recipe.seed,
                             amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
-                            progress=self.progress, latency=latency)
+                            progress=self.progress, latency=latency, accum_steps=self.batch.accum)
         if self.ctx.is_main:
             save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
             summary = asdict(result)
             summary["spec"] = result.spec.to_dict()
+            summary["fp32_matmul"] = self.fp32_matmul
             write_json(self.paths.search_result, summary)
 
     def stage_materialize(self) -> None:
-        """Plain timm model from the decided search state, checked against the masked model on real images."""
+        """Plain timm model from the decided search state, checked against the masked model on real images.
+
+        Rank 0's work alone: the others wait for its files at the stage's end.
+        """
+        if not self.ctx.is_main:
+            return
         final = load_checkpoint(self.paths.search_final)
         model = self.searchable(self.build_dense_model())
         model.apply_arch(ArchSpec.from_dict(final["arch"], str(self.paths.search_final)))
@@ -240,9 +277,8 @@ class Run:
         if diff > MATERIALIZE_TOLERANCE:
             raise RuntimeError(f"materialised model disagrees with the masked model: max |diff| {diff:.2e}")
         log.info("materialised: max |masked - plain| = %.2e on %d val images", diff, len(images))
-        if self.ctx.is_main:
-            save_pruned(pruned, spec, self.paths.pruned)
-            write_json(self.paths.pruned_check, {"max_abs_diff": diff, "images": len(images)})
+        save_pruned(pruned, spec, self.paths.pruned)
+        write_json(self.paths.pruned_check, {"max_abs_diff": diff, "images": len(images)})
 
     def stage_finetune(self) -> None:
         """Finetune the pruned model, distilling from the dense one."""
@@ -254,7 +290,8 @@ class Run:
                                  cutmix=f.cutmix, ema_decay=f.ema_decay,
                                  distill_alpha=f.distill.alpha if f.distill.enabled else 0.0,
                                  distill_temperature=f.distill.temperature,
-                                 max_steps_per_epoch=f.max_steps_per_epoch, amp=self.recipe.amp)
+                                 max_steps_per_epoch=f.max_steps_per_epoch, amp=self.recipe.amp,
+                                 accum_steps=self.batch.accum, drop_path=f.drop_path)
         result = train_classifier(student, self.loader(True), settings, self.ctx, teacher=teacher,
                                   seed=self.recipe.seed, checkpoint_path=self.paths.finetune_ckpt,
                                   resume=self.resume, log=log, progress=self.progress, stage="finetune")
@@ -278,7 +315,9 @@ class Run:
         return {"dense": self.load_dense().cpu(), "pruned": load_pruned(self.paths.finetuned)}
 
     def stage_export(self) -> None:
-        """ONNX of dense and pruned (checked in ONNX Runtime on val images); TensorRT engines if asked."""
+        """ONNX of dense and pruned in each precision asked for (checked in ONNX Runtime on val images; int8
+        calibrated on a class-balanced sample of the training split), TensorRT engines if asked, and the
+        ONNX Runtime CPU accuracy of every file on the validation split."""
         cfg = self.recipe.export
         if self.ctx.is_main:
             if not cfg.enabled:
@@ -286,16 +325,41 @@ class Run:
                 return
             train, val, _ = self.data()
             check = sample_batch(val, min(cfg.check_images, len(val)))
-            calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy() if cfg.trt else None
-            export_models(self.deploy_models(), self.paths.export, cfg, img_size=self.img_size(),
-                          in_chans=check.shape[1], check_images=check, calibration=calibration)
+            calibration = None
+            if "int8" in cfg.onnx_precisions():
+                calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
+                                                self.recipe.seed).numpy()
+            artifacts = export_models(self.deploy_models(), self.paths.export, cfg, img_size=self.img_size(),
+                                      in_chans=check.shape[1], check_images=check, calibration=calibration,
+                                      tf32=self.recipe.profile.tf32)
+            artifacts.accuracy = self.onnx_accuracy(artifacts)
+            artifacts.save(self.paths.export)
+
+    def onnx_accuracy(self, artifacts: DeployArtifacts) -> list[dict[str, Any]]:
+        """Top-1/top-5 of every exported ONNX file on ONNX Runtime CPU, over the validation split (or the
+        recipe's sample of it)."""
+        val = self.data()[1]
+        limit = self.recipe.export.accuracy_images
+        if limit is not None and limit < len(val):
+            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(self.recipe.seed))
+            val = torch.utils.data.Subset(val, order[:limit].tolist())
+        loader = build_loader(val, batch_size=self.recipe.data.eval_batch_size, train=False,
+                              workers=self.recipe.data.workers, seed=self.recipe.seed)
+        entries = []
+        for key, path in artifacts.onnx.items():
+            model, _, precision = key.partition("-")
+            entry = accuracy_entry(model, precision or "fp32", Path(path), loader)
+            log.info("ONNX Runtime CPU accuracy of %s: top-1 %.2f%%, top-5 %.2f%% on %d images", key, entry["top1"],
+                     entry["top5"], entry["images"])
+            entries.append(entry)
+        return entries
 
     def stage_profile(self) -> None:
         """Dense vs pruned latency on each backend of the recipe, measured alternately in this process."""
         if not self.ctx.is_main:
             return
         rows: list[dict[str, Any]] = []
-        skipped: list[str] = []
+        skipped: list[dict[str, Any]] = []
         if self.recipe.profile.enabled:
             spec = ArchSpec.load(self.paths.finetuned / "arch.json")
             ratio = spec.macs() / ArchSpec.dense(spec.base).macs()
@@ -328,21 +392,33 @@ class Run:
         _log_to_file(self.paths.log, self.ctx)
         log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, self.paths.root, self.ctx.device,
                  self.ctx.world_size)
+        self.log_precision_and_batch()
         self.check_inputs()
         stages: dict[str, Callable[[], None]] = {name: getattr(self, f"stage_{name}") for name in STAGES}
         stale = False
         for name, run_stage in stages.items():
             if not stale and self.is_done(name):
                 log.info("stage %s: done already, skipped", name)
-                continue
-            stale = True  # every later stage depends on this one's output
-            log.info("stage %s: running", name)
-            t0 = time.perf_counter()
-            torch.manual_seed(self.recipe.seed)  # a stage's result must not depend on what ran before it
-            run_stage()
-            self.mark_done(name)
-            log.info("stage %s: finished in %.1f s", name, time.perf_counter() - t0)
+            else:
+                stale = True  # every later stage depends on this one's output
+                log.info("stage %s: running", name)
+                t0 = time.perf_counter()
+                torch.manual_seed(self.recipe.seed)  # a stage's result must not depend on what ran before it
+                run_stage()
+                self.mark_done(name)
+                log.info("stage %s: finished in %.1f s", name, time.perf_counter() - t0)
+            if self._part_after(name):
+                return {}
         return read_json(self.paths.report) if self.paths.report.is_file() else {}
+
+    def _part_after(self, stage: str) -> bool:
+        """After the last collective stage: dissolve the process group; True when this process is done."""
+        if stage != LAST_COLLECTIVE_STAGE or not self.ctx.enabled:
+            return False
+        main = self.ctx.is_main
+        log.info("processes part after stage %s: export, profile and report run on rank 0 alone", stage)
+        self.ctx = leave(self.ctx)
+        return not main
 
 
 def build_report(paths: RunPaths) -> dict[str, Any]:
@@ -353,6 +429,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
     metrics = read_json(paths.metrics)
     finetune = read_json(paths.finetuned / "train.json")
     profile = read_json(paths.profile) if paths.profile.is_file() else {"latency": [], "skipped": []}
+    artifacts = DeployArtifacts.load(paths.export)
     return {
         "model": spec.base.model_name,
         "flops_dense": dense_spec.macs(),
@@ -367,6 +444,10 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "top1_pruned_before_finetune": metrics["pruned"]["top1"],
         "top1_pruned": metrics["finetuned"]["top1"],
         "top5_pruned": metrics["finetuned"]["top5"],
+        "amp": search.get("amp", "off"),
+        "fp32_matmul": search.get("fp32_matmul", "ieee"),
+        "global_batch": search.get("global_batch"),
+        "accum_steps": search.get("accum_steps", 1),
         "search_seconds": search["seconds"],
         "search_images_per_second": search["images_per_second"],
         "search_decided_epoch": search["decided_epoch"],
@@ -374,7 +455,9 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "search_budget_steps": search["budget_steps"],
         "finetune_seconds": finetune["seconds"],
         "materialize_max_abs_diff": read_json(paths.pruned_check)["max_abs_diff"],
-        "export": DeployArtifacts.load(paths.export).checks,
+        "export": artifacts.checks,
+        "accuracy": [{k: entry[k] for k in ("model", "precision", "runtime", "top1", "top5", "images")}
+                     for entry in artifacts.accuracy],
         "latency": profile["latency"],
         "profile_skipped": profile["skipped"],
         "latency_prediction": _prediction(paths, spec, profile["latency"]),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write_text
@@ -49,9 +49,15 @@ class DataCfg(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit_train: int | None = Field(None, ge=1)
     limit_val: int | None = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1, description="images per step per process")
-    eval_batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1, description="images per optimiser step, over all processes (the global "
+                            "batch the learning rates are scaled by)")
+    max_batch_per_process: int | None = Field(
+        None, ge=1, description="memory cap: a process takes at most this many images per forward; a larger "
+                                "share of the batch is split into gradient-accumulation steps")
+    eval_batch_size: int = Field(256, ge=1, description="images per evaluation forward, per process")
+    workers: int = Field(0, ge=0, description="loader worker processes per process")
+    repeated_aug: int = Field(1, ge=1, description="each training image this many times per epoch, the copies "
+                                                   "on different processes (DeiT/OFB use 3)")
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
 
@@ -64,7 +70,8 @@ class PretrainCfg(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class LossWeights(_Strict):
@@ -78,6 +85,9 @@ class PMIMCfg(_Strict):
     enabled: bool = True
     keep_start: float = Field(0.95, gt=0, le=1)
     keep_end: float = Field(0.75, gt=0, le=1)
+    target: Literal["local", "patch"] = Field(
+        "local", description="reconstruction target: pixels normalised over a 47x47 window per channel (the "
+                             "authors' code) or per patch")
 
 
 Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
@@ -129,7 +139,8 @@ class SearchCfg(_Strict):
     mix_start: float = Field(0.99, ge=0, le=1)
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (the authors: 0.1)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
     latency: LatencyTargetCfg | None = Field(None, description="latency budget (instead of, or with, FLOPs)")
 
     @model_validator(mode="after")
@@ -161,34 +172,70 @@ class FinetuneCfg(_Strict):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
     distill: DistillCfg = Field(default_factory=DistillCfg)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class ExportCfg(_Strict):
-    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines."""
+    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines built from it.
+
+    Every precision is decided in the ONNX graph: fp32, fp16 (LayerNorm kept in fp32) and int8 as an explicitly
+    quantised Q/DQ graph. TensorRT builds strongly typed engines from those files, so one int8 artifact runs on
+    ONNX Runtime CPU (where its accuracy is measured) and on TensorRT alike.
+    """
 
     enabled: bool = True
     opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
-    fp16: bool = Field(False, description="also write an fp16 ONNX graph")
+    fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
+    int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
     simplify: bool = True
     check_images: int = Field(64, ge=1, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
-    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp16"])
+    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
     batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
-    calibration_images: int = Field(512, ge=1, description="int8 calibration images from the training split")
+    calibration_images: int = Field(
+        512, ge=1, description="int8 calibration: a seeded, class-balanced sample of the training split through the "
+                               "eval transform")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="how int8 activation ranges are taken from the calibration images")
+    accuracy_images: int | None = Field(
+        None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
+                                "of every exported file; default: the whole validation split")
+
+    def onnx_precisions(self) -> list[str]:
+        """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
+        wanted = {"fp32"} | {p for p, on in (("fp16", self.fp16), ("int8", self.int8)) if on}
+        wanted |= set(self.trt_precisions) if self.trt else set()
+        return [p for p in ("fp32", "fp16", "int8") if p in wanted]
 
 
 class ProfileCfg(_Strict):
-    """Latency of dense and pruned, measured alternately in one process on each backend."""
+    """Latency of dense and pruned, measured alternately in one process on each backend and precision."""
 
     enabled: bool = True
     backends: list[Backend] = Field(default_factory=lambda: ["ort-cpu"])
-    precision: Precision = "fp32"
+    precisions: list[Precision] = Field(
+        default_factory=lambda: ["fp32"], description="each measured on every backend that runs it (int8: the Q/DQ "
+                                                      "ONNX or engine); `precision: x` is read as [x]")
     batches: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=5)
     threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
+    tf32: bool = Field(True, description="one TF32 policy for every GPU backend: torch matmul/cuDNN, ORT CUDA's "
+                                         "use_tf32 and TensorRT's TF32 builder flag (engines are built with it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_precision(cls, data: Any) -> Any:
+        """``precision: fp16`` (one precision, as recipes and callers wrote it before) means ``precisions: [fp16]``."""
+        if isinstance(data, dict) and "precision" in data:
+            if "precisions" in data:
+                raise ValueError("give one of precision and precisions, not both")
+            data = {**data, "precisions": [data["precision"]]}
+            del data["precision"]
+        return data
 
 
 class LatencyLimit(_Strict):
@@ -222,7 +269,12 @@ class Recipe(_Strict):
     output_dir: str = Field("runs/run", description="the run directory")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision on CUDA")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision of search and training "
+                                                                    "(CUDA or CPU); fp16 adds loss scaling")
+    strict_fp32: bool = Field(False, description="fp32 matrix products in full IEEE fp32 on CUDA (default: TF32)")
+    dist_timeout_min: float = Field(30.0, gt=0, description="torchrun: minutes a collective may wait for a rank "
+                                                            "before the run fails (waits for rank 0's solo work, "
+                                                            "such as a latency table, are not bounded by it)")
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
@@ -232,14 +284,20 @@ class Recipe(_Strict):
     profile: ProfileCfg = Field(default_factory=ProfileCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``--set amp=off``, ``amp: off``) as false: it means "off"."""
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _latency_target_is_measured(self) -> Recipe:
         """A search latency budget is checked against a measurement, so the profile must take it."""
         target, profile = self.search.latency, self.profile
         if target is not None and not (profile.enabled and target.backend in profile.backends
-                                       and target.batch in profile.batches and target.precision == profile.precision):
+                                       and target.batch in profile.batches and target.precision in profile.precisions):
             raise ValueError(f"search.latency targets {target.backend} {target.precision} batch {target.batch}, "
-                             f"which profile does not measure: add it to profile.backends/batches/precision")
+                             f"which profile does not measure: add it to profile.backends/batches/precisions")
         return self
 
     def to_yaml(self) -> str:

@@ -28,10 +28,14 @@ class LatencyObjective:
         self.tables = lut.tables(space)
         self.dense_ms = lut.dense_ms  # measured (median over the whole build), not fitted
         self.target_ms = target_ms if target_ms is not None else float(target_ratio) * self.dense_ms
+        self._placed: dict[tuple, tuple[Tensor, ...]] = {}
 
     def expected_ms(self, model: SearchableViT) -> Tensor:
         q = model.embed_group.probs()
-        stem, attn, mlp = (self.tables[k].to(q.device, q.dtype) for k in ("stem", "attn", "mlp"))
+        key = (q.device, q.dtype)
+        if key not in self._placed:  # copied once, not in every step (a host-to-device copy waits)
+            self._placed[key] = tuple(self.tables[k].to(q.device, q.dtype) for k in ("stem", "attn", "mlp"))
+        stem, attn, mlp = self._placed[key]
         total = q @ stem
         for a, m in zip(model.attn_groups, model.mlp_groups, strict=True):
             total = total + q @ attn @ a.probs() + q @ mlp @ m.probs()

@@ -30,6 +30,15 @@ def _row(report: dict[str, Any], backend: str, batch: int, precision: str) -> di
     return None
 
 
+def _not_measured(report: dict[str, Any], backend: str, batch: int, precision: str) -> str:
+    """'not measured', with the profile's reason when it skipped that backend/precision/batch."""
+    for entry in report.get("profile_skipped", []):
+        if isinstance(entry, dict) and (entry["backend"], entry["precision"]) == (backend, precision) \
+                and entry.get("batch") in (None, batch):
+            return f"not measured: {entry['reason']}"
+    return "not measured"
+
+
 def budget_checks(report: dict[str, Any], budget: BudgetCfg) -> list[Check]:
     """Every limit of the recipe's ``budget`` section against the run's measured figures."""
     checks: list[Check] = []
@@ -45,13 +54,15 @@ def budget_checks(report: dict[str, Any], budget: BudgetCfg) -> list[Check]:
     for limit in budget.latency:
         name = f"latency ms {limit.backend} {limit.precision} batch {limit.batch}"
         row = _row(report, limit.backend, limit.batch, limit.precision)
-        measured = "not measured" if row is None else f"{row['latency_ms_pruned']:.3f}"
+        measured = _not_measured(report, limit.backend, limit.batch, limit.precision) if row is None \
+            else f"{row['latency_ms_pruned']:.3f}"
         checks.append(Check(name, f"<= {limit.max_ms:g}", measured,
                             row is not None and row["latency_ms_pruned"] <= limit.max_ms))
     for limit in budget.speedup:
         name = f"speedup {limit.backend} {limit.precision} batch {limit.batch}"
         row = _row(report, limit.backend, limit.batch, limit.precision)
-        measured = "not measured" if row is None else f"{row['speedup']:.3f}x"
+        measured = _not_measured(report, limit.backend, limit.batch, limit.precision) if row is None \
+            else f"{row['speedup']:.3f}x"
         checks.append(Check(name, f">= {limit.min:g}x", measured, row is not None and row["speedup"] >= limit.min))
     return checks
 
@@ -66,11 +77,13 @@ def search_target_checks(report: dict[str, Any], target: LatencyTargetCfg | None
     if target.target_ms is not None:
         value = None if row is None else row["latency_ms_pruned"]
         return [Check(f"search latency target ms {where}", f"<= {target.target_ms:g}",
-                      "not measured" if value is None else f"{value:.3f}",
+                      _not_measured(report, target.backend, target.batch, target.precision) if value is None
+                      else f"{value:.3f}",
                       value is not None and value <= target.target_ms)]
     value = None if row is None else row["latency_ms_pruned"] / row["latency_ms_dense"]
     return [Check(f"search latency target, fraction of dense {where}", f"<= {target.target_ratio:.1%}",
-                  "not measured" if value is None else f"{value:.1%}",
+                  _not_measured(report, target.backend, target.batch, target.precision) if value is None
+                  else f"{value:.1%}",
                   value is not None and value <= target.target_ratio)]
 
 

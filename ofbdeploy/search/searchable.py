@@ -39,25 +39,26 @@ class PixelDecoder(nn.Module):
     """PMIM's light decoder: a 1x1 convolution to stride^2 * channels, then a pixel shuffle.
 
     ``patch_size`` is the stride of the tokens it decodes: the patch size of a ViT, the last stage's stride
-    of a hierarchical model.
+    of a hierarchical model. The 1x1 convolution is written as the Linear on tokens it equals: same product,
+    and a weight gradient laid out like the weight (a 1x1 Conv2d's is not, which DDP's gradient buckets warn
+    about).
     """
 
     def __init__(self, embed_dim: int, patch_size: int, in_chans: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(embed_dim, patch_size**2 * in_chans, kernel_size=1)
+        self.proj = nn.Linear(embed_dim, patch_size**2 * in_chans)
         self.shuffle = nn.PixelShuffle(patch_size)
 
     def forward(self, patch_tokens: Tensor) -> Tensor:
         """(B, patches, E) tokens of a square grid -> (B, C, H, W) image."""
-        b, n, e = patch_tokens.shape
+        b, n, _ = patch_tokens.shape
         side = round(n**0.5)
-        grid = patch_tokens.transpose(1, 2).reshape(b, e, side, side)
-        return self.shuffle(self.conv(grid))
+        grid = self.proj(patch_tokens).transpose(1, 2).reshape(b, -1, side, side)
+        return self.shuffle(grid)
 
     def slice_inputs_(self, take: Take, optimizers: list) -> None:
         """Keep the input channels ``take`` selects (the embedding it reads was cut)."""
-        slice_tensor_(self.conv.weight, take, optimizers)
-        self.conv.in_channels = int(self.conv.weight.shape[1])
+        slice_linear_(self.proj, take, 1, optimizers)
 
 
 @dataclass(frozen=True)
