@@ -16,7 +16,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ofbdeploy.deploy.onnx_export import export_onnx
+from ofbdeploy.deploy.onnx_export import export_onnx, ort_session
+from ofbdeploy.deploy.parity import compare, tolerance_for
+from ofbdeploy.deploy.quantize import quantize_int8
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.materialize import materialize
 from ofbdeploy.verify import decide_randomly, set_fused_attention
@@ -75,6 +77,21 @@ def test_random_architecture_materialises_exactly_on_real_weights(weights, photo
             assert (masked - plain).abs().max() <= 1e-4 * masked.abs().max()
     result = export_onnx(model, tmp_path / "pruned.onnx", img_size=IMG, check_inputs=photos[:8])
     assert result.max_abs_diff <= 1e-4 * float(plain.abs().max()) and result.top1_agreement == 1.0
+
+    # int8 (explicit Q/DQ, the deploy step's own quantisation): calibrated on 12 photos, checked on the other 8
+    with torch.no_grad():
+        reference = model(photos[12:]).numpy()
+    cosines = []
+
+    def check(path):
+        got = ort_session(path, ["CPUExecutionProvider"]).run(None, {"images": photos[12:].numpy()})[0]
+        cosines.append(F.cosine_similarity(torch.from_numpy(got), torch.from_numpy(reference), dim=1))
+        tolerance = tolerance_for("int8")
+        return compare(got, reference, tolerance.max_abs_diff(reference), tolerance.min_top1_agreement)
+
+    int8 = quantize_int8(tmp_path / "pruned.onnx", tmp_path / "pruned.int8.onnx", photos[:12].numpy(), check=check)
+    assert int8.quantised_nodes > 0 and int8.parity.ok, int8.parity.describe()
+    assert float(cosines[0].min()) >= 0.99  # pooled features of the int8 graph against fp32 torch
 
 
 def _prune_mlp(weights, mlp_width: int):
