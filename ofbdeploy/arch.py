@@ -9,15 +9,17 @@ object the search and the deploy code both know.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import nn
 
-from ofbdeploy.errors import ArchError
-from ofbdeploy.io import atomic_write_text
+from ofbdeploy.errors import ArchError, OfbError
+from ofbdeploy.io import atomic_write_text, read_json
 
 if TYPE_CHECKING:
     pass
@@ -25,6 +27,21 @@ if TYPE_CHECKING:
 ARCH_FORMAT = "ofbdeploy.arch/2"
 # Format 1 (ViT only, one embedding width "embed_dim"/"kept_embed") is still read, as a ViT record.
 ARCH_FORMAT_V1 = "ofbdeploy.arch/1"
+# Bounds on a model's sizes: far above any real model (ViT-22B: 6144 wide, 48 deep), low enough that a
+# hand-edited record can never ask for a model that does not fit in memory.
+MAX_WIDTH = 1 << 16
+_SHAPE_INTS = (("img_size", 1, 1 << 14), ("patch_size", 1, 1 << 14), ("in_chans", 1, 1024),
+               ("num_classes", 0, 1 << 20), ("embed_dim", 1, MAX_WIDTH), ("depth", 1, 1024),
+               ("num_heads", 1, 4096), ("head_dim", 1, MAX_WIDTH), ("mlp_dim", 1, 1 << 18),
+               ("reg_tokens", 0, 1024), ("pool_heads", 0, 4096), ("pool_mlp_dim", 0, 1 << 18))
+_VIT_BOOLS = ("qkv_bias", "class_token", "fc_norm", "layer_scale", "distilled", "pos_embed", "no_embed_class",
+              "pre_norm", "patch_norm", "final_norm", "proj_bias", "pool_include_prefix", "dynamic_img_size")
+VIT_POOLS = ("token", "avg", "max", "avgmax", "map")
+VIT_ACTS = ("gelu", "gelu_tanh", "quick_gelu")
+VIT_BLOCKS = ("Block", "ResPostBlock")
+_ARCH_KEYS = {"format", "family", "base", "embed_dims", "kept_embeds", "blocks", "macs", "params", "notes"}
+_ARCH_KEYS_V1 = {"format", "base", "embed_dim", "kept_embed", "blocks", "macs", "params", "notes"}
+_BLOCK_KEYS = {"heads", "head_dim", "mlp_dim", "kept_heads", "kept_channels", "kept_mlp"}
 
 
 class ModelShape(Protocol):
@@ -112,6 +129,24 @@ class ViTShape:
 
     def stage_of(self, index: int) -> int:
         return 0
+
+    def __post_init__(self) -> None:
+        """Every field of the right type and within what a buildable ViT can have (arch.json is user input)."""
+        for name, low, high in _SHAPE_INTS:
+            check_int(getattr(self, name), name, low, high)
+        _check(self.patch_size <= self.img_size,
+               f"patch_size: expected at most img_size ({self.img_size}), got {self.patch_size}")
+        for name in _VIT_BOOLS:
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"{name}: expected true or false, got {str(value)[:40]!r}")
+        for name, allowed in (("global_pool", VIT_POOLS), ("act", VIT_ACTS), ("block", VIT_BLOCKS)):
+            value = getattr(self, name)
+            _check(value in allowed, f"{name}: expected one of {allowed}, got {str(value)[:40]!r}")
+        check_eps(self.norm_eps)
+        check_model_name(self.model_name)
+        _check(self.global_pool != "map" or (self.pool_heads >= 1 and self.embed_dim % self.pool_heads == 0
+                                             and self.pool_mlp_dim >= 1),
+               "pool_heads, pool_mlp_dim: an attention-pool head needs heads dividing embed_dim and an MLP width")
 
     @classmethod
     def from_model(cls, model: nn.Module, model_name: str = "") -> ViTShape:
@@ -262,43 +297,56 @@ class ArchSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "arch.json") -> ArchSpec:
-        """Parse and validate; every problem is one line naming ``source`` and the field.
+    def from_dict(cls, data: Any, source: str = "arch.json") -> ArchSpec:
+        """Parse and validate; every problem is one :class:`ArchError` line naming ``source`` and the field.
 
         Records of format 1 (before families existed) are ViT records with one ``embed_dim``.
         """
         try:
+            _check(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}")
             fmt = data.get("format")
-            if fmt == ARCH_FORMAT_V1:
-                family, embeds, kept = "vit", [data["embed_dim"]], [data.get("kept_embed", [])]
-                kept = [] if not kept[0] else kept
-            elif fmt == ARCH_FORMAT:
-                family, embeds, kept = data["family"], data["embed_dims"], data.get("kept_embeds", [])
+            _check(fmt in (ARCH_FORMAT, ARCH_FORMAT_V1),
+                   f"format: expected {ARCH_FORMAT!r} (or {ARCH_FORMAT_V1!r}), got {str(fmt)[:40]!r}")
+            _known(data, _ARCH_KEYS if fmt == ARCH_FORMAT else _ARCH_KEYS_V1, "")
+            for name in ("macs", "params"):
+                _check(name not in data or _is_number(data[name]), f"{name}: expected a number")
+            notes = data.get("notes", {})
+            _check(isinstance(notes, dict), f"notes: expected an object, got {type(notes).__name__}")
+            if fmt == ARCH_FORMAT:
+                family = _required(data, "family", "")
+                _check(isinstance(family, str), "family: expected a model family name")
+                embeds = _required(data, "embed_dims", "")
+                _check(isinstance(embeds, list) and len(embeds) >= 1, "embed_dims: expected a list of widths")
+                embeds = [check_int(e, f"embed_dims[{k}]", 1, MAX_WIDTH) for k, e in enumerate(embeds)]
+                kept = data.get("kept_embeds", [])
+                _check(isinstance(kept, list), "kept_embeds: expected a list of index lists")
+                kept = [_indices(k, f"kept_embeds[{n}]") for n, k in enumerate(kept)]
             else:
-                raise ArchError(f"format: expected {ARCH_FORMAT!r} (or {ARCH_FORMAT_V1!r}), got {fmt!r}")
+                family = "vit"
+                embeds = [check_int(_required(data, "embed_dim", ""), "embed_dim", 1, MAX_WIDTH)]
+                kept_v1 = _indices(data.get("kept_embed", []), "kept_embed")
+                kept = [kept_v1] if kept_v1 else []
             from ofbdeploy.families import get_family
 
-            base = _strict(get_family(family).shape_type, data["base"], "base")
-            blocks = tuple(
-                BlockSpec(
-                    heads=int(b["heads"]),
-                    head_dim=int(b["head_dim"]),
-                    mlp_dim=int(b["mlp_dim"]),
-                    kept_heads=tuple(b.get("kept_heads", ())),
-                    kept_channels=tuple(tuple(c) for c in b.get("kept_channels", ())),
-                    kept_mlp=tuple(b.get("kept_mlp", ())),
-                )
-                for b in data["blocks"]
-            )
-            return cls(base, tuple(int(e) for e in embeds), blocks, tuple(tuple(k) for k in kept),
-                       data.get("notes", {}))
-        except KeyError as err:
-            raise ArchError(f"{source}: missing field {err.args[0]!r}") from None
-        except (TypeError, ValueError) as err:
+            base = _required(data, "base", "")
+            _check(isinstance(base, dict), "base: expected an object with the dense model's shape")
+            base = _strict(get_family(family).shape_type, base, "base")
+            blocks = _required(data, "blocks", "")
+            _check(isinstance(blocks, list), "blocks: expected a list of blocks")
+            _check(len(blocks) == base.depth, f"blocks: expected {base.depth} blocks, got {len(blocks)}")
+            return cls(base, tuple(embeds), tuple(_block(b, f"blocks[{i}]") for i, b in enumerate(blocks)),
+                       tuple(kept), notes)
+        except ArchError as err:
             raise ArchError(f"{source}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def digest(self) -> str:
+        """SHA-256 of what the record says about the model (not its free-form notes): the weights file
+        stores it, so weights and an edited or swapped arch.json cannot be paired silently."""
+        record = {k: v for k, v in self.to_dict().items() if k != "notes"}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def load(cls, path: str | Path) -> ArchSpec:
@@ -306,9 +354,9 @@ class ArchSpec:
         if not path.is_file():
             raise ArchError(f"architecture file not found: {path}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ArchError(f"{path}: not valid JSON ({err})") from None
+            data = read_json(path, "arch.json")
+        except OfbError as err:
+            raise ArchError(str(err)) from None
         return cls.from_dict(data, str(path))
 
 
@@ -333,8 +381,74 @@ def _check_indices(name: str, indices: tuple[int, ...], width: int, dense: int) 
 
 def _strict(kind: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in fields(kind)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ArchError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    _known(data, names, where)
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return kind(**converted)
+    try:
+        return kind(**converted)
+    except TypeError:  # a required field is missing
+        missing = sorted(n for n in names if n not in data)
+        raise ArchError(f"{where}: missing field(s) {', '.join(missing)}") from None
+    except ArchError as err:
+        raise ArchError(f"{where}.{err}") from None
+
+
+def _required(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ArchError(f"{where + ': ' if where else ''}missing field {key!r}")
+    return data[key]
+
+
+def _known(data: dict[str, Any], names: set[str], where: str) -> None:
+    unknown = sorted(str(k)[:40] for k in set(data) - names)
+    if unknown:
+        raise ArchError(f"{where + ': ' if where else ''}unknown field(s) {', '.join(unknown[:5])}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(value: Any, name: str, low: int, high: int) -> int:
+    """``value`` if it is an int (not a bool, not a float) in ``low..high``; an ArchError naming ``name`` else."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = repr(value)[:40] if isinstance(value, int | float | str | None) else type(value).__name__
+        raise ArchError(f"{name}: expected an integer in {low}..{high}, got {shown}")
+    return value
+
+
+def check_eps(value: Any) -> None:
+    """A LayerNorm eps: a positive finite number below 1."""
+    _check(_is_number(value) and 0 < value < 1, f"norm_eps: expected a number in (0, 1), got {str(value)[:40]!r}")
+
+
+def check_model_name(value: Any) -> None:
+    _check(isinstance(value, str) and len(value) <= 200,
+           "model_name: expected a model name (a string of at most 200 characters)")
+
+
+def check_ints(values: Any, name: str, count: int, low: int, high: int) -> None:
+    """A tuple of ``count`` integers in ``low..high`` (one per stage)."""
+    _check(isinstance(values, tuple) and len(values) == count,
+           f"{name}: expected {count} integers (one per stage), got {str(values)[:40]}")
+    for k, value in enumerate(values):
+        check_int(value, f"{name}[{k}]", low, high)
+
+
+def _indices(values: Any, name: str) -> tuple[int, ...]:
+    _check(isinstance(values, list), f"{name}: expected a list of indices")
+    return tuple(check_int(v, f"{name}[{i}]", 0, MAX_WIDTH * 4) for i, v in enumerate(values))
+
+
+def _block(data: Any, where: str) -> BlockSpec:
+    _check(isinstance(data, dict), f"{where}: expected an object")
+    _known(data, _BLOCK_KEYS, where)
+    channels = data.get("kept_channels", [])
+    _check(isinstance(channels, list), f"{where}.kept_channels: expected a list of index lists")
+    return BlockSpec(
+        heads=check_int(_required(data, "heads", where), f"{where}.heads", 1, 4096),
+        head_dim=check_int(_required(data, "head_dim", where), f"{where}.head_dim", 1, MAX_WIDTH),
+        mlp_dim=check_int(_required(data, "mlp_dim", where), f"{where}.mlp_dim", 1, 1 << 18),
+        kept_heads=_indices(data.get("kept_heads", []), f"{where}.kept_heads"),
+        kept_channels=tuple(_indices(c, f"{where}.kept_channels[{h}]") for h, c in enumerate(channels)),
+        kept_mlp=_indices(data.get("kept_mlp", []), f"{where}.kept_mlp"),
+    )

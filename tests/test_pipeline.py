@@ -210,7 +210,8 @@ def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finishe
     markdown = (run / "report.md").read_text()
     assert "## Accuracy of the exported files" in markdown and f"{missing} int8 every batch:" in markdown
     # `ofbdeploy export --precision int8` on the run: the calibrated files are reused, the accuracy recorded again
-    result = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--check-images", "16"])
+    result = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--check-images", "16",
+                                       "--force"])
     assert result.exit_code == 0, result.output
     assert "pruned-int8" in result.output
     again = json.loads((run / "export" / "export.json").read_text())["accuracy"]

@@ -34,7 +34,8 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from ofbdeploy.arch import ArchSpec, BlockSpec
+from ofbdeploy.arch import MAX_WIDTH, ArchSpec, BlockSpec, check_eps, check_int, check_ints, check_model_name
+from ofbdeploy.errors import ArchError
 from ofbdeploy.families import register_family
 from ofbdeploy.families.base import Family, Widths
 from ofbdeploy.grids import SearchSpace
@@ -66,6 +67,27 @@ class SwinShape:
     global_pool: str = "avg"
     norm_eps: float = 1e-5
     model_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Every field of the right type and within what a buildable Swin can have (arch.json is user input)."""
+        for name, low, high in (("img_size", 1, 1 << 14), ("patch_size", 1, 1 << 14), ("in_chans", 1, 1024),
+                                ("num_classes", 0, 1 << 20)):
+            check_int(getattr(self, name), name, low, high)
+        stages = len(self.depths) if isinstance(self.depths, tuple) else 0
+        if not 1 <= stages <= 8:
+            raise ArchError(f"depths: expected 1 to 8 stage depths, got {str(self.depths)[:40]}")
+        for name, low, high in (("embed_dims", 1, MAX_WIDTH), ("depths", 1, 1024), ("num_heads", 1, 4096),
+                                ("head_dims", 1, MAX_WIDTH), ("mlp_dims", 1, 1 << 18), ("window_sizes", 1, 1 << 10)):
+            check_ints(getattr(self, name), name, stages, low, high)
+        for name in ("qkv_bias", "patch_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArchError(f"{name}: expected true or false, got {str(getattr(self, name))[:40]!r}")
+        if self.global_pool not in POOLS:
+            raise ArchError(f"global_pool: expected one of {POOLS}, got {str(self.global_pool)[:40]!r}")
+        if self.patch_size > self.img_size:
+            raise ArchError(f"patch_size: expected at most img_size ({self.img_size}), got {self.patch_size}")
+        check_eps(self.norm_eps)
+        check_model_name(self.model_name)
 
     @property
     def stages(self) -> int:
@@ -156,6 +178,8 @@ def swin_problems(model: nn.Module) -> list[str]:
     for s, stage in enumerate(model.layers):
         if type(stage) is not SwinTransformerStage:
             return [f"stage {s}: {_kind(stage)} is not timm's SwinTransformerStage"]
+        if len(stage.blocks) == 0:
+            return [f"stage {s} has no blocks (depth 0)"]
         down = stage.downsample
         if (s == 0) != isinstance(down, nn.Identity) or (s > 0 and type(down) is not PatchMerging):
             problems.append(f"stage {s}: downsampling {_kind(down)} (supported: timm's PatchMerging after stage 0)")

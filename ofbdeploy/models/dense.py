@@ -7,7 +7,6 @@ filter, the one timm applies to hub weights).
 
 import difflib
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,10 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _NESTED_KEYS = ("model", "state_dict", "model_ema")
 _DDP_PREFIX = "module."
 _SHOWN_KEYS = 4
+_MAX_NAME = 200
+# timm.create_model arguments that would fetch or read weights behind the recipe's back.
+_HUB_ARGUMENTS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                            "checkpoint_path", "cache_dir", "features_only"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ def build_dense(
     """Build a timm model of a supported family without touching the hub; weights only ever come from a local
     checkpoint. A model of no supported family is a one-line :class:`ModelError`."""
     _check_known(name)
+    refused = sorted(set(overrides) & _HUB_ARGUMENTS)
+    if refused:
+        raise ModelError(f"model.overrides.{refused[0]}: not allowed; weights come only from a local model.checkpoint")
     kwargs = dict(overrides)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -63,9 +69,11 @@ def build_dense(
         kwargs["img_size"] = img_size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as err:  # timm's own checks of the arguments
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(f"{name}: timm cannot build it with {kwargs}: {reason}") from None
+    except Exception as err:  # any failure of timm's constructor here comes from the arguments the user gave
+        given = ", ".join(f"{k}={v!r}"[:60] for k, v in kwargs.items()) or "its defaults"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise ModelError(f"model: timm cannot build {name} with {given} (model.overrides, img_size, num_classes): "
+                         f"{reason}"[:400]) from None
     family_of_model(model)
     if checkpoint is not None:
         load_weights(model, checkpoint)
@@ -74,6 +82,8 @@ def build_dense(
 
 def _check_known(name: str) -> None:
     """Fail early with suggestions; also keeps hub-prefixed names from reaching the network."""
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise ModelError(f"model name: expected a timm model name of at most {_MAX_NAME} characters")
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -87,8 +97,11 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     raw, fmt = _read_state_dict(path)
     state = {k.removeprefix(_DDP_PREFIX): v for k, v in raw.items()}
     family = family_of_model(model)
-    adapted = family.checkpoint_filter(state, model)
     head_keys = family.head_keys(model)
+    try:
+        adapted = family.checkpoint_filter(state, model)
+    except Exception as err:  # timm's adaptation (pos_embed resampling, ...) on tensors of the wrong kind
+        raise CheckpointError(f"{path}: does not fit the model ({type(err).__name__}: {err})"[:400]) from None
     resized = "pos_embed" in state and "pos_embed" in adapted and adapted["pos_embed"].shape != state["pos_embed"].shape
     if resized:
         old, new = tuple(state["pos_embed"].shape), tuple(adapted["pos_embed"].shape)
@@ -119,12 +132,15 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(f"{path}: unsupported checkpoint extension; expected one of {CHECKPOINT_SUFFIXES}")
     if suffix == ".safetensors":
         try:
-            return load_file(path, device="cpu"), "safetensors"
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+            state = load_file(path, device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return _tensors_only(state, path), "safetensors"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+    except Exception as err:  # a file that is not a checkpoint fails in many ways (KeyError on text, ...)
         raise CheckpointError(_unreadable_message(path)) from err
     return _unwrap(obj, path)
 
@@ -133,7 +149,7 @@ def _unreadable_message(path: Path) -> str:
     """Name the pickled classes when the file has any, since that is the common case (full training dumps)."""
     try:
         unsafe = get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError):  # not a zip checkpoint at all, or a truncated one
+    except Exception:  # not a zip checkpoint at all, or a truncated one
         unsafe = []
     if unsafe:
         return f"{path}: holds pickled Python objects ({', '.join(unsafe[:3])}), not a state dict"
@@ -152,9 +168,12 @@ def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 def _tensors_only(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
     """Reject dicts that are not name -> tensor, which would otherwise fail deep inside load_state_dict."""
-    bad = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    bad = [str(k)[:60] for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise CheckpointError(f"{path}: not a state dict; non-tensor entries: {', '.join(bad[:_SHOWN_KEYS])}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{path}: holds NaN or infinite values ({', '.join(broken[:_SHOWN_KEYS])})")
     return dict(state)
 
 

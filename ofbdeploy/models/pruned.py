@@ -8,10 +8,11 @@ modules anywhere.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,6 +23,9 @@ from ofbdeploy.io import atomic_write
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "arch.json"
+ARCH_DIGEST_KEY = "arch_sha256"  # safetensors metadata: ArchSpec.digest() of the record saved beside
+
+log = logging.getLogger("ofbdeploy.models")
 
 
 def build_plain(spec: ArchSpec) -> nn.Module:
@@ -36,11 +40,29 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
 
 def save_pruned(model: nn.Module, spec: ArchSpec, directory: str | Path) -> Path:
-    """Write the weights, then the record (its presence marks a complete directory)."""
+    """Write the weights (carrying the digest of their record), then the record (its presence marks a
+    complete directory)."""
     directory = Path(directory)
-    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE})
+    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE, ARCH_DIGEST_KEY: spec.digest()})
     spec.save(directory / ARCH_FILE)
     return directory
+
+
+def _check_pair(weights: Path, spec: ArchSpec, arch: Path) -> None:
+    """Refuse weights saved with another record: equal tensor shapes do not make equal models (head counts
+    can differ at the same qkv width)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    recorded = metadata.get(ARCH_DIGEST_KEY)
+    if recorded is None:
+        log.warning("%s: saved without the digest of its %s (an older ofbdeploy): the pair is not verified",
+                    weights, ARCH_FILE)
+    elif recorded != spec.digest():
+        raise ArchError(f"{weights}: was saved with another {ARCH_FILE} than {arch} (digest mismatch); keep each "
+                        f"model's weights and record together")
 
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -58,6 +80,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    _check_pair(weights, spec, directory / ARCH_FILE)
     model = build_plain(spec)
     try:
         model.load_state_dict(state, strict=True)

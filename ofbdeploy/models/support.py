@@ -91,6 +91,8 @@ def vit_problems(model: nn.Module) -> list[str]:
     if type(embed) is not PatchEmbed:
         name = _kind(embed)
         return [f"hybrid CNN stem ({name})" if "Hybrid" in name else f"patch embedding {name} is not timm's PatchEmbed"]
+    if len(model.blocks) == 0:
+        return ["it has no transformer blocks (depth 0)"]
     problems = []
     for i, block in enumerate(model.blocks):
         problems += _block_problems(i, block)
