@@ -8,7 +8,6 @@ Every command ends through :meth:`_Group.invoke`, which maps what happened to th
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import sys
 import tempfile
@@ -487,16 +486,17 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     alternately with the dense model, with the profile protocol; a non-negative least-squares fit of
     per-part work counts (GEMM sizes, heads, widths) to those latencies covers every width in between.
     """
-    from ofbdeploy.arch import ArchSpec, ViTShape
-    from ofbdeploy.grids import space_for
+    from ofbdeploy.arch import ArchSpec
+    from ofbdeploy.families import family_of, read_shape
     from ofbdeploy.io import check_output_dir
     from ofbdeploy.latency.lut import default_cache_dir, load_or_build
     from ofbdeploy.models.dense import build_dense
 
     _check_backends([backend])
     cache = check_output_dir(cache_dir or default_cache_dir(), "--cache-dir")
-    shape = ViTShape.from_model(build_dense(model_name, img_size=img_size), model_name)
-    space = space_for(shape, int(align) if align else None)
+    shape = read_shape(build_dense(model_name, img_size=img_size), model_name)
+    family_of(shape).check_latency()
+    space = family_of(shape).space(shape, int(align) if align else None)
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
                           embed_points=embed_points, width_points=width_points, random_points=random_points,
                           repeats=repeats)
@@ -525,9 +525,10 @@ def info(path: Path) -> None:
 
 @main.command()
 @click.option("--model", "model_name", default="ofb_vit_pico_patch4_32", show_default=True,
-              help="timm model name to check (any supported ViT, e.g. deit_small_patch16_224).")
+              help="timm model name to check (any model of a supported family, e.g. deit_small_patch16_224, "
+                   "vit_small_patch14_dinov2, swin_tiny_patch4_window7_224).")
 @click.option("--img-size", type=click.IntRange(8, 4096), default=None,
-              help="Image size to build the model at (default: the model's).")
+              help="Image size to build the model at (default: the model's own, reduced for large token grids).")
 @click.option("--trials", type=click.IntRange(0, 1000), default=5, show_default=True,
               help="Random architectures to try.")
 @click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
@@ -539,51 +540,32 @@ def info(path: Path) -> None:
 @click.option("--force", is_flag=True, help="Overwrite a --save directory that already holds files.")
 def selfcheck(model_name: str, img_size: int | None, trials: int, align: str | None, seed: int,
               save: Path | None, force: bool) -> None:
-    """Check materialisation on this machine's torch and timm.
+    """Ask whether a timm model can be pruned, and check materialisation on this machine's torch and timm.
 
-    Builds the model with random weights, decides random architectures (plus the narrowest and the
-    widest the grids allow), materialises each into a plain timm ViT and compares outputs with the
-    masked model (fused attention on and off), and FLOPs/params with PyTorch's own counter.
-    Exits 1 if any check misses its tolerance.
+    A model of no supported family, or with a part the search has no unit for, is refused in one line
+    (exit 2). Otherwise the model is built with random weights, random architectures are decided (plus the
+    narrowest and the widest the grids allow), each is materialised into a plain timm model of the same
+    class and compared with the masked model (fused attention on and off), and FLOPs/params with PyTorch's
+    own counter. Exits 1 if any check misses its tolerance.
     """
-    import torch
-
-    from ofbdeploy.arch import ViTShape
-    from ofbdeploy.grids import space_for
     from ofbdeploy.io import check_output_dir
     from ofbdeploy.materialize import materialize
-    from ofbdeploy.models.dense import build_dense
     from ofbdeploy.models.pruned import save_pruned
-    from ofbdeploy.search.searchable import SearchableViT
     from ofbdeploy.table import format_table
-    from ofbdeploy.verify import check_agreement, decide_randomly
+    from ofbdeploy.verify import selfcheck_model
 
     if save is not None:
         _check_free_dir(save, "--save", force)
         check_output_dir(save, "--save")
-    rng = random.Random(seed)
-    rows, failed, last = [], [], None
-    for trial, extreme in enumerate(["narrowest", "widest"] + [None] * trials):
-        torch.manual_seed(seed + trial)
-        vit = build_dense(model_name, img_size=img_size)
-        space = space_for(ViTShape.from_model(vit), int(align) if align else None)
-        searchable = SearchableViT(vit, space, model_name)
-        decide_randomly(searchable, rng, extreme)
-        result = check_agreement(searchable, seed=seed + trial)
-        ok = (result.max_abs_diff <= 1e-4 and abs(result.macs_counted - result.macs_spec) <= 0.01 * result.macs_spec
-              and result.params_counted == result.params_spec)
-        name = extreme or f"random {trial - 1}"
-        if not ok:
-            failed.append(name)
-        rows.append((name, f"{result.max_abs_diff:.2e}", f"{result.macs_spec / 1e6:.2f}",
-                     f"{result.macs_counted / 1e6:.2f}", result.params_spec, result.params_counted,
-                     "ok" if ok else "FAIL"))
-        last = searchable
+    report = selfcheck_model(model_name, img_size=img_size, trials=trials, align=int(align) if align else None,
+                             seed=seed, keep_last=save is not None)
+    click.echo(report.header)
     click.echo(format_table(("architecture", "max |diff|", "MMACs spec", "MMACs counted", "params spec",
-                             "params counted", "result"), rows))
-    if save is not None and last is not None:
-        model, spec = materialize(last)
+                             "params counted", "result"), report.table()))
+    if save is not None and report.last is not None:
+        model, spec = materialize(report.last)
         save_pruned(model, spec, save)
         click.echo(f"saved the last architecture to {save}")
-    if failed:
+    if not report.ok:
+        failed = [name for name, agreement in report.rows if not agreement.ok]
         raise LimitMissed(f"selfcheck: materialisation outside its tolerance for {', '.join(failed)}")

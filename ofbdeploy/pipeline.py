@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, ModelShape
 from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import InputError, OfbError, note_traceback
-from ofbdeploy.grids import SearchSpace, space_for
+from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective, build_objective
@@ -48,7 +48,7 @@ from ofbdeploy.rundir import (
     tree_identity,
 )
 from ofbdeploy.search.engine import check_budget, resolve_target, run_search
-from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.table import format_table
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
@@ -288,13 +288,14 @@ class Run:
             save_weights(model, self.paths.dense_weights)
             write_json(self.paths.dense_metrics, {**metrics, "pretrain_seconds": seconds})
 
-    def space(self, shape: ViTShape) -> SearchSpace:
-        return space_for(shape, self.recipe.search.align)
+    def space(self, shape: ModelShape):
+        return family_of(shape).space(shape, self.recipe.search.align)
 
-    def searchable(self, dense: torch.nn.Module) -> SearchableViT:
+    def searchable(self, dense: torch.nn.Module) -> SearchableModel:
         s = self.recipe.search
-        space = self.space(ViTShape.from_model(dense))
-        return SearchableViT(dense, space, self.recipe.model.name, s.l1_attention, s.l1_other)
+        shape = read_shape(dense, self.recipe.model.name)
+        return family_of(shape).searchable(dense, self.space(shape), self.recipe.model.name,
+                                           l1_attention=s.l1_attention, l1_other=s.l1_other)
 
     def check_inputs(self) -> None:
         """Fail in seconds, not after pretraining, and before the run directory is touched: the data is
@@ -312,14 +313,16 @@ class Run:
                              f"the model does not fit in memory ({type(err).__name__}: {str(err)[:120]})") from None
         if self.recipe.model.checkpoint:
             load_weights(model, self.recipe.model.checkpoint)
-        shape = ViTShape.from_model(model, self.recipe.model.name)
+        shape = read_shape(model, self.recipe.model.name)
+        if self.recipe.search.latency is not None:
+            family_of(shape).check_latency()
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
         lat = self.recipe.search.latency
         if lat is not None and lat.lut:
             LatencyLUT.load(Path(lat.lut)).check_fits(shape, lat.backend, lat.precision, lat.batch,
                                                       "search.latency.lut")
 
-    def latency_objective(self, model: SearchableViT) -> LatencyObjective | None:
+    def latency_objective(self, model: SearchableModel) -> LatencyObjective | None:
         """The recipe's latency budget with its LUT (given, cached, or measured now on this machine).
 
         Under torchrun only the first process measures (every rank timing at once would measure their
@@ -598,7 +601,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "latency": profile["latency"],
         "profile_skipped": profile["skipped"],
         "latency_prediction": _prediction(paths, spec, profile["latency"]),
-        "arch": {"embed_dim": spec.embed_dim,
+        "arch": {"family": spec.family, "embed_dim": spec.embed_dim, "embed_dims": list(spec.embed_dims),
                  "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim} for b in spec.blocks]},
     }
 

@@ -1,6 +1,7 @@
 """Dense model building and checkpoint loading: every format users have must load bit-exactly."""
 
 import argparse
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,22 @@ def test_class_count_change_resets_head(source: VisionTransformer, tmp_path: Pat
     _assert_same(target.state_dict(), source.state_dict(), skip=("head.weight", "head.bias"))
 
 
+def test_backbone_without_classifier_keeps_fresh_head(source: VisionTransformer, tmp_path: Path, caplog) -> None:
+    """DINOv2/MAE/CLIP backbones have no head: the model keeps its fresh one and the log says so."""
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v for k, v in _state(source).items() if not k.startswith("head.")}, str(path))
+    target = _build(seed=1, num_classes=5)
+    fresh_head = _state(target.head)
+
+    with caplog.at_level(logging.INFO, logger="ofbdeploy"):
+        report = load_weights(target, path)
+
+    assert report.reset_head and report.missing == ["head.weight", "head.bias"]
+    assert "without a classifier" in caplog.text
+    _assert_same(_state(target.head), fresh_head)
+    _assert_same(target.state_dict(), source.state_dict(), skip=("head.weight", "head.bias"))
+
+
 def test_image_size_change_resizes_pos_embed(source: VisionTransformer, tmp_path: Path) -> None:
     path = tmp_path / "pico.safetensors"
     save_file(_state(source), str(path))
@@ -172,7 +189,7 @@ def test_unknown_model_suggests_close_names() -> None:
 
 
 def test_non_vit_model_rejected() -> None:
-    with pytest.raises(ModelError, match="not a timm VisionTransformer"):
+    with pytest.raises(ModelError, match="ResNet models cannot be pruned"):
         build_dense("test_resnet")
 
 

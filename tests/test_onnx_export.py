@@ -137,3 +137,28 @@ def test_deit_small_shaped_pruned_model_exports_and_matches(tmp_path):
     result = export_onnx(model, tmp_path / "deit_s.onnx", img_size=224, check_inputs=torch.randn(3, 3, 224, 224))
     assert result.max_abs_diff <= TOL and result.top1_agreement == 1.0 and result.simplified
     assert len({block.attn.num_heads for block in model.blocks}) > 1  # really uneven
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 3}),
+        (PICO, {"class_token": False, "reg_tokens": 2, "global_pool": "map"}),  # registers, attention pool
+        (PICO, {"pre_norm": True, "act_layer": "quick_gelu", "embed_norm_layer": "layernorm"}),  # CLIP, patch norm
+    ],
+)
+def test_every_family_and_variant_exports_with_parity(name, kwargs, tmp_path):
+    """The distilled DeiT's two heads, registers with the attention pool, CLIP's pre-norm with a patch norm (a
+    Swin is exported, and checked, by its end-to-end run in test_swin.py)."""
+    from ofbdeploy.families import family_of, read_shape
+
+    torch.manual_seed(0)
+    dense = timm.create_model(name, **kwargs)
+    shape = read_shape(dense, name)
+    searchable = family_of(shape).searchable(dense, family_of(shape).space(shape), name)
+    decide_randomly(searchable, random.Random(1))
+    model, _ = materialize(searchable)
+    images = torch.randn(4, 3, shape.img_size, shape.img_size)
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=shape.img_size, check_inputs=images)
+    assert result.top1_agreement == 1.0
+    assert _ort_vs_torch(tmp_path / "m.onnx", model, torch.randn(3, 3, shape.img_size, shape.img_size)) <= TOL

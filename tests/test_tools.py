@@ -72,6 +72,17 @@ def test_bench_lut_smoke(tmp_path, synthetic_lut):
         assert row["ratio_error"] == pytest.approx(row["predicted_fraction"] / row["measured_fraction"] - 1)
 
 
+def test_family_census_smoke(tmp_path):
+    out = tmp_path / "census.json"
+    _run("family_census.py", "--modules", "deit", "--exactness", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert rows["deit_tiny_distilled_patch16_224"]["family"] == "vit"
+    assert rows["deit_tiny_patch16_224"]["verdict"] == "supported"
+    assert all(r["verdict"] != "crashed" for r in rows.values())
+    assert rows and all(r["exactness"]["ok"] for r in rows.values() if "exactness" in r)
+    assert sum("exactness" in r for r in rows.values()) >= 3  # DeiT, DeiT-III, distilled DeiT
+
+
 def test_bench_int8_smoke(tmp_path):
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"arch": {"embed_dim": 48, "blocks": [

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.families import family_of
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.recipe import LatencyTargetCfg
@@ -52,7 +53,8 @@ class LatencyObjective:
 def build_objective(cfg: LatencyTargetCfg, model: SearchableViT, *, progress: bool = True) -> LatencyObjective:
     """The latency budget of ``cfg`` for ``model``'s search space, with its LUT: the given file, else the
     cached one, else measured now on this machine. One builder, so that a run and a benchmark steer the
-    search with the same table for the same settings."""
+    search with the same table for the same settings. Families the table does not model are refused."""
+    family_of(model.shape).check_latency()
     if cfg.lut is not None:
         lut = LatencyLUT.load(Path(cfg.lut))
     else:

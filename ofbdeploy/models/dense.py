@@ -1,7 +1,8 @@
-"""Build dense timm ViTs by name and load local checkpoints into them.
+"""Build dense timm models of a supported family by name and load local checkpoints into them.
 
-Checkpoint adaptation lives here, outside the model (as in timm): the model stays a plain
-``VisionTransformer`` and every file format users have is normalised to its state dict.
+Checkpoint adaptation lives here, outside the model (as in timm): the model stays a plain timm model of its
+family's class, and every file format users have is normalised to its state dict (with the family's own
+filter, the one timm applies to hub weights).
 """
 
 import difflib
@@ -15,18 +16,18 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the ofb_vit_* names with timm)
 from ofbdeploy.errors import CheckpointError, ModelError
+from ofbdeploy.families import family_of_model
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # Where training scripts nest the weights: DeiT uses "model", timm's train.py "state_dict".
 _NESTED_KEYS = ("model", "state_dict", "model_ema")
-_HEAD_KEYS = ("head.weight", "head.bias")
 _DDP_PREFIX = "module."
 _SHOWN_KEYS = 4
 _MAX_NAME = 200
@@ -41,7 +42,7 @@ class LoadReport:
 
     path: Path
     format: str  # "safetensors", "torch" (bare state dict) or "torch[<key>]" (nested under key)
-    reset_head: bool
+    reset_head: bool  # the model keeps its freshly initialised classifier (other class count, or none in the file)
     resized_pos_embed: bool
     missing: list[str]
     unexpected: list[str]
@@ -54,8 +55,9 @@ def build_dense(
     img_size: int | None = None,
     checkpoint: str | Path | None = None,
     **overrides: Any,
-) -> VisionTransformer:
-    """Build a timm ViT without touching the hub; weights only ever come from a local checkpoint."""
+) -> nn.Module:
+    """Build a timm model of a supported family without touching the hub; weights only ever come from a local
+    checkpoint. A model of no supported family is a one-line :class:`ModelError`."""
     _check_known(name)
     refused = sorted(set(overrides) & _HUB_ARGUMENTS)
     if refused:
@@ -72,8 +74,7 @@ def build_dense(
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise ModelError(f"model: timm cannot build {name} with {given} (model.overrides, img_size, num_classes): "
                          f"{reason}"[:400]) from None
-    if not isinstance(model, VisionTransformer):
-        raise ModelError(f"{name} builds a {type(model).__name__}, not a timm VisionTransformer")
+    family_of_model(model)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
@@ -90,26 +91,30 @@ def _check_known(name: str) -> None:
     raise ModelError(f"unknown model {name!r}; {hint}")
 
 
-def load_weights(model: VisionTransformer, path: str | Path) -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a local DeiT/timm/DDP/safetensors checkpoint, adapting it the way timm adapts hub weights."""
     path = Path(path).expanduser()
     raw, fmt = _read_state_dict(path)
     state = {k.removeprefix(_DDP_PREFIX): v for k, v in raw.items()}
-    # adapt_layer_scale: official DeiT-III files store LayerScale as gamma_1/gamma_2.
+    family = family_of_model(model)
+    head_keys = family.head_keys(model)
     try:
-        adapted = checkpoint_filter_fn(state, model, adapt_layer_scale=True)
+        adapted = family.checkpoint_filter(state, model)
     except Exception as err:  # timm's adaptation (pos_embed resampling, ...) on tensors of the wrong kind
         raise CheckpointError(f"{path}: does not fit the model ({type(err).__name__}: {err})"[:400]) from None
-    resized = "pos_embed" in state and adapted["pos_embed"].shape != state["pos_embed"].shape
+    resized = "pos_embed" in state and "pos_embed" in adapted and adapted["pos_embed"].shape != state["pos_embed"].shape
     if resized:
         old, new = tuple(state["pos_embed"].shape), tuple(adapted["pos_embed"].shape)
         logger.info("%s: resized pos_embed %s -> %s", path, old, new)
     expected = model.state_dict()
-    reset_head = _head_differs(adapted, expected)
-    if reset_head:
+    backbone = _is_backbone(adapted, expected, head_keys)
+    reset_head = backbone or _head_differs(adapted, expected, head_keys)
+    if backbone:
+        logger.info("%s: a backbone without a classifier; the model's head is freshly initialised", path)
+    elif reset_head:
         logger.info("%s: classifier shape differs from the model's; keeping its fresh head", path)
-        adapted = {k: v for k, v in adapted.items() if k not in _HEAD_KEYS}
-    allowed_missing = set(_HEAD_KEYS) if reset_head else set()
+        adapted = {k: v for k, v in adapted.items() if k not in head_keys}
+    allowed_missing = set(head_keys) if reset_head else set()
     problems = _mismatches(adapted, expected, allowed_missing)
     if problems:
         more = f" (+{len(problems) - _SHOWN_KEYS} more)" if len(problems) > _SHOWN_KEYS else ""
@@ -172,9 +177,17 @@ def _tensors_only(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tenso
     return dict(state)
 
 
-def _head_differs(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
+def _is_backbone(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                 head_keys: tuple[str, ...]) -> bool:
+    """True for a checkpoint with no classifier at all (DINOv2, MAE, CLIP image towers) loaded into a model that
+    has one: the head stays as initialised and is trained with the rest."""
+    return not any(k in state for k in head_keys) and any(k in expected for k in head_keys)
+
+
+def _head_differs(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                  head_keys: tuple[str, ...]) -> bool:
     """True when the checkpoint's classifier cannot be used as is (other class count, or no head at all)."""
-    return any(k in state and (k not in expected or state[k].shape != expected[k].shape) for k in _HEAD_KEYS)
+    return any(k in state and (k not in expected or state[k].shape != expected[k].shape) for k in head_keys)
 
 
 def _mismatches(
