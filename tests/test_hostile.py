@@ -360,7 +360,7 @@ def test_bad_outputs_are_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.parametrize(("model", "needle"), [
-    ({"name": "resnet18"}, "ResNet, not a timm VisionTransformer"),
+    ({"name": "resnet18"}, "ResNet models cannot be pruned by ofbdeploy"),
     ({"name": "vit_tiny_r_s16_p8_224", "img_size": 32}, "HybridEmbed"),
     ({"name": "ofb_vit_pico_patch4_32", "overrides": {"no_such_argument": 1}}, "no_such_argument"),
     ({"name": "ofb_vit_pico_patch4_32", "overrides": {"num_heads": 3}}, "divisible by num_heads"),
