@@ -1,26 +1,113 @@
-"""The ``ofbdeploy`` command line."""
+"""The ``ofbdeploy`` command line.
+
+Every command ends through :meth:`_Group.invoke`, which maps what happened to the exit-code contract of
+:mod:`ofbdeploy.errors` in one place: commands raise (:class:`OfbError` subclasses for bad input,
+:class:`LimitMissed` for a missed limit) and never call ``sys.exit`` themselves.
+"""
 
 from __future__ import annotations
 
 import logging
-import random
+import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ofbdeploy.errors import OfbError
+from ofbdeploy.errors import (
+    EXIT_CODE_HELP,
+    ExitCode,
+    InputError,
+    LimitMissed,
+    RunDirError,
+    exit_code_of,
+    one_line,
+    traceback_note,
+)
 
 
-class _Group(click.Group):
-    """Turn ofbdeploy's own errors into one line on stderr and exit status 2."""
+def _traceback_file(error: BaseException) -> str:
+    """Where the full traceback is: the run's log when the run wrote it there, else a new temporary file."""
+    noted = traceback_note(error)
+    if noted is not None:
+        return noted
+    with tempfile.NamedTemporaryFile("w", prefix="ofbdeploy-traceback-", suffix=".txt", delete=False) as f:
+        f.write("".join(traceback.format_exception(error)))
+    return f.name
+
+
+def _finish(error: BaseException) -> None:
+    """One line on stderr and the contract's exit code for ``error`` (see ofbdeploy.errors)."""
+    code = exit_code_of(error)
+    if code == ExitCode.INTERRUPTED:
+        click.echo("interrupted: finished stages and files are kept; `ofbdeploy run --resume` continues a run",
+                   err=True)
+    elif code == ExitCode.LIMIT_MISSED:
+        click.echo(f"limit missed: {one_line(str(error))}", err=True)
+    elif code == ExitCode.INTERNAL:
+        where = _traceback_file(error)
+        click.echo(f"internal error: {one_line(f'{type(error).__name__}: {error}', 300)} "
+                   f"(full traceback in {where})", err=True)
+    else:
+        click.echo(f"error: {one_line(str(error))}", err=True)
+    sys.exit(int(code))
+
+
+class _ExitCodesHelp:
+    """Every command's --help ends with the exit-code contract."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
+        with formatter.section("Exit codes"):
+            formatter.write_text(EXIT_CODE_HELP.removeprefix("Exit codes: "))
+
+
+class _Command(_ExitCodesHelp, click.Command):
+    pass
+
+
+class _Group(_ExitCodesHelp, click.Group):
+    """Turn anything a command raises into one line on stderr and the contract's exit code."""
+
+    command_class = _Command
+    group_class = type  # subgroups (lut) behave the same
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """click's own usage errors exit 2 as before, but as one line like every other error."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.ClickException as error:
+            where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+            click.echo(f"error: {one_line(error.format_message())}{where}", err=True)
+            sys.exit(int(ExitCode.BAD_INPUT))
+        except click.exceptions.Abort as error:  # Ctrl-C while click itself was running
+            _finish(KeyboardInterrupt(str(error)))
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except OfbError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise  # click's own usage errors and help are handled in main()
+        except BaseException as error:
+            _finish(error)
+
+
+def _interrupt_on_sigterm() -> None:
+    """torchrun stops its workers with SIGTERM: treat it like Ctrl-C (locks released, exit 130)."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +115,44 @@ class _Group(click.Group):
 def main(verbose: bool) -> None:
     """ofbdeploy: compress timm Vision Transformers with OFB and check the result on real deployment numbers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _interrupt_on_sigterm()
+
+
+def _config(kind: type, option_names: dict[str, str], **values: Any) -> Any:
+    """Build a recipe config from CLI options; a value the schema refuses is one line naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return kind(**values)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        raise InputError(one_line(f"{option_names.get(field, field)}: {problem['msg']}")) from None
+
+
+def _check_backends(backends: list[str], option: str = "--backend") -> None:
+    """Refuse, before any work, a backend this machine cannot run (naming it and why)."""
+    from ofbdeploy.deploy.backends import BackendUnavailable, available_backends, create_runner
+
+    here = available_backends()
+    for backend in backends:
+        if backend in here:
+            continue
+        try:
+            create_runner(backend)
+        except BackendUnavailable as err:
+            reason = str(err)
+        else:  # pragma: no cover - available_backends and create_runner disagree
+            continue
+        raise InputError(f"{option} {backend}: cannot run on this machine ({reason}); available: {', '.join(here)}")
+
+
+def _check_free_dir(path: Path, option: str, force: bool) -> None:
+    """An output model directory that already holds files is overwritten only with --force."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option}: {path} is a file; expected a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise InputError(f"{option}: {path} already holds files; pass --force to overwrite them")
 
 
 @main.command()
@@ -37,39 +162,55 @@ def main(verbose: bool) -> None:
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: the recipe's output_dir).")
 @click.option("--resume", is_flag=True,
-              help="Continue a stopped search, pretrain or finetune from its last epoch checkpoint.")
+              help="Continue a stopped search, pretrain or finetune from its last epoch checkpoint (refused, "
+                   "naming the change, when its settings changed other than by more epochs).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to run.log).")
 def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: bool, no_progress: bool) -> None:
     """Run a recipe: dense model -> OFB search -> materialise -> finetune -> evaluate -> export -> profile
     -> report. Exits 1 when a limit of the recipe's budget section is missed.
 
-    Every stage writes its artifacts into the run directory; stages whose artifacts exist and whose
-    recipe sections are unchanged are skipped, so re-running after a change redoes only what changed.
-    Under `torchrun --standalone --nproc_per_node N -m ofbdeploy run ...` the search and the training
-    stages run with PyTorch DDP.
+    Every input is checked before the run directory is written. Every stage writes its artifacts into the
+    run directory and records their digests in stages.json; a stage is skipped only while its recipe
+    sections, its inputs and its artifacts are unchanged, so re-running after a change (or after an
+    artifact was deleted or replaced) redoes only what is needed, and run.log says why. One run at a time
+    per directory (run.lock). Under `python -m ofbdeploy.torchrun --standalone --nproc_per_node N -m
+    ofbdeploy run ...` (torchrun's arguments, these exit codes) the search and training run with DDP.
     """
-    from ofbdeploy.pipeline import Run
     from ofbdeploy.recipe import load_recipe
+    from ofbdeploy.rundir import check_run_dir
 
     extra = [*overrides, f"output_dir={output}"] if output is not None else list(overrides)
-    report = Run(load_recipe(recipe, extra), resume=resume, progress=not no_progress).execute()
+    resolved = load_recipe(recipe, extra)  # before the heavy imports: a bad recipe or output fails in a blink
+    check_run_dir(Path(resolved.output_dir))
+
+    from ofbdeploy.pipeline import Run
+
+    report = Run(resolved, resume=resume, progress=not no_progress).execute()
+    if report is None:  # a non-main process that parted after the last collective stage: rank 0 reports
+        return
+    if not report:
+        raise RunDirError(f"{resolved.output_dir}: the run ended without a report.json")
     if not report.get("budget_met", True):
-        click.echo("budget missed: see the budget table above and report.md", err=True)
-        sys.exit(1)
+        missed = [f"{c['name']} ({c['measured']})" for c in report.get("budget", []) if not c.get("ok")]
+        raise LimitMissed(f"{', '.join(missed)}; see the budget table above and report.md")
 
 
 def _comma_ints(_ctx, _param, value: str) -> list[int]:
     try:
         numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not numbers or min(numbers) < 1:
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
+        raise click.BadParameter(f"expected comma-separated integers, got {value[:40]!r}") from None
+    if not numbers or min(numbers) < 1 or max(numbers) > 1 << 16:
+        raise click.BadParameter(f"expected integers in 1..65536, got {value[:40]!r}")
     return numbers
 
 
 class _Target:
-    """What export/profile work on: a run directory (recipe.yaml + finetuned/) or a pruned model directory."""
+    """What export/profile work on: a run directory (recipe.yaml + finetuned/) or a pruned model directory.
+
+    A run directory is locked while the command works in it, and its models are used only when the
+    stages that wrote them finished and their files are intact.
+    """
 
     def __init__(self, path: Path) -> None:
         from ofbdeploy.arch import ArchSpec
@@ -77,19 +218,38 @@ class _Target:
 
         self.path = path
         self.run = None
+        self.lock = None
+        if not path.is_dir():
+            raise InputError(f"{path}: expected a run directory or a pruned model directory"
+                             if path.exists() else f"not found: {path}")
         if (path / "recipe.yaml").is_file():
             from ofbdeploy.pipeline import Run
             from ofbdeploy.recipe import load_recipe
+            from ofbdeploy.rundir import RunLock
 
             self.run = Run(load_recipe(path / "recipe.yaml", [f"output_dir={path}"]))
-            if not (path / "finetuned" / ARCH_FILE).is_file():
-                raise OfbError(f"{path}: the run has no finetuned model yet; finish it with ofbdeploy run")
-            self.spec = ArchSpec.load(path / "finetuned" / ARCH_FILE)
+            self.lock = RunLock(path)
+            self.lock.acquire()
+            try:
+                for stage in ("dense", "finetune"):
+                    self.run.book.verify(stage, self.run.sections(stage))
+                self.spec = ArchSpec.load(path / "finetuned" / ARCH_FILE)
+            except BaseException:
+                self.lock.release()
+                raise
         elif (path / ARCH_FILE).is_file():
             self.spec = ArchSpec.load(path / ARCH_FILE)
         else:
-            raise OfbError(f"{path}: expected a run directory (recipe.yaml) or a pruned model directory ({ARCH_FILE})")
+            raise InputError(f"{path}: expected a run directory (recipe.yaml) or a pruned model directory "
+                             f"({ARCH_FILE})")
         self.export_dir = path / "export"
+
+    def __enter__(self) -> _Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def models(self):
         """Dense and pruned; outside a run the dense model has random weights (fine for latency)."""
@@ -117,88 +277,120 @@ class _Target:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT: see the Dockerfile).")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="TensorRT engine precision (repeatable; default fp16). int8 needs a run directory "
-                   "(calibration images come from its data).")
-@click.option("--fp16-onnx", is_flag=True, help="Also write fp16 ONNX graphs (for ORT fp16 profiling).")
+              help="Precision to write (repeatable): an ONNX graph of it, and with --trt an engine built from that "
+                   "graph (default with --trt: fp16). fp32 ONNX is always written. int8 is a Q/DQ graph calibrated "
+                   "on the run's training split, so it needs a run directory.")
+@click.option("--fp16-onnx", is_flag=True, help="Also write fp16 ONNX graphs (the same as --precision fp16).")
 @click.option("--batch-range", default="1,16,64", show_default=True, callback=_comma_ints,
               help="TensorRT optimisation profile: min,opt,max batch.")
-@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (>= 17: LayerNormalization op).")
-@click.option("--check-images", default=64, show_default=True, type=int,
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 30),
+              help="ONNX opset (>= 17: LayerNormalization op).")
+@click.option("--check-images", default=64, show_default=True, type=click.IntRange(1, 100_000),
               help="Images for the ORT-vs-torch and TensorRT-vs-ORT parity checks.")
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
+              help="TensorRT's TF32 flag for the engines (the profile's TF32 policy must match).")
+@click.option("--force", is_flag=True, help="Overwrite an existing PATH/export.")
 def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, batch_range: list[int], opset: int,
-           check_images: int) -> None:
+           check_images: int, tf32: bool, force: bool) -> None:
     """Export dense and pruned models to ONNX (and TensorRT engines) into PATH/export.
 
     PATH is a run directory or a pruned model directory. Every ONNX file is checked in ONNX Runtime against
     torch, and every engine against ONNX Runtime; a failed check is an error (exit 2), never a warning.
-    Engines are cached by ONNX content, precision, batch range, TensorRT version and GPU name.
+    Engines are strongly typed (their precision is the ONNX graph's) and cached by ONNX content, build
+    settings, TensorRT version and GPU name. An existing PATH/export is replaced only with --force.
     """
+    if len(batch_range) != 3 or not batch_range[0] <= batch_range[1] <= batch_range[2]:
+        raise click.BadParameter("expected min,opt,max with min <= opt <= max", param_hint="--batch-range")
+    _check_free_dir(path / "export", "export", force)
+
     from ofbdeploy.deploy.workflow import export_models
     from ofbdeploy.recipe import ExportCfg
 
-    if len(batch_range) != 3:
-        raise click.BadParameter("expected min,opt,max", param_hint="--batch-range")
-    target = _Target(path)
-    cfg = ExportCfg(opset=opset, fp16=fp16_onnx, trt=trt, trt_precisions=list(precisions) or ["fp16"],
-                    batch_range=tuple(batch_range), check_images=check_images)
-    calibration = None
-    if trt and "int8" in cfg.trt_precisions:
-        if target.run is None:
-            raise OfbError("int8 engines need calibration images: export from a run directory")
-        from ofbdeploy.train.data import sample_batch
+    with _Target(path) as target:
+        # a run keeps its recipe's other export settings (calibration sample size, simplification, ...)
+        base = target.run.recipe.export.model_dump() if target.run is not None else {}
+        cfg = _config(ExportCfg, {"opset": "--opset", "batch_range": "--batch-range",
+                                  "check_images": "--check-images", "trt_precisions": "--precision"},
+                      **{**base, "opset": opset, "fp16": fp16_onnx or "fp16" in precisions,
+                         "int8": "int8" in precisions, "trt": trt, "trt_precisions": list(precisions) or ["fp16"],
+                         "batch_range": tuple(batch_range), "check_images": check_images})
+        calibration = None
+        if "int8" in cfg.onnx_precisions():
+            if target.run is None:
+                raise InputError("--precision int8: int8 needs calibration images from the training data: export "
+                                 "from a run directory")
+            from ofbdeploy.train.data import calibration_batch
 
-        train = target.run.data()[0]
-        calibration = sample_batch(train, min(cfg.calibration_images, len(train))).numpy()
-    images = target.check_images(check_images)
-    artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
-                              in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration)
+            train, val, _ = target.run.data()
+            calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
+                                            target.run.recipe.seed).numpy()
+        images = target.check_images(check_images)
+        artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
+                                  in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration,
+                                  tf32=tf32)
+        if target.run is not None:  # a run's export.json carries the files' accuracy, as `ofbdeploy run` writes it
+            artifacts.accuracy = target.run.onnx_accuracy(artifacts)
+            artifacts.save(target.export_dir)
     for check in artifacts.checks:
         click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
                    f"top-1 agreement {check['top1_agreement']:.1%}")
 
 
+BACKENDS = ["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--backend", "backends", multiple=True,
-              type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
               help="Latency backend (repeatable; default: ort-cpu).")
 @click.option("--batch", "batches", default="1,64", show_default=True, callback=_comma_ints,
               help="Comma-separated batch sizes.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
               help="Precision to measure in (fp16 ORT needs an --fp16-onnx export; tensorrt needs that engine).")
-@click.option("--warmup", default=10, show_default=True, type=int, help="Untimed calls before measuring.")
-@click.option("--repeats", default=50, show_default=True, type=int, help="Timed calls per model and batch.")
-@click.option("--threads", default=None, type=int, help="CPU threads for ORT and torch (default: the library's).")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000),
+              help="Untimed calls before measuring.")
+@click.option("--repeats", default=50, show_default=True, type=click.IntRange(5, 100_000),
+              help="Timed calls per model and batch.")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096),
+              help="CPU threads for ORT and torch (default: the library's).")
 def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision: str, warmup: int, repeats: int,
             threads: int | None) -> None:
     """Measure dense vs pruned latency on each backend and write PATH/profile.json.
 
     Dense and pruned are timed alternately in this process (medians over repeats, p90/p99, throughput,
     peak memory), with the input resident on the device, so their ratio is robust on a noisy machine.
-    Exports ONNX first when an ONNX Runtime backend needs it and PATH/export has none.
+    Exports ONNX first when an ONNX Runtime backend needs it and PATH/export has none. A backend that
+    cannot run here is an error (exit 2) naming it, and the last profile.json is left as it was.
     """
-    import json
-
     from ofbdeploy.arch import ArchSpec
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
     from ofbdeploy.recipe import ExportCfg, ProfileCfg
-    from ofbdeploy.report.render import latency_table
+    from ofbdeploy.report.render import format_skip, latency_table
+    from ofbdeploy.rundir import to_json
 
-    target = _Target(path)
-    cfg = ProfileCfg(backends=list(backends) or ["ort-cpu"], batches=batches, precision=precision, warmup=warmup,
-                     repeats=repeats, threads=threads)
-    artifacts = DeployArtifacts.load(target.export_dir)
-    models = target.models()
-    if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
-        artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
-                                  img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
-                                  check_images=target.check_images(16))
-    ratio = target.spec.macs() / ArchSpec.dense(target.spec.base).macs()
-    rows, skipped = profile_models(models, artifacts, cfg, ratio)
-    (path / "profile.json").write_text(json.dumps({"latency": rows, "skipped": skipped}, indent=1) + "\n")
+    cfg = _config(ProfileCfg, {"backends": "--backend", "batches": "--batch", "precision": "--precision",
+                               "warmup": "--warmup", "repeats": "--repeats", "threads": "--threads"},
+                  backends=list(backends) or ["ort-cpu"], batches=batches, precision=precision, warmup=warmup,
+                  repeats=repeats, threads=threads)
+    _check_backends(cfg.backends)
+    with _Target(path) as target:
+        artifacts = DeployArtifacts.load(target.export_dir)
+        models = target.models()
+        if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
+            artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
+                                      img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
+                                      check_images=target.check_images(16))
+        ratio = target.spec.macs() / ArchSpec.dense(target.spec.base).macs()
+        rows, skipped = profile_models(models, artifacts, cfg, ratio)
+        if skipped:
+            raise InputError(f"not measured: {'; '.join(format_skip(s) for s in skipped)}; "
+                             f"{path / 'profile.json'} left as it was")
+        if not rows:
+            raise InputError("nothing was measured; profile.json left as it was")
+        from ofbdeploy.io import atomic_write_text
+
+        atomic_write_text(path / "profile.json", to_json({"latency": rows, "skipped": skipped}))
     click.echo(latency_table({"latency": rows, "flops_ratio": ratio}))
-    for reason in skipped:
-        click.echo(f"not measured: {reason}")
 
 
 @main.command()
@@ -212,35 +404,54 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
 def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: Path | None) -> None:
     """Check a finished run against its recipe's budget and, optionally, a latency baseline (CI gate).
 
-    Prints every limit with the measured value; exits 1 when any is missed. Speedups are ratios measured
-    in one run (dense vs pruned on the same backend), so they compare across machines; absolute latencies
-    are compared only when the baseline was measured on the same device.
+    Prints every limit with the measured value; exits 1 when any is missed, a limit whose measurement is
+    missing included. The run must have finished under its recipe.yaml with report.json intact, and a
+    baseline must be of this model and of the recipe's model, data and search settings (else exit 2).
+    Having nothing to check (no budget limits, no baseline, nothing to write) is an error too. Speedups are
+    ratios measured in one run (dense vs pruned on the same backend), so they compare across machines;
+    absolute latencies are compared only when the baseline was measured on the same device.
     """
-    import json
-
+    from ofbdeploy.io import atomic_write_text, check_output_file, read_json
+    from ofbdeploy.pipeline import stage_sections
     from ofbdeploy.recipe import load_recipe
-    from ofbdeploy.report.checks import format_checks, make_baseline, parse_tolerance, recipe_checks, regression_checks
+    from ofbdeploy.report.checks import (
+        check_baseline_fits,
+        format_checks,
+        make_baseline,
+        parse_baseline,
+        parse_tolerance,
+        recipe_checks,
+        regression_checks,
+    )
+    from ofbdeploy.rundir import RunLock, StageBook, to_json
 
-    report_path = run_dir / "report.json"
-    if not report_path.is_file():
-        raise OfbError(f"{report_path}: missing; run the recipe to the report stage first")
-    report = json.loads(report_path.read_text())
-    checks = recipe_checks(report, load_recipe(run_dir / "recipe.yaml"))
-    if baseline is not None:
-        if not baseline.is_file():
-            raise OfbError(f"baseline not found: {baseline}")
-        checks += regression_checks(report, json.loads(baseline.read_text()), parse_tolerance(tolerance))
+    if not (run_dir / "recipe.yaml").is_file():
+        raise InputError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    holder = RunLock.holder(run_dir)
+    if holder is not None:
+        raise RunDirError(f"{run_dir}: a run is in progress there ({holder.describe()}); check it when it is done")
+    tol = parse_tolerance(tolerance)
     if write_baseline is not None:
-        from ofbdeploy.io import atomic_write_text
-
-        atomic_write_text(write_baseline, json.dumps(make_baseline(report), indent=1) + "\n")
+        check_output_file(write_baseline, "--write-baseline")
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"output_dir={run_dir}"])
+    StageBook(run_dir).verify("report", stage_sections(recipe, "report"))
+    report = read_json(run_dir / "report.json", "report")
+    checks = recipe_checks(report, recipe)
+    if baseline is not None:
+        base = parse_baseline(read_json(baseline, "baseline"), str(baseline))
+        check_baseline_fits(base, report, recipe, str(baseline))
+        checks += regression_checks(report, base, tol)
+    if not checks and write_baseline is None:
+        raise InputError(f"{run_dir}: nothing to check: the recipe's budget section sets no limit and no "
+                         f"--baseline was given")
+    if write_baseline is not None:
+        atomic_write_text(write_baseline, to_json(make_baseline(report, recipe)))
         click.echo(f"baseline written to {write_baseline}")
     if checks:
         click.echo(format_checks(checks))
-    else:
-        click.echo("no budget limits in the recipe and no baseline given: nothing to check")
-    if not all(c.ok for c in checks):
-        sys.exit(1)
+    missed = [f"{c.name} ({c.measured})" for c in checks if not c.ok]
+    if missed:
+        raise LimitMissed(", ".join(missed))
 
 
 @main.group()
@@ -250,19 +461,21 @@ def lut() -> None:
 
 @lut.command("build")
 @click.option("--model", "model_name", required=True, help="timm model name, e.g. deit_small_patch16_224.")
-@click.option("--img-size", type=int, default=None, help="Image size (default: the model's).")
-@click.option("--backend", default="ort-cpu", show_default=True,
-              type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]))
-@click.option("--batch", default=1, show_default=True, type=int, help="Batch size the table is measured at.")
+@click.option("--img-size", type=click.IntRange(8, 4096), default=None, help="Image size (default: the model's).")
+@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(BACKENDS))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096),
+              help="Batch size the table is measured at.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]))
 @click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
               help="Build for the aligned search grids.")
-@click.option("--embed-points", default=4, show_default=True, type=int, help="Embedding widths measured.")
-@click.option("--width-points", default=3, show_default=True, type=int,
+@click.option("--embed-points", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Embedding widths measured.")
+@click.option("--width-points", default=3, show_default=True, type=click.IntRange(1, 64),
               help="Head widths and MLP widths measured per embedding width.")
-@click.option("--random-points", default=16, show_default=True, type=int,
+@click.option("--random-points", default=16, show_default=True, type=click.IntRange(0, 4096),
               help="Random uneven models measured (like the ones a search ends with).")
-@click.option("--repeats", default=20, show_default=True, type=int, help="Timed calls per probe model.")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(5, 100_000),
+              help="Timed calls per probe model.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where tables are kept (default ~/.cache/ofbdeploy/lut); an existing one is reused.")
 def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, precision: str, align: str | None,
@@ -273,14 +486,17 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     alternately with the dense model, with the profile protocol; a non-negative least-squares fit of
     per-part work counts (GEMM sizes, heads, widths) to those latencies covers every width in between.
     """
-    from ofbdeploy.arch import ArchSpec, ViTShape
-    from ofbdeploy.grids import space_for
+    from ofbdeploy.arch import ArchSpec
+    from ofbdeploy.families import family_of, read_shape
+    from ofbdeploy.io import check_output_dir
     from ofbdeploy.latency.lut import default_cache_dir, load_or_build
     from ofbdeploy.models.dense import build_dense
 
-    shape = ViTShape.from_model(build_dense(model_name, img_size=img_size), model_name)
-    space = space_for(shape, int(align) if align else None)
-    cache = cache_dir or default_cache_dir()
+    _check_backends([backend])
+    cache = check_output_dir(cache_dir or default_cache_dir(), "--cache-dir")
+    shape = read_shape(build_dense(model_name, img_size=img_size), model_name)
+    family_of(shape).check_latency()
+    space = family_of(shape).space(shape, int(align) if align else None)
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
                           embed_points=embed_points, width_points=width_points, random_points=random_points,
                           repeats=repeats)
@@ -309,55 +525,47 @@ def info(path: Path) -> None:
 
 @main.command()
 @click.option("--model", "model_name", default="ofb_vit_pico_patch4_32", show_default=True,
-              help="timm model name to check (any supported ViT, e.g. deit_small_patch16_224).")
-@click.option("--img-size", type=int, default=None, help="Image size to build the model at (default: the model's).")
-@click.option("--trials", type=int, default=5, show_default=True, help="Random architectures to try.")
+              help="timm model name to check (any model of a supported family, e.g. deit_small_patch16_224, "
+                   "vit_small_patch14_dinov2, swin_tiny_patch4_window7_224).")
+@click.option("--img-size", type=click.IntRange(8, 4096), default=None,
+              help="Image size to build the model at (default: the model's own, reduced for large token grids).")
+@click.option("--trials", type=click.IntRange(0, 1000), default=5, show_default=True,
+              help="Random architectures to try.")
 @click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
               help="Build the width grids from multiples of this only.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights and architectures.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Seed for weights and architectures.")
 @click.option("--save", type=click.Path(path_type=Path), default=None,
               help="Write the last materialised model here (model.safetensors + arch.json).")
+@click.option("--force", is_flag=True, help="Overwrite a --save directory that already holds files.")
 def selfcheck(model_name: str, img_size: int | None, trials: int, align: str | None, seed: int,
-              save: Path | None) -> None:
-    """Check materialisation on this machine's torch and timm.
+              save: Path | None, force: bool) -> None:
+    """Ask whether a timm model can be pruned, and check materialisation on this machine's torch and timm.
 
-    Builds the model with random weights, decides random architectures (plus the narrowest and the
-    widest the grids allow), materialises each into a plain timm ViT and compares outputs with the
-    masked model (fused attention on and off), and FLOPs/params with PyTorch's own counter.
-    Exits 1 if any check fails.
+    A model of no supported family, or with a part the search has no unit for, is refused in one line
+    (exit 2). Otherwise the model is built with random weights, random architectures are decided (plus the
+    narrowest and the widest the grids allow), each is materialised into a plain timm model of the same
+    class and compared with the masked model (fused attention on and off), and FLOPs/params with PyTorch's
+    own counter. Exits 1 if any check misses its tolerance.
     """
-    import torch
-
-    from ofbdeploy.arch import ViTShape
-    from ofbdeploy.grids import space_for
+    from ofbdeploy.io import check_output_dir
     from ofbdeploy.materialize import materialize
-    from ofbdeploy.models.dense import build_dense
     from ofbdeploy.models.pruned import save_pruned
-    from ofbdeploy.search.searchable import SearchableViT
     from ofbdeploy.table import format_table
-    from ofbdeploy.verify import check_agreement, decide_randomly
+    from ofbdeploy.verify import selfcheck_model
 
-    rng = random.Random(seed)
-    rows, failed, last = [], False, None
-    for trial, extreme in enumerate(["narrowest", "widest"] + [None] * trials):
-        torch.manual_seed(seed + trial)
-        vit = build_dense(model_name, img_size=img_size)
-        space = space_for(ViTShape.from_model(vit), int(align) if align else None)
-        searchable = SearchableViT(vit, space, model_name)
-        decide_randomly(searchable, rng, extreme)
-        result = check_agreement(searchable, seed=seed + trial)
-        ok = (result.max_abs_diff <= 1e-4 and abs(result.macs_counted - result.macs_spec) <= 0.01 * result.macs_spec
-              and result.params_counted == result.params_spec)
-        failed |= not ok
-        rows.append((extreme or f"random {trial - 1}", f"{result.max_abs_diff:.2e}", f"{result.macs_spec / 1e6:.2f}",
-                     f"{result.macs_counted / 1e6:.2f}", result.params_spec, result.params_counted,
-                     "ok" if ok else "FAIL"))
-        last = searchable
+    if save is not None:
+        _check_free_dir(save, "--save", force)
+        check_output_dir(save, "--save")
+    report = selfcheck_model(model_name, img_size=img_size, trials=trials, align=int(align) if align else None,
+                             seed=seed, keep_last=save is not None)
+    click.echo(report.header)
     click.echo(format_table(("architecture", "max |diff|", "MMACs spec", "MMACs counted", "params spec",
-                             "params counted", "result"), rows))
-    if save is not None and last is not None:
-        model, spec = materialize(last)
+                             "params counted", "result"), report.table()))
+    if save is not None and report.last is not None:
+        model, spec = materialize(report.last)
         save_pruned(model, spec, save)
         click.echo(f"saved the last architecture to {save}")
-    if failed:
-        sys.exit(1)
+    if not report.ok:
+        failed = [name for name, agreement in report.rows if not agreement.ok]
+        raise LimitMissed(f"selfcheck: materialisation outside its tolerance for {', '.join(failed)}")

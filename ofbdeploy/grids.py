@@ -6,7 +6,7 @@ such as 204 or 228 waste tensor-core tiles on every GPU and most CPU GEMM kernel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,8 +75,10 @@ class SearchSpace:
 
 
 def space_for(shape: ViTShape, align: int | None = None) -> SearchSpace:
-    """The search space of a dense ViT of ``shape``."""
-    return SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
+    """The search space of a dense ViT of ``shape``; with an attention-pool head the embedding keeps its
+    width (see :mod:`ofbdeploy.families.vit`)."""
+    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
+    return replace(space, embedding=(shape.embed_dim,)) if shape.global_pool == "map" else space
 
 
 def unaligned(widths: list[int], multiple: int = 8) -> list[int]:

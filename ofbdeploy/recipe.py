@@ -8,14 +8,15 @@ validated like the file. The resolved recipe is written into the run directory.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ofbdeploy.errors import OfbError
-from ofbdeploy.io import atomic_write_text
+from ofbdeploy.errors import OfbError, one_line
+from ofbdeploy.io import atomic_write_text, read_text
 
 
 class RecipeError(OfbError, ValueError):
@@ -23,7 +24,7 @@ class RecipeError(OfbError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Strict):
@@ -31,8 +32,8 @@ class ModelCfg(_Strict):
 
     name: str = Field(description="timm model name, e.g. deit_small_patch16_224, or an ofb_vit_* test config")
     checkpoint: str | None = Field(None, description="local weights file (DeiT/timm .pth or .safetensors)")
-    num_classes: int | None = Field(None, ge=1, description="classifier size; default: the dataset's class count")
-    img_size: int | None = Field(None, ge=8, description="input size; default: the model's own")
+    num_classes: int | None = Field(None, ge=1, le=1 << 20, description="classifier size; default: the dataset's")
+    img_size: int | None = Field(None, ge=8, le=4096, description="input size; default: the model's own")
     overrides: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
 
 
@@ -49,9 +50,15 @@ class DataCfg(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit_train: int | None = Field(None, ge=1)
     limit_val: int | None = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1, description="images per step per process")
-    eval_batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1, description="images per optimiser step, over all processes (the global "
+                            "batch the learning rates are scaled by)")
+    max_batch_per_process: int | None = Field(
+        None, ge=1, description="memory cap: a process takes at most this many images per forward; a larger "
+                                "share of the batch is split into gradient-accumulation steps")
+    eval_batch_size: int = Field(256, ge=1, description="images per evaluation forward, per process")
+    workers: int = Field(0, ge=0, description="loader worker processes per process")
+    repeated_aug: int = Field(1, ge=1, description="each training image this many times per epoch, the copies "
+                                                   "on different processes (DeiT/OFB use 3)")
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
 
@@ -64,7 +71,8 @@ class PretrainCfg(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class LossWeights(_Strict):
@@ -78,6 +86,9 @@ class PMIMCfg(_Strict):
     enabled: bool = True
     keep_start: float = Field(0.95, gt=0, le=1)
     keep_end: float = Field(0.75, gt=0, le=1)
+    target: Literal["local", "patch"] = Field(
+        "local", description="reconstruction target: pixels normalised over a 47x47 window per channel (the "
+                             "authors' code) or per patch")
 
 
 Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
@@ -129,7 +140,8 @@ class SearchCfg(_Strict):
     mix_start: float = Field(0.99, ge=0, le=1)
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (the authors: 0.1)")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
     latency: LatencyTargetCfg | None = Field(None, description="latency budget (instead of, or with, FLOPs)")
 
     @model_validator(mode="after")
@@ -161,34 +173,70 @@ class FinetuneCfg(_Strict):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
     distill: DistillCfg = Field(default_factory=DistillCfg)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
 class ExportCfg(_Strict):
-    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines."""
+    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines built from it.
+
+    Every precision is decided in the ONNX graph: fp32, fp16 (LayerNorm kept in fp32) and int8 as an explicitly
+    quantised Q/DQ graph. TensorRT builds strongly typed engines from those files, so one int8 artifact runs on
+    ONNX Runtime CPU (where its accuracy is measured) and on TensorRT alike.
+    """
 
     enabled: bool = True
     opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
-    fp16: bool = Field(False, description="also write an fp16 ONNX graph")
+    fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
+    int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
     simplify: bool = True
     check_images: int = Field(64, ge=1, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
-    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp16"])
+    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
     batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
-    calibration_images: int = Field(512, ge=1, description="int8 calibration images from the training split")
+    calibration_images: int = Field(
+        512, ge=1, description="int8 calibration: a seeded, class-balanced sample of the training split through the "
+                               "eval transform")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="how int8 activation ranges are taken from the calibration images")
+    accuracy_images: int | None = Field(
+        None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
+                                "of every exported file; default: the whole validation split")
+
+    def onnx_precisions(self) -> list[str]:
+        """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
+        wanted = {"fp32"} | {p for p, on in (("fp16", self.fp16), ("int8", self.int8)) if on}
+        wanted |= set(self.trt_precisions) if self.trt else set()
+        return [p for p in ("fp32", "fp16", "int8") if p in wanted]
 
 
 class ProfileCfg(_Strict):
-    """Latency of dense and pruned, measured alternately in one process on each backend."""
+    """Latency of dense and pruned, measured alternately in one process on each backend and precision."""
 
     enabled: bool = True
     backends: list[Backend] = Field(default_factory=lambda: ["ort-cpu"])
-    precision: Precision = "fp32"
+    precisions: list[Precision] = Field(
+        default_factory=lambda: ["fp32"], description="each measured on every backend that runs it (int8: the Q/DQ "
+                                                      "ONNX or engine); `precision: x` is read as [x]")
     batches: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=5)
     threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
+    tf32: bool = Field(True, description="one TF32 policy for every GPU backend: torch matmul/cuDNN, ORT CUDA's "
+                                         "use_tf32 and TensorRT's TF32 builder flag (engines are built with it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_precision(cls, data: Any) -> Any:
+        """``precision: fp16`` (one precision, as recipes and callers wrote it before) means ``precisions: [fp16]``."""
+        if isinstance(data, dict) and "precision" in data:
+            if "precisions" in data:
+                raise ValueError("give one of precision and precisions, not both")
+            data = {**data, "precisions": [data["precision"]]}
+            del data["precision"]
+        return data
 
 
 class LatencyLimit(_Strict):
@@ -220,9 +268,14 @@ class Recipe(_Strict):
 
     name: str = "run"
     output_dir: str = Field("runs/run", description="the run directory")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision on CUDA")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision of search and training "
+                                                                    "(CUDA or CPU); fp16 adds loss scaling")
+    strict_fp32: bool = Field(False, description="fp32 matrix products in full IEEE fp32 on CUDA (default: TF32)")
+    dist_timeout_min: float = Field(30.0, gt=0, description="torchrun: minutes a collective may wait for a rank "
+                                                            "before the run fails (waits for rank 0's solo work, "
+                                                            "such as a latency table, are not bounded by it)")
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
@@ -232,14 +285,20 @@ class Recipe(_Strict):
     profile: ProfileCfg = Field(default_factory=ProfileCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``--set amp=off``, ``amp: off``) as false: it means "off"."""
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _latency_target_is_measured(self) -> Recipe:
         """A search latency budget is checked against a measurement, so the profile must take it."""
         target, profile = self.search.latency, self.profile
         if target is not None and not (profile.enabled and target.backend in profile.backends
-                                       and target.batch in profile.batches and target.precision == profile.precision):
+                                       and target.batch in profile.batches and target.precision in profile.precisions):
             raise ValueError(f"search.latency targets {target.backend} {target.precision} batch {target.batch}, "
-                             f"which profile does not measure: add it to profile.backends/batches/precision")
+                             f"which profile does not measure: add it to profile.backends/batches/precisions")
         return self
 
     def to_yaml(self) -> str:
@@ -249,34 +308,132 @@ class Recipe(_Strict):
         atomic_write_text(path, self.to_yaml())
 
 
+MAX_RECIPE_BYTES = 256 << 10  # a recipe is a few kB; anything near this is not a recipe
+MAX_DEPTH = 64  # nesting of sections and lists (recipes use 4 or 5); also keeps PyYAML's scanner linear
+MAX_YAML_NODES = 100_000  # after alias expansion: an alias bomb is refused before it is built
+MAX_EXTENDS = 16
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: same results, far faster
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is a one-line :class:`RecipeError`.
 
     A recipe may start with ``extends: other.yaml`` (relative to itself): the other recipe is read first
-    and this one's keys are merged over it, section by section.
+    and this one's keys are merged over it, section by section. Files are read as bounded UTF-8 text and
+    YAML aliases are counted before anything is built, so a hostile file costs milliseconds, not memory.
     """
     path = Path(path)
     data = _read_with_parents(path, seen=())
     for item in overrides:
         _apply_override(data, item)
+    _refuse_nul(data)
     return parse_recipe(data, str(path))
 
 
 def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if len(seen) > MAX_EXTENDS:
+        raise RecipeError(f"{path}: more than {MAX_EXTENDS} levels of 'extends'")
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+        raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: expected a recipe file")
     if path.resolve() in seen:
         raise RecipeError(f"{path}: extends itself through {' -> '.join(p.name for p in seen)}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        text = read_text(path, "recipe", MAX_RECIPE_BYTES)
+    except OfbError as err:
+        raise RecipeError(str(err)) from None
+    data = safe_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of sections (model, data, search, ...)")
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    return _merge(_read_with_parents(path.parent / str(parent), (*seen, path.resolve())), data)
+    if not isinstance(parent, str) or not parent or "\0" in parent:
+        raise RecipeError(f"{path}: extends: expected the path of another recipe, got {_short(parent)}")
+    return _merge(_read_with_parents(path.parent / parent, (*seen, path.resolve())), data)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with the expanded size counted first: YAML aliases may share a node many times
+    (a "billion laughs" file is a few hundred bytes), so the node graph is measured before it is turned
+    into Python objects, and recursive aliases are refused."""
+    if _flow_depth(text) > MAX_DEPTH:
+        raise RecipeError(f"{source}: YAML nested more than {MAX_DEPTH} levels")
+    try:
+        loader = _LOADER(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_expansion(node, source)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML ({one_line(str(err).splitlines()[0], 200)})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: YAML nested too deeply") from None
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of brackets and braces, counted everywhere (quoted or not: an over-count only
+    refuses a file no recipe resembles)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases expand past :data:`MAX_YAML_NODES` nodes, or refer to themselves."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise RecipeError(f"{source}: YAML holds more than {MAX_YAML_NODES} values once its aliases are "
+                                  f"expanded; a recipe has a few hundred")
+            continue
+        if key in sizes:
+            continue
+        on_path.add(key)
+        if len(on_path) > MAX_DEPTH:
+            raise RecipeError(f"{source}: YAML nested more than {MAX_DEPTH} levels")
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise RecipeError(f"{source}: a YAML alias refers to a value that contains it (recursive)")
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _refuse_nul(data: Any) -> None:
+    """NUL bytes cannot be in file names or model names; refuse them here rather than deep in os.stat."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str) and "\0" in value:
+            raise RecipeError(f"{where or 'recipe'}: NUL character in a string")
+        if isinstance(value, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -293,29 +450,44 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"{source}: {_first_problem(err)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply") from None
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise RecipeError(f"--set {item!r}: expected section.key=value")
+        raise RecipeError(f"--set {_short(item)}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
-        value = raw
+        value = safe_yaml(raw, f"--set {key}") if raw else None
+    except RecipeError as err:
+        if "not valid YAML" not in str(err):
+            raise
+        value = raw  # not YAML: the plain string
     node = data
     parts = key.split(".")
+    if len(parts) > 8 or not all(parts):
+        raise RecipeError(f"--set {_short(item)}: expected section.key=value (dotted names, at most 8 parts)")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"--set {item!r}: {part} is not a section")
+            raise RecipeError(f"--set {_short(item)}: {_short(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
 
+def _short(value: Any) -> str:
+    """A bounded repr: an error message never echoes a huge (or alias-expanded) input."""
+    return one_line(_REPR.repr(value), 120)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 4, 4
+
+
 def _first_problem(err: ValidationError) -> str:
     problem = err.errors()[0]
-    where = ".".join(str(p) for p in problem["loc"])
+    where = one_line(".".join(str(p) for p in problem["loc"]), 120)
     if problem["type"] == "extra_forbidden":
         return f"{where}: unknown field{_suggest(problem['loc'])}"
     if problem["type"] == "missing":
@@ -324,7 +496,7 @@ def _first_problem(err: ValidationError) -> str:
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "value_error" or isinstance(got, dict):
         return f"{where}: {message}" if where else message
-    return f"{where}: {message}, got {got!r}"
+    return f"{where}: {message}, got {_short(got)}"
 
 
 def _suggest(loc: tuple) -> str:
@@ -336,5 +508,5 @@ def _suggest(loc: tuple) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    close = difflib.get_close_matches(str(loc[-1])[:100], list(model.model_fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(model.model_fields)})"

@@ -7,18 +7,28 @@ are compared with PyTorch's own counter.
 
 from __future__ import annotations
 
+import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ofbdeploy.cost import count_params, measure_macs
+from ofbdeploy.families import family_of, read_shape
+from ofbdeploy.families.census import meta_device
 from ofbdeploy.materialize import materialize
-from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.models.dense import build_dense
+from ofbdeploy.search.searchable import SearchableModel
+
+# Masked vs materialised outputs may differ by float rounding only: relative to the outputs' size (at least 1e-2,
+# so that near-zero outputs of randomly initialised models do not ask for more than float32 can give).
+TOLERANCE = 1e-4
+# The analytic MACs must equal PyTorch's count up to float summation.
+MACS_TOLERANCE = 1e-6
 
 
-def decide_randomly(searchable: SearchableViT, rng: random.Random, extreme: str | None = None) -> None:
+def decide_randomly(searchable: SearchableModel, rng: random.Random, extreme: str | None = None) -> None:
     """Decide every group on a random cell (or the narrowest / widest with ``extreme``) and randomise
     the multipliers, so that folding is exercised with values far from 1."""
     for name, group in searchable.groups():
@@ -49,18 +59,76 @@ class Agreement:
     macs_counted: float
     params_spec: int
     params_counted: int
+    output_scale: float = 1.0  # largest |output| of the masked model
+
+    @property
+    def ok(self) -> bool:
+        """Outputs agree to float rounding, params exactly, MACs to float summation."""
+        return (self.max_abs_diff <= TOLERANCE * max(1e-2, self.output_scale)
+                and self.params_counted == self.params_spec
+                and abs(self.macs_counted - self.macs_spec) <= MACS_TOLERANCE * self.macs_spec)
 
 
 @torch.no_grad()
-def check_agreement(searchable: SearchableViT, batch: int = 4, seed: int = 0) -> Agreement:
+def check_agreement(searchable: SearchableModel, batch: int = 4, seed: int = 0) -> Agreement:
     """Materialise a decided searchable model and measure how far the two disagree."""
     searchable.eval()
     model, spec = materialize(searchable)
     s = searchable.shape
     images = torch.randn(batch, s.in_chans, s.img_size, s.img_size, generator=torch.Generator().manual_seed(seed))
-    diff = 0.0
+    diff, scale = 0.0, 0.0
     for fused in (True, False):
         set_fused_attention(searchable, fused)
         set_fused_attention(model, fused)
-        diff = max(diff, float((searchable(images) - model(images)).abs().max()))
-    return Agreement(diff, spec.macs(), measure_macs(model, s.img_size, s.in_chans), spec.params(), count_params(model))
+        masked = searchable(images)
+        diff = max(diff, float((masked - model(images)).abs().max()))
+        scale = max(scale, float(masked.abs().max()))
+    return Agreement(diff, spec.macs(), measure_macs(model, s.img_size, s.in_chans), spec.params(), count_params(model),
+                     scale)
+
+
+@dataclass
+class SelfcheckReport:
+    """What ``ofbdeploy selfcheck`` found for one model: a header line and one row per architecture."""
+
+    header: str
+    rows: list[tuple[str, Agreement]] = field(default_factory=list)
+    last: SearchableModel | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(a.ok for _, a in self.rows)
+
+    def table(self) -> list[tuple]:
+        return [(name, f"{a.max_abs_diff:.2e}", f"{a.macs_spec / 1e6:.2f}", f"{a.macs_counted / 1e6:.2f}",
+                 a.params_spec, a.params_counted, "ok" if a.ok else "FAIL") for name, a in self.rows]
+
+
+def selfcheck_model(model_name: str, *, img_size: int | None = None, trials: int = 5, align: int | None = None,
+                    seed: int = 0, batch: int = 2, keep_last: bool = False) -> SelfcheckReport:
+    """Build ``model_name`` with random weights (refused in one :class:`ModelError` line when no family can
+    prune it), decide the narrowest, the widest and ``trials`` random architectures, and check each.
+
+    Without ``img_size`` the model is built at its own size, or, when its token grid is large, at the
+    family's smaller check size (exactness does not depend on it; CPU time does).
+    """
+    own = None
+    if img_size is None:
+        with meta_device():  # the shape only: no weights are made
+            probe = read_shape(build_dense(model_name), model_name)
+        own, img_size = probe.img_size, family_of(probe).check_img_size(probe)
+    torch.manual_seed(seed)
+    dense = build_dense(model_name, img_size=img_size)
+    shape = read_shape(dense, model_name)
+    family = family_of(shape)
+    space = family.space(shape, align)
+    size = f"{shape.img_size} px" + (f" (its own {own} px: pass --img-size {own} to check at it)"
+                                     if own not in (None, shape.img_size) else "")
+    report = SelfcheckReport(f"{model_name}: {family.name} family, {size}; {family.summary(shape)}")
+    rng = random.Random(seed)
+    for trial, extreme in enumerate(["narrowest", "widest"] + [None] * trials):
+        searchable = family.searchable(copy.deepcopy(dense), space, model_name)
+        decide_randomly(searchable, rng, extreme)
+        report.rows.append((extreme or f"random {trial - 1}", check_agreement(searchable, batch, seed + trial)))
+        report.last = searchable if keep_last else None
+    return report

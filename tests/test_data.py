@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import auto_augment
+from timm.data.loader import PrefetchLoader
 
+from ofbdeploy.train.checkpoint import seed_epoch
 from ofbdeploy.train.data import (
     FASHION_MNIST_FILES,
     FASHION_MNIST_ROOT,
@@ -205,6 +208,58 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     write_png_tree(tmp_path, {"val": ["cat", "emu"]})
     with pytest.raises(DataError, match=r"class lists differ.*\['dog'\].*\['emu'\]"):
         build_datasets(DataSpec("imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_batches_are_normalised_and_erased_on_the_device_by_timms_loader(tmp_path: Path) -> None:
+    write_png_tree(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, per_class=4)
+    train, val, _ = build_datasets(DataSpec("imagefolder", root=str(tmp_path), img_size=32, random_erasing=1.0))
+    assert train[0][0].dtype == torch.uint8  # timm's prefetcher convention: the workers ship uint8
+    loader = build_loader(train, batch_size=4, train=True)
+    assert isinstance(loader, PrefetchLoader) and loader.random_erasing is not None and loader.batch_size == 4
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+    plain, _ = next(iter(build_loader(val, batch_size=8, train=False)))
+    assert build_loader(val, batch_size=8, train=False).random_erasing is None
+    assert torch.allclose(plain, sample_batch(val, 8), atol=1e-5)  # the same normalisation on either side
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_named_in_one_line(tmp_path: Path, workers: int) -> None:
+    write_png_tree(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, per_class=2)
+    bad = tmp_path / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    train, _, _ = build_datasets(DataSpec("imagefolder", root=str(tmp_path), img_size=32))
+    with pytest.raises(DataError) as caught:
+        list(build_loader(train, batch_size=5, train=False, workers=workers))
+    assert str(caught.value).startswith(f"{bad}: unreadable image") and "\n" not in str(caught.value)
+
+
+def test_deits_randaugment_survives_its_strongest_posterize() -> None:
+    """Magnitude 10 of timm's increasing posterize keeps 0 bits, which Pillow 13 refuses on its own."""
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(op(image)).max() == 0
+    assert np.asarray(auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image)).max() == 192
+
+
+def test_fewer_than_two_classes_are_refused(tmp_path: Path) -> None:
+    write_png_tree(tmp_path, {"train": ["cat"], "val": ["cat"]})
+    with pytest.raises(DataError, match=r"found 1 class \(cat\); a classifier needs at least 2"):
+        build_datasets(DataSpec("imagefolder", root=str(tmp_path)))
+    with pytest.raises(DataError, match=r"at least 2.*raise limit_train"):
+        build_datasets(DataSpec("synthetic", limit_train=1))
+
+
+def test_repeated_augmentation_shows_each_image_three_times() -> None:
+    train, _, _ = build_datasets(DataSpec("synthetic", img_size=8, limit_train=24, limit_val=10))
+    loader = build_loader(train, batch_size=6, train=True, repeats=3, seed=1)
+    seed_epoch(1, 0, loader)
+    images = torch.cat([x for x, _ in loader]).flatten(1)
+    assert len(images) == 24  # an epoch is as long as the dataset: a third of it, three times each
+    _, counts = torch.unique(images, dim=0, return_counts=True)
+    assert counts.tolist() == [3] * 8
+    seed_epoch(1, 1, loader)
+    assert not torch.equal(torch.cat([x for x, _ in loader]).flatten(1), images)  # reshuffled per epoch
 
 
 def test_randaugment_rejected_for_in_memory_sets() -> None:

@@ -189,7 +189,7 @@ def test_unknown_model_suggests_close_names() -> None:
 
 
 def test_non_vit_model_rejected() -> None:
-    with pytest.raises(ModelError, match="not a timm VisionTransformer"):
+    with pytest.raises(ModelError, match="ResNet models cannot be pruned"):
         build_dense("test_resnet")
 
 

@@ -58,8 +58,8 @@ def test_deit_s_headline_numbers():
 
 
 def test_unsupported_vit_is_refused_with_reason():
-    with pytest.raises(ModelError, match="register tokens"):
-        ViTShape.from_model(timm.create_model("vit_small_patch16_224", reg_tokens=4, num_classes=10, img_size=32))
+    with pytest.raises(ModelError, match="q/k norm"):
+        ViTShape.from_model(timm.create_model("vit_small_patch16_224", qk_norm=True, num_classes=10, img_size=32))
 
 
 def _small_spec() -> ArchSpec:
@@ -82,7 +82,7 @@ def test_arch_json_round_trip(tmp_path):
     ("edit", "message"),
     [
         (lambda d: d.update(format="other"), "format"),
-        (lambda d: d.pop("embed_dim"), "missing field 'embed_dim'"),
+        (lambda d: d.pop("embed_dims"), "missing field 'embed_dims'"),
         (lambda d: d["blocks"][1].update(heads=9), r"blocks\[1\].heads: expected 1..4"),
         (lambda d: d["blocks"][0].update(kept_heads=[0, 0]), "unique"),
         (lambda d: d["blocks"][2].update(kept_mlp=list(range(95))), r"blocks\[2\].kept_mlp: expected 96 indices"),
@@ -118,3 +118,18 @@ def test_narrowest_architecture_takes_the_smallest_cell_of_every_group():
     spec = ArchSpec.narrowest(shape, space)
     assert spec.embed_dim == 192 and all((b.heads, b.head_dim, b.mlp_dim) == (2, 16, 384) for b in spec.blocks)
     assert spec.macs() == vit_macs(shape, 192, [32] * 12, [384] * 12)
+
+
+def test_format_1_records_still_load_as_vit(tmp_path):
+    """arch.json files written before model families (format 1: one embed_dim, no family) keep loading."""
+    spec = _small_spec()
+    data = spec.to_dict()
+    old = {"format": "ofbdeploy.arch/1", "base": data["base"], "embed_dim": data["embed_dims"][0],
+           "kept_embed": data["kept_embeds"][0], "blocks": data["blocks"], "macs": data["macs"],
+           "params": data["params"], "notes": {}}
+    for key in ("reg_tokens", "distilled", "pre_norm", "act", "norm_eps", "block", "pool_heads"):  # newer fields
+        old["base"].pop(key)
+    (tmp_path / "arch.json").write_text(json.dumps(old))
+    again = ArchSpec.load(tmp_path / "arch.json")
+    assert again == spec and again.family == "vit" and again.kept_embed == spec.kept_embed
+    assert again.to_dict()["format"] == "ofbdeploy.arch/2" and again.to_dict()["family"] == "vit"

@@ -142,3 +142,19 @@ def test_cache_serves_other_head_widths_but_not_other_families(lut, tmp_path):
                            progress=False)  # a rebuild would take minutes with the default probe counts
     assert reused.to_dict() == lut.to_dict()
     assert lut.key.filename(dataclasses.replace(shape, layer_scale=True)) != lut.key.filename(shape)
+
+
+def test_latency_table_of_a_vit_variant(tmp_path):
+    """Probes of a variant (registers, CLIP's pre-norm, LayerScale, SigLIP's attention pool) are built like its
+    pruned models; the table steers its search."""
+    model = timm.create_model(NAME, img_size=16, class_token=False, reg_tokens=2, pre_norm=True, init_values=0.1,
+                              global_pool="map")
+    shape = ViTShape.from_model(model, NAME)
+    space = space_for(shape)
+    table = load_or_build(shape, space, backend="torch", precision="fp32", batch=1, cache_dir=tmp_path,
+                          embed_points=1, width_points=2, random_points=2, repeats=5, progress=False)
+    assert LatencyLUT.load(tmp_path / table.key.filename(shape)).shape == shape
+    searchable = SearchableViT(model, space, NAME)
+    objective = LatencyObjective(table, space, target_ratio=0.6)
+    expected = objective.expected_ms(searchable)
+    assert expected.requires_grad and 0 < float(expected.detach()) <= table.predict(ArchSpec.dense(shape)) * 1.0001

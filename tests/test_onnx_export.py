@@ -81,8 +81,15 @@ def test_fp16_export_is_an_fp16_graph_that_agrees_on_top1(pico, tmp_path):
     check = torch.randn(32, 3, 32, 32)
     result = export_onnx(pico, tmp_path / "pico16.onnx", img_size=32, fp16=True, check_inputs=check)
     graph = onnx.load(result.path).graph
-    float_types = {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer} - {"INT64"}
-    assert float_types == {"FLOAT16"}
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    norm_weights = {name for n in norms for name in n.input[1:]}
+    types = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer if t.data_type != 7}
+    assert {types[n] for n in types if n not in norm_weights} == {"FLOAT16"}
+    # LayerNorm stays fp32 (a strongly typed TensorRT build computes it in its input type): fp32 weights, and its
+    # activation arrives through a Cast to float
+    assert norms and {types[n] for n in norm_weights} == {"FLOAT"}
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast"}
+    assert all(casts[n.input[0]].attribute[0].i == onnx.TensorProto.FLOAT for n in norms)
     assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [onnx.TensorProto.FLOAT] * 2
     assert result.fp16 and 0.0 < result.max_abs_diff <= result.tolerance
     assert result.top1_agreement >= 0.99
@@ -130,3 +137,28 @@ def test_deit_small_shaped_pruned_model_exports_and_matches(tmp_path):
     result = export_onnx(model, tmp_path / "deit_s.onnx", img_size=224, check_inputs=torch.randn(3, 3, 224, 224))
     assert result.max_abs_diff <= TOL and result.top1_agreement == 1.0 and result.simplified
     assert len({block.attn.num_heads for block in model.blocks}) > 1  # really uneven
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 3}),
+        (PICO, {"class_token": False, "reg_tokens": 2, "global_pool": "map"}),  # registers, attention pool
+        (PICO, {"pre_norm": True, "act_layer": "quick_gelu", "embed_norm_layer": "layernorm"}),  # CLIP, patch norm
+    ],
+)
+def test_every_family_and_variant_exports_with_parity(name, kwargs, tmp_path):
+    """The distilled DeiT's two heads, registers with the attention pool, CLIP's pre-norm with a patch norm (a
+    Swin is exported, and checked, by its end-to-end run in test_swin.py)."""
+    from ofbdeploy.families import family_of, read_shape
+
+    torch.manual_seed(0)
+    dense = timm.create_model(name, **kwargs)
+    shape = read_shape(dense, name)
+    searchable = family_of(shape).searchable(dense, family_of(shape).space(shape), name)
+    decide_randomly(searchable, random.Random(1))
+    model, _ = materialize(searchable)
+    images = torch.randn(4, 3, shape.img_size, shape.img_size)
+    result = export_onnx(model, tmp_path / "m.onnx", img_size=shape.img_size, check_inputs=images)
+    assert result.top1_agreement == 1.0
+    assert _ort_vs_torch(tmp_path / "m.onnx", model, torch.randn(3, 3, shape.img_size, shape.img_size)) <= TOL

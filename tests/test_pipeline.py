@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import ofbdeploy.pipeline as pipeline
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
@@ -174,6 +175,49 @@ def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
     assert regressed.exit_code == 1 and "MISSED" in regressed.output
 
 
+def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finished_run, tmp_path):
+    """export.int8 on a finished run: a calibrated Q/DQ file per model, their ORT CPU accuracy next to fp32, int8
+    latency rows (with the pruned int8 model against dense fp32 from the same run); a backend this machine lacks
+    is skipped with its reason, the rest measured, and a budget on it fails the run (exit 1) naming the reason."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    missing = "ort-trt"  # no TensorRT provider in the CPU onnxruntime
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "export.int8=true",
+                     "--set", "export.calibration_images=64", "--set", "profile.precisions=[fp32, int8]",
+                     "--set", f"profile.backends=[ort-cpu, {missing}]", "--set", "profile.batches=[1, 8]",
+                     "--set", "profile.repeats=5",
+                     "--set", f"budget.speedup=[{{backend: {missing}, batch: 1, min: 1}}]")
+    assert result.exit_code == 1, result.output
+    assert (run / "export" / "pruned-int8.onnx").is_file() and (run / "export" / "dense-int8.onnx").is_file()
+    record = json.loads((run / "export" / "pruned-int8.onnx.quant.json").read_text())
+    assert record["calibration_images"] == 64 and record["settings"]["activations"] == "int8 symmetric"
+    report = json.loads((run / "report.json").read_text())
+    accuracy = {(e["model"], e["precision"]): e for e in report["accuracy"]}
+    assert set(accuracy) == {("dense", "fp32"), ("pruned", "fp32"), ("dense", "int8"), ("pruned", "int8")}
+    assert all(e["runtime"] == "ort-cpu" and e["images"] == 64 and 0 <= e["top5"] <= 100 for e in accuracy.values())
+    # the fp32 file's accuracy is the torch model's (same weights, same val split)
+    assert accuracy[("pruned", "fp32")]["top1"] == pytest.approx(report["top1_pruned"], abs=1e-6)
+    assert {(r["backend"], r["precision"], r["batch"]) for r in report["latency"]} == {
+        ("ort-cpu", p, b) for p in ("fp32", "int8") for b in (1, 8)}
+    int8 = next(r for r in report["latency"] if (r["precision"], r["batch"]) == ("int8", 1))
+    fp32 = next(r for r in report["latency"] if (r["precision"], r["batch"]) == ("fp32", 1))
+    assert int8["speedup_vs_dense_fp32"] > 0 and fp32["speedup_vs_dense_fp32"] == pytest.approx(fp32["speedup"])
+    assert {(s["backend"], s["precision"], s["batch"]) for s in report["profile_skipped"]} == {
+        (missing, "fp32", None), (missing, "int8", None)}
+    assert all("TensorrtExecutionProvider" in s["reason"] for s in report["profile_skipped"])
+    [check] = report["budget"]
+    assert not check["ok"] and check["measured"].startswith("not measured: ") and "Tensorrt" in check["measured"]
+    markdown = (run / "report.md").read_text()
+    assert "## Accuracy of the exported files" in markdown and f"{missing} int8 every batch:" in markdown
+    # `ofbdeploy export --precision int8` on the run: the calibrated files are reused, the accuracy recorded again
+    result = CliRunner().invoke(main, ["export", str(run), "--precision", "int8", "--check-images", "16",
+                                       "--force"])
+    assert result.exit_code == 0, result.output
+    assert "pruned-int8" in result.output
+    again = json.loads((run / "export" / "export.json").read_text())["accuracy"]
+    assert [{k: e[k] for k in report["accuracy"][0]} for e in again] == report["accuracy"]
+
+
 def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tmp_path, synthetic_lut):
     table = synthetic_lut(TINY["model"]["name"], 16)
     dense_ms = table.dense_ms
@@ -225,15 +269,53 @@ def test_export_and_profile_a_bare_model_directory(finished_run, tmp_path):
     assert {(r["backend"], r["batch"]) for r in rows} == {("ort-cpu", 1), ("ort-cpu", 4), ("torch", 1), ("torch", 4)}
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    recipe = _recipe(tmp_path, search__epochs=2, finetune__epochs=1, pretrain__epochs=1)
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+
+
+def test_torchrun_quickstart_cuts_mid_search_and_finishes_with_a_report(tmp_path):
+    """The README's multi-process command on the bundled recipe, shortened: the search cuts layers while it
+    trains under DDP, the other rank leaves after the last collective stage, rank 0 reports."""
+    run = tmp_path / "run"
+    short = ["pretrain.epochs=3", "search.epochs=3", "finetune.epochs=1", "data.limit_train=512",
+             "export.check_images=16", "profile.repeats=5", "profile.batches=[1]", f"output_dir={run}",
+             "search.shrink_threshold=0.9"]  # weak cells die at the first shrinks: cuts while training
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "ofbdeploy", "run", str(recipe), "--no-progress"],
-        capture_output=True, text=True, timeout=300, env=env,
+         "ofbdeploy", "run", str(QUICKSTART), "--no-progress", *(a for item in short for a in ("--set", item))],
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    search = json.loads((run / "search" / "result.json").read_text())
+    assert search["cut_steps"] and min(search["cut_steps"]) < search["steps_run"] - 1  # cut, then trained on
+    assert search["ddp_builds"] > 1 and search["global_batch"] == 64
+    report = json.loads((run / "report.json").read_text())
+    assert report["flops_pruned"] <= report["flops_target"] and report["amp"] == "off"
+    log = (run / "run.log").read_text()
+    assert "2 process(es)" in log and "global batch 64 = 2 process(es) x 1 accumulation step(s) x 32" in log
+    assert "processes part after stage evaluate" in log and "stage report: finished" in log
+
+
+def test_the_process_group_timeout_comes_from_the_recipe(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_init(device, timeout_min):
+        seen.update(device=device, timeout_min=timeout_min)
+        return pipeline.Dist()
+
+    monkeypatch.setattr(pipeline, "init_distributed", fake_init)
+    Run(load_recipe(_recipe(tmp_path, dist_timeout_min=240)))
+    assert seen == {"device": "cpu", "timeout_min": 240}
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_run_under_cpu_mixed_precision_meets_the_budget_with_a_working_model(tmp_path, amp):
+    result = _invoke(str(_recipe(tmp_path, amp=amp, export={"enabled": False}, profile={"enabled": False})))
+    assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["amp"] == amp and report["fp32_matmul"] == "ieee (cpu)"
     assert report["flops_pruned"] <= report["flops_target"]
-    assert "2 process(es)" in (tmp_path / "run" / "run.log").read_text()
+    assert report["top1_pruned"] > 50 and report["top1_dense"] > 50, report  # chance is 10%
+    run = tmp_path / "run"
+    assert json.loads((run / "search" / "result.json").read_text())["amp"] == amp
+    assert json.loads((run / "finetuned" / "train.json").read_text())["amp"] == amp

@@ -4,8 +4,7 @@ import pytest
 import timm
 import yaml
 
-from ofbdeploy.arch import ViTShape
-from ofbdeploy.grids import space_for
+from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
 from ofbdeploy.search.engine import check_budget, resolve_target
 
@@ -16,9 +15,9 @@ BASE = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"},
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_parse_and_their_budgets_fit(path):
     recipe = load_recipe(path)
-    shape = ViTShape.from_model(timm.create_model(recipe.model.name, num_classes=recipe.model.num_classes or 10,
-                                                  img_size=recipe.model.img_size))
-    space = space_for(shape, recipe.search.align)
+    shape = read_shape(timm.create_model(recipe.model.name, num_classes=recipe.model.num_classes or 10,
+                                         img_size=recipe.model.img_size))
+    space = family_of(shape).space(shape, recipe.search.align)
     check_budget(resolve_target(recipe.search, shape), space, shape)
 
 

@@ -1,8 +1,15 @@
 import pytest
 
 from ofbdeploy.errors import OfbError
-from ofbdeploy.recipe import BudgetCfg
-from ofbdeploy.report.checks import budget_checks, format_checks, make_baseline, parse_tolerance, regression_checks
+from ofbdeploy.recipe import BudgetCfg, parse_recipe
+from ofbdeploy.report.checks import (
+    budget_checks,
+    format_checks,
+    make_baseline,
+    parse_baseline,
+    parse_tolerance,
+    regression_checks,
+)
 from ofbdeploy.report.render import plot_report, write_markdown
 
 
@@ -36,7 +43,9 @@ def test_budget_checks_pass_and_miss():
 
 
 def test_regression_compares_speedup_everywhere_and_latency_on_the_same_device():
-    baseline = make_baseline(_report(speedup=2.0, pruned_ms=2.0))
+    recipe = parse_recipe({"model": {"name": "m"}, "data": {"kind": "synthetic"},
+                           "search": {"target_flops_ratio": 0.5}})
+    baseline = parse_baseline(make_baseline(_report(speedup=2.0, pruned_ms=2.0), recipe))
     assert all(c.ok for c in regression_checks(_report(speedup=1.85, pruned_ms=2.1), baseline, 0.10))
     slower = regression_checks(_report(speedup=1.7, pruned_ms=2.0), baseline, 0.10)
     assert [c.ok for c in slower] == [False, True]

@@ -1,8 +1,10 @@
 """The OFB search loop: losses, PMIM, budget, resume and DDP."""
 
+import logging
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,11 +17,12 @@ from ofbdeploy.errors import OfbError
 from ofbdeploy.materialize import materialize
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.budget import enforce_budget
-from ofbdeploy.search.engine import run_search
+from ofbdeploy.search.engine import Search, run_search
 from ofbdeploy.search.groups import VectorGroup
 from ofbdeploy.search.losses import flops_loss, onehot_loss
-from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
+from ofbdeploy.search.pmim import LOCAL_WINDOW, local_normalise, random_token_mask, reconstruction_loss
 from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.train.amp import AMP_DTYPES
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist, init_distributed
 
@@ -30,9 +33,9 @@ def _model(seed: int = 0) -> SearchableViT:
     return SearchableViT(vit, model_name="ofb_vit_pico_patch4_32")
 
 
-def _loader(distributed: bool = False):
-    train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=256, limit_val=32))
-    return build_loader(train, batch_size=32, train=True, seed=0, distributed=distributed)
+def _loader(distributed: bool = False, batch: int = 32, images: int = 256):
+    train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=images, limit_val=32))
+    return build_loader(train, batch_size=batch, train=True, seed=0, distributed=distributed)
 
 
 def _cfg(**kwargs) -> SearchCfg:
@@ -79,10 +82,34 @@ def test_reconstruction_loss_counts_hidden_patches_only():
     normalised = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
     perfect = torch.nn.functional.fold(normalised.transpose(1, 2), (8, 8), 4, stride=4)
     mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
-    assert float(reconstruction_loss(images, perfect, mask, 4)) == pytest.approx(0.0, abs=1e-5)
+    assert float(reconstruction_loss(images, perfect, mask, 4, "patch")) == pytest.approx(0.0, abs=1e-5)
     wrong_visible = perfect.clone()
     wrong_visible[:, :, 0:4, 4:8] += 5.0  # patch 1 is visible in image 0, hidden in image 1
-    assert float(reconstruction_loss(images, wrong_visible, mask, 4)) == pytest.approx(5.0 / 3, rel=1e-4)
+    assert float(reconstruction_loss(images, wrong_visible, mask, 4, "patch")) == pytest.approx(5.0 / 3, rel=1e-4)
+
+
+def _windowed(images, window):
+    """The local target by its definition, pixel by pixel (slow; small images only)."""
+    half, out = window // 2, torch.empty_like(images)
+    for i in range(images.shape[2]):
+        for j in range(images.shape[3]):
+            win = images[:, :, max(0, i - half): i + half + 1, max(0, j - half): j + half + 1].flatten(2)
+            out[:, :, i, j] = (images[:, :, i, j] - win.mean(-1)) / (win.var(-1).clamp_min(0) + 1e-6).sqrt()
+    return out
+
+
+def test_local_target_matches_its_definition_and_is_the_default():
+    images = torch.randn(2, 3, 12, 12) * 2 + 3
+    for window in (5, LOCAL_WINDOW):  # clipped by the border everywhere with 47 on 12 px
+        assert torch.allclose(local_normalise(images, window), _windowed(images, window), atol=1e-5)
+    assert SearchCfg(target_flops_ratio=0.5).pmim.target == "local"
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 4] = True
+    perfect = local_normalise(images)
+    assert float(reconstruction_loss(images, perfect, mask, 4)) == pytest.approx(0.0, abs=1e-5)
+    off = perfect.clone()
+    off[:, 1, 4:8, 4:8] += 3.0  # the hidden patch, one channel of three
+    assert float(reconstruction_loss(images, off, mask, 4)) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_search_decides_and_meets_the_budget():
@@ -98,6 +125,54 @@ def test_search_decides_and_meets_the_budget():
 def test_impossible_budget_is_refused_before_training():
     with pytest.raises(OfbError, match="cannot be met: the smallest architecture"):
         run_search(_model(), _loader(), _cfg(target_flops_ratio=0.01), Dist(), progress=False)
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_search_under_cpu_autocast_cuts_decides_and_meets_the_budget(amp):
+    model, seen = _model(), set()
+    model.vit.blocks[0].mlp.fc1.register_forward_hook(lambda _m, _a, out: seen.add(out.dtype))
+    result = run_search(model, _loader(), _cfg(epochs=3, shrink_threshold=0.9), Dist(), amp=amp, progress=False)
+    assert seen == {AMP_DTYPES[amp]} and result.amp == amp  # autocast really ran, and is recorded
+    assert result.cut_steps and min(result.cut_steps) < result.steps_run - 1  # cut while training in half precision
+    assert model.all_decided and result.achieved_macs <= result.target_macs  # epoch losses were finite (else raise)
+
+
+def test_budget_and_onehot_losses_are_fp32_under_fp16_autocast():
+    model = _model()
+    search = Search(model, _loader(), _cfg(), Dist(), 0, "fp16", logging.getLogger("test"), None)
+    plain = search.regulariser()
+    with torch.autocast("cpu", dtype=torch.float16):
+        naive = model.embed_group.probs() @ model.embed_group.keeps()[0] * 1e5  # the old route: overflows
+        under = search.regulariser()
+    assert naive.dtype == torch.float16 and not torch.isfinite(naive).all()
+    for a, b in zip(plain, under, strict=True):
+        assert b.dtype == torch.float32 and torch.isfinite(b) and torch.allclose(a, b)
+
+
+def test_fp16_step_with_pmim_off_skips_the_decoder_that_got_no_gradient():
+    model = _model()
+    search = Search(model, _loader(), _cfg(pmim={"enabled": False}), Dist(), 0, "fp16", logging.getLogger("test"),
+                    None)
+    decoder = [p.clone() for p in model.decoder.parameters()]
+    images, labels = next(iter(_loader()))
+    losses = search.step([(images, labels)], search.schedules(0))  # a scaler asserted on the idle decoder
+    assert torch.isfinite(losses).all() and all(p.grad is None for p in model.decoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(decoder, model.decoder.parameters(), strict=True))
+
+
+def test_search_step_accumulating_two_halves_equals_the_full_batch():
+    images, labels = next(iter(_loader(batch=8)))
+    grads = []
+    for batches, accum in (([(images, labels)], 1), ([(images[:4], labels[:4]), (images[4:], labels[4:])], 2)):
+        model = _model()
+        search = Search(model, _loader(batch=8 // accum), _cfg(pmim={"enabled": False}), Dist(), 0, "off",
+                        logging.getLogger("test"), None, accum_steps=accum)
+        assert search.global_batch == 8
+        search.step(batches, search.schedules(3))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-7), name
 
 
 def test_enforce_budget_narrows_until_under_target():
@@ -155,21 +230,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_CFG = {"epochs": 4, "shrink_threshold": 0.9}  # cells die from the first shrinks: layers are cut mid-training
+DDP_RUN = {"seed": 5, "progress": False, "accum_steps": 2}  # 2 processes x 2 accumulated batches of 8
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank runs a search straight through, one killed in its third epoch, and that one resumed."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
-    model = _model()
-    run_search(model, _loader(distributed=True), _cfg(epochs=3), ctx, progress=False)
-    torch.save({"arch": model.arch_spec().to_dict(), "state": model.state_dict()}, f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    cfg, found = _cfg(**DDP_CFG), {}
+    try:
+        straight = _model()
+        result = run_search(straight, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
+                            checkpoint_path=Path(out) / "straight.ckpt")
+        found["straight"] = {"arch": straight.arch_spec().to_dict(), "state": straight.state_dict(),
+                             "cut_steps": result.cut_steps, "steps_run": result.steps_run,
+                             "ddp_builds": result.ddp_builds, "global_batch": result.global_batch}
+        try:
+            killed = _KilledLoader(_loader(distributed=True, batch=8, images=128), die_in_epoch=2, after_batches=3)
+            run_search(_model(), killed, cfg, ctx, **DDP_RUN, checkpoint_path=Path(out) / "stopped.ckpt")
+        except KeyboardInterrupt:
+            found["stopped_arch"] = torch.load(Path(out) / "stopped.ckpt", weights_only=True)["arch"]
+        resumed = _model()
+        result = run_search(resumed, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
+                            checkpoint_path=Path(out) / "stopped.ckpt", resume=True)
+        found["resumed"] = {"arch": resumed.arch_spec().to_dict(), "state": resumed.state_dict(),
+                            "resumed_from": result.resumed_from}
+        torch.save(found, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def test_ddp_search_on_two_cpu_processes_stays_in_lockstep(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert r0["arch"] == r1["arch"]
-    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
-    assert ArchSpec.from_dict(r0["arch"]).macs() < ArchSpec.dense(ArchSpec.from_dict(r0["arch"]).base).macs()
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> list[dict]:
+    """Two gloo processes on the CPU: a straight search, a killed one and its resumption, per rank."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_search_cuts_layers_mid_training_and_ranks_stay_identical(ddp_runs):
+    r0, r1 = (r["straight"] for r in ddp_runs)
+    assert r0["cut_steps"] and min(r0["cut_steps"]) < r0["steps_run"] - 1  # steps trained after a physical cut
+    assert r0["ddp_builds"] > 1 and r0["global_batch"] == 32  # rebuilt around the cut model; accumulating
+    assert r0["steps_run"] > 4  # more than one epoch of 4 steps: the search went on training after its cuts
+    assert r0["arch"] == r1["arch"] and _same_state(r0["state"], r1["state"])
+    spec = ArchSpec.from_dict(r0["arch"])
+    assert spec.macs() <= 0.5 * ArchSpec.dense(spec.base).macs()
+
+
+def test_ddp_search_killed_after_a_cut_resumes_to_the_uninterrupted_result(ddp_runs):
+    for rank in ddp_runs:
+        stopped = ArchSpec.from_dict(rank["stopped_arch"])
+        assert stopped != ArchSpec.dense(stopped.base)  # the checkpoint it resumed from was already cut
+        assert rank["resumed"]["resumed_from"] == 2
+        assert rank["resumed"]["arch"] == rank["straight"]["arch"]
+        assert _same_state(rank["resumed"]["state"], rank["straight"]["state"])

@@ -1,4 +1,5 @@
-"""TensorRT engines: cache keys, the missing-TensorRT message, the parity gate; real builds where a GPU exists."""
+"""TensorRT engines: cache keys, the missing-TensorRT message, the precision gate, the parity gate with its batching;
+real strongly typed builds (fp32, fp16, int8 Q/DQ) where a GPU and TensorRT exist."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import timm
 import torch
 
 from ofbdeploy.deploy.onnx_export import export_onnx
+from ofbdeploy.deploy.parity import Tolerance
+from ofbdeploy.deploy.quantize import quantize_int8
 from ofbdeploy.deploy.tensorrt_engine import (
     EngineSpec,
     TensorRTUnavailable,
     build_engine,
     check_engine_parity,
     engine_cache_key,
+    parity_batches,
     require_tensorrt,
 )
 from ofbdeploy.errors import OfbError
@@ -80,7 +84,6 @@ def test_cache_key_is_stable_and_tracks_everything_that_changes_an_engine(tmp_pa
     onnx_a, onnx_b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx_a.write_bytes(b"model bytes" * 1000)
     onnx_b.write_bytes(b"model bytes" * 999 + b"other bytes")
-    calibration = np.zeros((4, 3, 32, 32), np.float32)
     key = engine_cache_key(onnx_a, SPEC, "10.11.0.33", "NVIDIA H100 80GB HBM3")
     assert len(key) == 64 and int(key, 16) >= 0
     assert key == engine_cache_key(Path(str(onnx_a)), EngineSpec("fp16", 1, 8, 32, 32), "10.11.0.33",
@@ -93,8 +96,8 @@ def test_cache_key_is_stable_and_tracks_everything_that_changes_an_engine(tmp_pa
         engine_cache_key(onnx_a, EngineSpec("fp16", 1, 8, 64, 32), "10.11.0.33", "NVIDIA H100 80GB HBM3"),
         engine_cache_key(onnx_a, SPEC, "10.13.3.9", "NVIDIA H100 80GB HBM3"),
         engine_cache_key(onnx_a, SPEC, "10.11.0.33", "NVIDIA A100-SXM4-40GB"),
-        engine_cache_key(onnx_a, SPEC, "10.11.0.33", "NVIDIA H100 80GB HBM3", calibration=calibration),
-        engine_cache_key(onnx_a, SPEC, "10.11.0.33", "NVIDIA H100 80GB HBM3", calibration=calibration + 1),
+        engine_cache_key(onnx_a, EngineSpec("fp16", 1, 8, 32, 32, tf32=False), "10.11.0.33", "NVIDIA H100 80GB HBM3"),
+        engine_cache_key(onnx_a, SPEC, "11.4.0.106", "NVIDIA H100 80GB HBM3"),
     ]
     assert len({key, *variants}) == len(variants) + 1
 
@@ -119,36 +122,63 @@ def test_build_engine_without_tensorrt_points_to_the_docker_image(
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails, as on any machine without TensorRT
     with pytest.raises(TensorRTUnavailable, match=r"docker build -t ofbdeploy \. ; docker run --gpus all"):
-        build_engine(onnx_model, SPEC, tmp_path / "engines")
+        build_engine(onnx_model, EngineSpec("fp32", 1, 8, 32, 32), tmp_path / "engines")
     with pytest.raises(OfbError, match=r"pip install '\.\[trt\]'"):
         require_tensorrt()
     assert not (tmp_path / "engines").exists()
 
 
 def test_build_engine_checks_its_inputs_before_needing_tensorrt(onnx_model: Path, tmp_path: Path) -> None:
-    int8 = EngineSpec("int8", 1, 8, 32, 32)
-    with pytest.raises(OfbError, match="calibration_images are required"):
-        build_engine(onnx_model, int8, tmp_path)
-    with pytest.raises(OfbError, match=r"calibration_images: expected shape \(N, 3, 32, 32\)"):
-        build_engine(onnx_model, int8, tmp_path, calibration_images=np.zeros((4, 1, 32, 32), np.float32))
+    # strongly typed: the graph decides the precision, so an fp32 graph cannot make an int8 or fp16 engine
+    with pytest.raises(OfbError, match=r"a fp32 graph cannot make a int8 engine .*export the int8 ONNX"):
+        build_engine(onnx_model, EngineSpec("int8", 1, 8, 32, 32), tmp_path)
+    with pytest.raises(OfbError, match=r"a fp32 graph cannot make a fp16 engine"):
+        build_engine(onnx_model, SPEC, tmp_path)
     with pytest.raises(OfbError, match=r"missing\.onnx: ONNX model not found"):
         build_engine(tmp_path / "missing.onnx", SPEC, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("count", "low", "high", "sizes"), [
+    (8, 1, 32, [8]),  # all in one batch
+    (8, 1, 3, [3, 3, 2]),  # split at the profile's maximum
+    (8, 3, 3, [3, 3, 3]),  # a tail under the profile's minimum is topped up from the start
+    (3, 8, 16, [8]),  # fewer images than the profile's minimum: repeated to fill it
+    (20, 4, 8, [8, 8, 4]),
+])
+def test_parity_batches_fit_the_engine_profile(count: int, low: int, high: int, sizes: list[int]) -> None:
+    images = np.arange(count, dtype=np.float32).reshape(count, 1, 1, 1)
+    batches = parity_batches(images, low, high)
+    assert [len(b) for b in batches] == sizes
+    assert set(np.concatenate(batches).ravel()) == set(range(count))  # every image checked
 
 
 def test_parity_passes_within_tolerance_and_reports(onnx_model: Path, images: np.ndarray) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
     factory = _factory(onnx_model, lambda logits: logits + 1e-4, calls)
-    result = check_engine_parity(Path("e.engine"), onnx_model, images, runner_factory=factory, max_abs_diff=1e-3,
-                                 precision="fp16")
+    result = check_engine_parity(Path("e.engine"), onnx_model, images, runner_factory=factory, precision="fp16")
     assert result["images"] == 8 and result["top1_agreement"] == 1.0
     assert result["max_abs_diff"] == pytest.approx(1e-4, rel=1e-2)
     assert calls == [("tensorrt", {"engine_path": Path("e.engine"), "precision": "fp16"})]
+    # the default tolerance is the precision's, relative to the logit scale
+    scale = float(np.abs(_ort_logits(onnx_model, images)).max())
+    assert result["tolerance"] == pytest.approx(5e-2 * max(1.0, scale))
+
+
+def test_parity_tolerance_is_relative_to_the_logit_scale(onnx_model: Path, images: np.ndarray) -> None:
+    """The same relative error passes at any logit scale; fp32 is held tighter than a TF32 fp32 engine."""
+    scale = max(1.0, float(np.abs(_ort_logits(onnx_model, images)).max()))
+    off = _factory(onnx_model, lambda logits: logits + 5e-3 * scale)
+    with pytest.raises(OfbError, match=r"\(fp32\): max \|diff\|"):
+        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=off, precision="fp32")
+    assert check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=off, precision="fp32",
+                               tf32=True)["top1_agreement"] == 1.0
 
 
 def test_parity_fails_beyond_tolerance_naming_the_engine(onnx_model: Path, images: np.ndarray) -> None:
     factory = _factory(onnx_model, lambda logits: logits + 0.05)
     with pytest.raises(OfbError, match=r"runs/x/abc\.engine: TensorRT outputs disagree .*max \|diff\| 0\.05"):
-        check_engine_parity(Path("runs/x/abc.engine"), onnx_model, images, runner_factory=factory, max_abs_diff=1e-3)
+        check_engine_parity(Path("runs/x/abc.engine"), onnx_model, images, runner_factory=factory, precision="fp32")
 
 
 def test_parity_fails_on_changed_predictions_even_with_small_differences(
@@ -161,8 +191,9 @@ def test_parity_fails_on_changed_predictions_even_with_small_differences(
         return out
 
     factory = _factory(onnx_model, swap_top1)
-    with pytest.raises(OfbError, match=r"top-1 agreement 0\.0%, required 99\.0%"):
-        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory, max_abs_diff=100.0)
+    with pytest.raises(OfbError, match=r"top-1 agreement 0\.000 \(minimum 0\.990\)"):
+        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory, precision="fp32",
+                            tolerance=Tolerance(rtol=100.0, min_top1_agreement=0.99))
 
 
 def test_parity_fails_on_non_finite_outputs(onnx_model: Path, images: np.ndarray) -> None:
@@ -173,43 +204,40 @@ def test_parity_fails_on_non_finite_outputs(onnx_model: Path, images: np.ndarray
 
     factory = _factory(onnx_model, nan_row)
     with pytest.raises(OfbError, match=r"a\.engine: TensorRT outputs disagree"):
-        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory,
-                            max_abs_diff=float("inf"), min_top1_agreement=0.0)
+        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory, precision="int8",
+                            tolerance=Tolerance(rtol=float("inf"), min_top1_agreement=0.0))
 
 
 def test_parity_rejects_a_wrong_output_shape(onnx_model: Path, images: np.ndarray) -> None:
     factory = _factory(onnx_model, lambda logits: logits[:, :5])
     with pytest.raises(OfbError, match=r"a\.engine: engine output shape \(8, 5\)"):
-        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory, max_abs_diff=1.0)
+        check_engine_parity(Path("a.engine"), onnx_model, images, runner_factory=factory, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def graphs(onnx_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The pico model's three graphs, as the export writes them: fp32, fp16 (LayerNorm in fp32), int8 Q/DQ."""
+    torch.manual_seed(0)
+    model = timm.create_model("ofb_vit_pico_patch4_32").eval()
+    directory = tmp_path_factory.mktemp("graphs")
+    fp16 = export_onnx(model, directory / "fp16.onnx", img_size=32, fp16=True, simplify=False).path
+    calibration = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    int8 = quantize_int8(onnx_model, directory / "int8.onnx", calibration).path
+    return {"fp32": onnx_model, "fp16": fp16, "int8": int8}
 
 
 @requires_tensorrt_gpu
-@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("fp16", 2e-2)])
-def test_real_engine_builds_matches_onnxruntime_and_is_cached(
-    onnx_model: Path, images: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    precision: str, tolerance: float,
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_real_strongly_typed_engine_matches_onnxruntime_and_is_cached(
+    graphs: dict[str, Path], images: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture, precision: str,
 ) -> None:
-    spec = EngineSpec(precision, min_batch=1, opt_batch=8, max_batch=16, img_size=32, workspace_gb=1.0)
-    engine = build_engine(onnx_model, spec, tmp_path)
+    spec = EngineSpec(precision, min_batch=2, opt_batch=8, max_batch=16, img_size=32, workspace_gb=1.0, tf32=False)
+    engine = build_engine(graphs[precision], spec, tmp_path)
     assert engine.parent == tmp_path and engine.suffix == ".engine" and engine.stat().st_size > 0
     assert list(tmp_path.glob("timing-*.cache"))
-    result = check_engine_parity(engine, onnx_model, images, max_abs_diff=tolerance, precision=precision)
-    assert result["top1_agreement"] == 1.0
+    result = check_engine_parity(engine, graphs[precision], images[:1], precision=precision, batch_range=(2, 16))
+    assert result["images"] == 2  # one image, repeated to the profile's minimum batch
 
     caplog.set_level(logging.INFO, logger="ofbdeploy.deploy.tensorrt")
-    assert build_engine(onnx_model, spec, tmp_path) == engine
+    assert build_engine(graphs[precision], spec, tmp_path) == engine
     assert "engine cache hit" in caplog.text
-
-
-@requires_tensorrt_gpu
-def test_real_int8_engine_keeps_its_calibration_cache(onnx_model: Path, tmp_path: Path) -> None:
-    calibration = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
-    spec = EngineSpec("int8", min_batch=1, opt_batch=8, max_batch=16, img_size=32, workspace_gb=1.0)
-    engine = build_engine(onnx_model, spec, tmp_path, calibration_images=calibration)
-    calib_cache = engine.with_suffix(".calib")
-    assert calib_cache.stat().st_size > 0
-    engine.unlink()
-    assert build_engine(onnx_model, spec, tmp_path, calibration_images=calibration) == engine
-    # a smoke check of the int8 path: finite logits of the right shape (random weights give no accuracy to keep)
-    check_engine_parity(engine, onnx_model, calibration[:8], max_abs_diff=1.0, min_top1_agreement=0.0,
-                        precision="int8")

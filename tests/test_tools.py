@@ -26,6 +26,15 @@ def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
     assert result["latency_search_step_s"] > 0 and result["latency_ratio"] > 0
 
 
+def test_bench_loader_smoke(tmp_path):
+    out = tmp_path / "loader.json"
+    _run("bench_loader.py", "--images", "8", "--classes", "2", "--img-size", "32", "--batch", "4", "--workers", "0,1",
+         "--repeats", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 1]
+    assert all(r["images_per_s_per_worker"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
+
+
 def test_bench_latency_smoke(tmp_path, synthetic_lut):
     out = tmp_path / "lat.json"
     _run("bench_latency.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--ratio", "0.5",
@@ -72,3 +81,27 @@ def test_bench_lut_smoke(tmp_path, synthetic_lut):
     for row in result["rows"]:
         assert row["measured_ms"] > 0 and row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
         assert row["ratio_error"] == pytest.approx(row["predicted_fraction"] / row["measured_fraction"] - 1)
+
+
+def test_family_census_smoke(tmp_path):
+    out = tmp_path / "census.json"
+    _run("family_census.py", "--modules", "deit", "--exactness", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert rows["deit_tiny_distilled_patch16_224"]["family"] == "vit"
+    assert rows["deit_tiny_patch16_224"]["verdict"] == "supported"
+    assert all(r["verdict"] != "crashed" for r in rows.values())
+    assert rows and all(r["exactness"]["ok"] for r in rows.values() if "exactness" in r)
+    assert sum("exactness" in r for r in rows.values()) >= 3  # DeiT, DeiT-III, distilled DeiT
+
+
+def test_bench_int8_smoke(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"arch": {"embed_dim": 48, "blocks": [
+        {"heads": 2, "head_dim": 16, "mlp_dim": 96}] * 4}}))
+    out = tmp_path / "int8.json"
+    _run("bench_int8.py", "--model", PICO, "--arch", str(report), "--batch", "1", "--repeats", "5", "--warmup", "1",
+         "--calibration-images", "8", "--variants", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["file"]) for r in rows] == [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"),
+                                                       ("pruned", "int8"), ("pruned", "u8-asym"), ("pruned", "all-qdq")]
+    assert rows[0]["speedup_vs_dense_fp32"] == 1.0 and all(r["median_ms"] > 0 for r in rows)

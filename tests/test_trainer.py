@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
+import random
 import socket
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the ofb_vit_* test models, also in spawned workers)
 import ofbdeploy.train.trainer as trainer
 from ofbdeploy.errors import OfbError
-from ofbdeploy.train.amp import amp_dtype
+from ofbdeploy.train.amp import AMP_DTYPES, amp_dtype, grad_scaler, step_all
+from ofbdeploy.train.checkpoint import seed_epoch
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist, init_distributed
+from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.trainer import (
     TrainSettings,
     build_optimizer,
@@ -143,7 +148,7 @@ def test_mixup_cutmix_training_runs_and_rejects_odd_batches(synthetic: tuple[Dat
         pico(), build_loader(synthetic[0], batch_size=16, train=True), settings, CPU, progress=False
     )
     assert result.epochs_run == 1 and torch.isfinite(torch.tensor(result.last_loss))
-    with pytest.raises(OfbError, match="even batch_size"):
+    with pytest.raises(OfbError, match="even number of images"):
         train_classifier(pico(), build_loader(synthetic[0], batch_size=15, train=True), settings, CPU, progress=False)
 
 
@@ -172,11 +177,87 @@ def test_optimizer_spares_norms_biases_and_embeddings_from_weight_decay() -> Non
     assert len(undecayed) + len(decayed) == len(names)
 
 
-def test_amp_is_cuda_only_and_validated() -> None:
-    assert amp_dtype("bf16", torch.device("cpu")) is None
-    assert amp_dtype("fp16", torch.device("cuda")) is torch.float16
+def test_amp_applies_on_cpu_too_and_is_validated() -> None:
+    assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert amp_dtype("fp16", torch.device("cpu")) is torch.float16 and amp_dtype("off", torch.device("cpu")) is None
+    assert isinstance(grad_scaler(torch.float16, torch.device("cpu")), torch.amp.GradScaler)
+    assert grad_scaler(torch.bfloat16, torch.device("cpu")) is None
     with pytest.raises(OfbError, match="amp"):
         amp_dtype("fp8", torch.device("cpu"))
+
+
+def test_scaled_step_skips_an_optimizer_without_gradients() -> None:
+    used, idle = nn.Linear(4, 2), nn.Linear(4, 2)
+    optimizers = [torch.optim.AdamW(used.parameters()), torch.optim.AdamW(idle.parameters())]
+    scaler = grad_scaler(torch.float16, torch.device("cpu"))
+    before = [p.clone() for p in idle.parameters()]
+    scaler.scale(used(torch.randn(3, 4)).sum()).backward()
+    step_all(optimizers, scaler)  # torch's scaler.step asserts on the idle one
+    assert all(torch.equal(a, b) for a, b in zip(before, idle.parameters(), strict=True))
+    assert optimizers[0].state and not optimizers[1].state
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_training_under_cpu_autocast(amp: str, synthetic: tuple[Dataset, Dataset]) -> None:
+    model, seen = pico(), set()
+    model.blocks[0].mlp.fc1.register_forward_hook(lambda _m, _a, out: seen.add(out.dtype))
+    result = train_classifier(model, build_loader(synthetic[0], batch_size=16, train=True), replace(QUICK, amp=amp),
+                              CPU, progress=False)
+    assert seen == {AMP_DTYPES[amp]} and result.amp == amp
+    assert math.isfinite(result.last_loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_accumulating_two_halves_gives_the_full_batch_update(synthetic: tuple[Dataset, Dataset]) -> None:
+    """8 images in one step, or 2 x 4 accumulated: the same gradient and so the same update."""
+    grads, weights = [], []
+    for batch, accum in ((8, 1), (4, 2)):
+        model = pico()
+        settings = replace(QUICK, max_steps_per_epoch=1, accum_steps=accum)
+        result = train_classifier(model, build_loader(synthetic[0], batch_size=batch, train=True), settings, CPU,
+                                  progress=False)
+        assert result.global_batch == 8
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        weights.append(model.state_dict())
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-7), name
+    for name, weight in weights[0].items():
+        assert torch.allclose(weight, weights[1][name], atol=1e-5), name
+
+
+def test_drop_path_grows_linearly_with_depth_and_only_acts_in_training() -> None:
+    model, x = pico(), torch.randn(4, 3, 16, 16)
+    expected = model.eval()(x)
+    set_drop_path(model, 0.3)
+    assert isinstance(model.blocks[0].drop_path1, nn.Identity)
+    assert [b.drop_path2.drop_prob for b in model.blocks[1:]] == pytest.approx([0.1, 0.2, 0.3])
+    assert torch.equal(model.eval()(x), expected)
+    assert not torch.equal(model.train()(x), model.train()(x))  # branches dropped at random while training
+    set_drop_path(model, 0.0)
+    assert all(isinstance(b.drop_path1, nn.Identity) for b in model.blocks)
+
+
+def test_epoch_seeds_differ_across_ranks_and_repeat_for_a_rank() -> None:
+    def draws(rank: int) -> tuple:
+        seed_epoch(3, 1, rank=rank)
+        return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)
+    assert all(a != b for a, b in zip(draws(0), draws(1), strict=True))  # masks, mixup and erasing all differ
+
+
+def test_resume_is_exact_with_loader_workers() -> None:
+    """An epoch's augmented batches depend on (seed, epoch, rank) only, not on the epochs run before it."""
+    train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=32, limit_val=8, crop_padding=2,
+                                          random_erasing=0.5))
+    loader = build_loader(train, batch_size=8, train=True, workers=2, seed=4)
+
+    def epoch(e: int) -> Tensor:
+        seed_epoch(4, e, loader)
+        return torch.cat([x for x, _ in loader])
+
+    first, second = epoch(0), epoch(1)
+    assert not torch.equal(first[:8], second[:8])
+    assert torch.equal(epoch(1), second)  # a resumed run starts at epoch 1 in fresh workers
 
 
 def _free_port() -> int:
@@ -215,7 +296,7 @@ def test_ddp_two_cpu_ranks_end_identical(tmp_path: Path) -> None:
 
 
 def test_empty_loader_is_an_error(synthetic: tuple[Dataset, Dataset]) -> None:
-    with pytest.raises(OfbError, match="no batches"):
+    with pytest.raises(OfbError, match="no optimiser step"):
         train_classifier(pico(), build_loader(synthetic[0], batch_size=1000, train=True), QUICK, CPU, progress=False)
     with pytest.raises(OfbError, match="no images"):
         evaluate(pico(), [], CPU)

@@ -3,8 +3,12 @@ training step of the dense model, same model, batch and device; with --latency-l
 latency-targeted search (the table's expected latency added to the loss); and, on CUDA, the projected
 GPU-hours of a DeiT-S ImageNet search with the paper's schedule.
 
+Under torchrun both steps run under DDP (the dense one as the trainer wraps it, the search as the search
+does), so the ratio includes the gradient all-reduce; --batch is per process.
+
     python tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5 \
         --latency-lut docs/benchmarks/lut_deit_s_ort_cpu_b1.json
+    torchrun --standalone --nproc_per_node 2 tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smo
 from ofbdeploy.deploy.backends import device_name
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective
+from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.engine import Search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.amp import amp_dtype, autocast
-from ofbdeploy.train.distributed import Dist, pick_device
+from ofbdeploy.train.distributed import barrier, init_distributed, wrap_ddp
 
 IMAGENET_TRAIN = 1_281_167
 PAPER_EPOCHS = 100
@@ -41,16 +46,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+def _one(step, ctx) -> float:
+    _sync(ctx.device)
+    barrier(ctx)  # every rank starts the step together: the times are of steps, not of waiting
+    start = time.perf_counter()
+    step()
+    _sync(ctx.device)
+    return time.perf_counter() - start
+
+
+def _timed_alternately(steps: dict, repeats: int, warmup: int, ctx) -> dict[str, list[float]]:
+    """Each kind of step once per round, round after round: a machine getting busier or quieter over the
+    run weighs on every kind alike, so their ratio holds (the deploy protocol's paired mode)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(_one(step, ctx))
     return times
 
 
@@ -67,15 +81,19 @@ def main() -> None:
                         help="a latency table file: also time the latency-targeted search step (50%% of dense)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    device = pick_device(args.device)
+    ctx = init_distributed(args.device)
+    device = ctx.device
+    fp32_matmul = set_tf32(True) if device.type == "cuda" else "ieee (cpu)"
+    torch.manual_seed(ctx.rank)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     torch.manual_seed(0)
-    dense = timm.create_model(args.model, img_size=args.img_size).to(device).train()
-    labels = torch.randint(0, dense.num_classes, (args.batch,), device=device)
+    model = timm.create_model(args.model, img_size=args.img_size).to(device).train()
+    dense = wrap_ddp(model, ctx)
+    labels = torch.randint(0, model.num_classes, (args.batch,), device=device)
     optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-4)
 
     def dense_step() -> None:
-        with autocast(amp_dtype(args.amp, device)):
+        with autocast(amp_dtype(args.amp, device), device):
             loss = F.cross_entropy(dense(images).float(), labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,29 +108,39 @@ def main() -> None:
         if latency_lut is not None:
             cfg = SearchCfg(epochs=100, latency={"target_ratio": 0.5, "lut": str(latency_lut)})
             objective = LatencyObjective(LatencyLUT.load(latency_lut), searchable.space, target_ratio=0.5)
-        search = Search(searchable, loader, cfg, Dist(device=device), 0, args.amp, logging.getLogger("bench"),
-                        objective)
+        search = Search(searchable, loader, cfg, ctx, 0, args.amp, logging.getLogger("bench"), objective)
         keep = search.schedules(search.steps * 10)  # mid warm-up: PMIM hides ~10% of the patches
-        return lambda: search.step(images, labels, keep)
+        return lambda: search.step([(images, labels)], keep)
 
-    dense_s = statistics.median(_timed(dense_step, args.steps, args.warmup, device))
-    search_s = statistics.median(_timed(search_step(None), args.steps, args.warmup, device))
-    result = {"model": args.model, "batch": args.batch, "img_size": args.img_size, "device": str(device),
-              "device_name": device_name(device),
-              "amp": args.amp, "dense_step_s": dense_s, "search_step_s": search_s, "ratio": search_s / dense_s,
-              "dense_images_per_s": args.batch / dense_s, "search_images_per_s": args.batch / search_s}
+    steps = {"dense": dense_step, "search": search_step(None)}
     if args.latency_lut is not None:
-        latency_s = statistics.median(_timed(search_step(args.latency_lut), args.steps, args.warmup, device))
+        steps["latency"] = search_step(args.latency_lut)
+    times = _timed_alternately(steps, args.steps, args.warmup, ctx)
+    dense_s, search_s = statistics.median(times["dense"]), statistics.median(times["search"])
+    world = ctx.world_size
+    result = {"model": args.model, "batch": args.batch, "processes": world, "global_batch": args.batch * world,
+              "img_size": args.img_size, "device": str(device), "device_name": device_name(device),
+              "amp": args.amp, "fp32_matmul": fp32_matmul, "steps": args.steps, "dense_step_s": dense_s,
+              "search_step_s": search_s, "ratio": search_s / dense_s,
+              "ratio_median_of_rounds": statistics.median(
+                  s / d for s, d in zip(times["search"], times["dense"], strict=True)),
+              "dense_images_per_s": args.batch * world / dense_s, "search_images_per_s": args.batch * world / search_s}
+    if args.latency_lut is not None:
+        latency_s = statistics.median(times["latency"])
         result.update(latency_search_step_s=latency_s, latency_ratio=latency_s / dense_s)
     if device.type == "cuda":
         result["projected_search_gpu_hours_imagenet_100_epochs"] = (
-            IMAGENET_TRAIN * PAPER_EPOCHS / args.batch * search_s / 3600)
-    print(json.dumps(result, indent=1))
-    if args.json is not None:
+            IMAGENET_TRAIN * PAPER_EPOCHS / (args.batch * world) * search_s * world / 3600)
+    if ctx.is_main:
+        print(json.dumps(result, indent=1))
+    if args.json is not None and ctx.is_main:
+        launcher = f"torchrun --standalone --nproc_per_node {world}" if ctx.enabled else "python"
         result["date"] = date.today().isoformat()
-        result["command"] = "python tools/bench_search_cost.py " + " ".join(sys.argv[1:])
+        result["command"] = f"{launcher} tools/bench_search_cost.py " + " ".join(sys.argv[1:])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if ctx.enabled:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,18 @@ otherwise timed as Python and kernel-launch cost, not as model cost:
 * ``ort-cuda`` enables the CUDA EP's ``enable_cuda_graph``; ``ort-trt`` enables ``trt_cuda_graph_enable``.
   Graph capture needs every node on the GPU, so the session is built per batch size with the batch
   dimension fixed (``add_free_dimension_override_by_name``), which folds the shape arithmetic away.
-* On CPU there is nothing to capture; ``tensorrt`` runs the engine with ``execute_async_v3`` on its own stream.
+* ``tensorrt`` captures ``execute_async_v3`` on its own stream after a warm-up enqueue and replays the graph;
+  when capture fails (a plugin or an engine that cannot be captured) it enqueues every call instead and says
+  so in its rows (``cuda_graph: false``).
+* On CPU there is nothing to capture.
+
+Every GPU runner is timed with CUDA events recorded on the stream its work runs on: torch's current stream,
+the engine's stream, and for ONNX Runtime a torch stream handed to the provider as its compute stream
+(``user_compute_stream``), with the end-of-run synchronisation turned off so the events, not the host,
+delimit the work. One TF32 policy (``tf32``) is applied to every GPU backend that has a switch: torch's
+matmul and cuDNN flags, the CUDA provider's ``use_tf32`` and TensorRT's TF32 builder flag (given when the
+engine is built). ONNX Runtime's TensorRT provider has no TF32 switch and builds with TensorRT's default
+(on); its rows record that. Each row carries the runner's ``tf32`` and ``cuda_graph``.
 
 ``torch-compile`` uses the default mode with ``dynamic=False``: ``max-autotune`` spends minutes per shape
 benchmarking kernels, and dynamic shapes would compile one generic kernel set for every batch size,
@@ -23,7 +34,7 @@ in a CUDA graph like the eager one, so the two torch backends differ only in ker
 from __future__ import annotations
 
 import copy
-import importlib
+import logging
 import platform
 import time
 from abc import ABC, abstractmethod
@@ -39,22 +50,17 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from ofbdeploy.deploy import trt_api
+from ofbdeploy.deploy.onnx_export import graph_precision
 from ofbdeploy.errors import OfbError
+from ofbdeploy.numerics import set_tf32
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_WEIGHT_PRECISIONS = {
-    onnx.TensorProto.INT8: "int8",
-    onnx.TensorProto.FLOAT16: "fp16",
-    onnx.TensorProto.BFLOAT16: "bf16",
-}
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _INPUT_SEED = 0
 _NO_CUDA = "no CUDA device visible to PyTorch: run on a machine with an NVIDIA GPU and a CUDA build of torch"
-_NO_TENSORRT = (
-    "TensorRT Python package not installed: use the Docker image (see Dockerfile) "
-    "or pip install the .[trt] extra from NVIDIA's index"
-)
+_LOG = logging.getLogger("ofbdeploy.deploy.backends")
 
 
 class BackendError(OfbError, ValueError):
@@ -110,11 +116,17 @@ class CudaEventTimer(Timer):
 
 
 class Runner(ABC):
-    """A model loaded on one backend with a resident input, ready to be timed."""
+    """A model loaded on one backend with a resident input, ready to be timed.
+
+    ``tf32`` is whether fp32 math may use TF32 (None on CPU); ``cuda_graph`` whether ``run`` replays a CUDA graph
+    (None on CPU).
+    """
 
     backend: str
     device_name: str
     precision: str
+    tf32: bool | None = None
+    cuda_graph: bool | None = None
 
     @abstractmethod
     def prepare(self, batch: int, images: np.ndarray | None = None) -> None:
@@ -158,6 +170,8 @@ class _Request:
     precision: str
     device: str
     threads: int | None
+    tf32: bool = True
+    cache_dir: Path | None = None
 
     def file(self, field: str) -> Path:
         """The path in ``field``, which this backend needs and which must exist."""
@@ -263,10 +277,13 @@ def _capture(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
 class TorchRunner(Runner):
     """PyTorch eager or ``torch.compile`` on a private copy of the model, under ``inference_mode``."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, compiled: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compiled: bool, tf32: bool) -> None:
         self.backend = "torch-compile" if compiled else "torch"
         self.device_name = device_name(device)
         self.precision = precision
+        on_gpu = device.type == "cuda"
+        self.tf32 = tf32 if on_gpu else None
+        self.cuda_graph = True if on_gpu else None
         self._device = device
         self._chw = _input_chw(model)
         with _CudaPeak(device) as weights:
@@ -280,6 +297,8 @@ class TorchRunner(Runner):
 
     def prepare(self, batch: int, images: np.ndarray | None = None) -> None:
         self._step = self._x = self._out = None  # free the previous shape's buffers and graph first
+        if self.tf32 is not None:
+            set_tf32(self.tf32)  # before compiling and capturing: both bake the choice in
         with _CudaPeak(self._device) as peak, torch.inference_mode():
             x = _seeded_input((batch, *self._chw), images).to(self._device, _TORCH_DTYPES[self.precision])
             self._out = self._forward(x)  # compiles, for torch-compile
@@ -318,7 +337,7 @@ def _torch_runner(request: _Request, *, compiled: bool) -> Runner:
     request.check_precision(_TORCH_DTYPES if device.type == "cuda" else ("fp32",), f"on {device.type}")
     if request.threads is not None:
         torch.set_num_threads(request.threads)  # process-wide: PyTorch has no per-module thread pool
-    return TorchRunner(request.model, device, request.precision, compiled)
+    return TorchRunner(request.model, device, request.precision, compiled, request.tf32)
 
 
 @dataclass(frozen=True)
@@ -335,7 +354,8 @@ class _OnnxInput:
 def _onnx_input(path: Path) -> _OnnxInput:
     """Read the signature without external weights, so the session can be built for a fixed batch.
 
-    The precision comes from the weights, not the input: fp16 exports keep fp32 inputs and outputs.
+    The precision comes from the graph (:func:`graph_precision`), not the input: every export keeps fp32
+    inputs and outputs.
     """
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
@@ -348,36 +368,42 @@ def _onnx_input(path: Path) -> _OnnxInput:
         raise BackendError(f"{path}: input {inputs[0].name} needs a static C, H, W, got {dims}")
     batch_axis = dims[0] if isinstance(dims[0], str) else None
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    found = {_WEIGHT_PRECISIONS.get(init.data_type) for init in graph.initializer}
-    precision = next((p for p in ("int8", "fp16", "bf16") if p in found), "fp32")
-    return _OnnxInput(inputs[0].name, batch_axis, tuple(dims[1:]), dtype, precision)
+    return _OnnxInput(inputs[0].name, batch_axis, tuple(dims[1:]), dtype, graph_precision(graph))
 
 
 class OrtRunner(Runner):
     """An ONNX Runtime session on one execution provider, fed through IOBinding with device-resident buffers.
 
-    ``run_with_iobinding`` returns once the provider has finished (ONNX Runtime synchronises its providers
-    at the end of a run by default), so host timing is the latency an application sees. The precision is
-    the file's, or one of ``provider_precisions`` that the provider applies itself (TensorRT's fp16 flag).
+    On CUDA the provider computes on a torch stream of this runner (``user_compute_stream``) and each run returns
+    without waiting for it (``disable_synchronize_execution_providers``), so CUDA events on that stream time the
+    work like every other GPU runner's. On CPU a run returns when done and the host clock times it. The precision
+    is the file's, or one of ``provider_precisions`` that the provider applies itself (TensorRT's fp16 flag).
     """
 
     def __init__(
         self,
         request: _Request,
         device: torch.device,
-        providers: list[tuple[str, dict[str, Any]]],
+        providers: Callable[[torch.cuda.Stream | None], list[tuple[str, dict[str, Any]]]],
         provider_precisions: tuple[str, ...] = (),
+        tf32: bool | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         self.backend = request.backend
         self.device_name = device_name(device)
         self.precision = request.precision
+        self.tf32, self.cuda_graph = tf32, cuda_graph
         self._path = request.file("onnx_path")
         self._input = _onnx_input(self._path)
-        context = f"with {self._path.name} (weights in {self._input.precision})"
+        context = f"with {self._path.name} (a {self._input.precision} graph)"
         request.check_precision((self._input.precision, *provider_precisions), context)
         self._device = device
-        self._providers = providers
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._providers = providers(self._stream)
         self._threads = request.threads or 0  # 0 lets ONNX Runtime use one thread per physical core
+        self._run_options = ort.RunOptions()
+        if self._stream is not None:
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._session: ort.InferenceSession | None = None
         self._binding: ort.IOBinding | None = None
         self._y: ort.OrtValue | None = None
@@ -391,8 +417,14 @@ class OrtRunner(Runner):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._input.batch_axis is not None:
             options.add_free_dimension_override_by_name(self._input.batch_axis, batch)
-        session = ort.InferenceSession(str(self._path), options, providers=self._providers)
         wanted = self._providers[0][0]
+        try:
+            session = ort.InferenceSession(str(self._path), options, providers=self._providers,
+                                           disabled_optimizers=disabled_optimizers(self._input.precision))
+        except Exception as err:  # a provider that fails to start raises onnxruntime's own exception types
+            lines = str(err).strip().splitlines()
+            raise BackendUnavailable(f"{self.backend}: ONNX Runtime could not start {wanted}: "
+                                     f"{lines[0] if lines else type(err).__name__}") from None
         if wanted not in session.get_providers():
             raise BackendUnavailable(f"{self.backend}: ONNX Runtime could not start {wanted} (CUDA/TensorRT libs?)")
         return session
@@ -408,87 +440,159 @@ class OrtRunner(Runner):
         self._y = ort.OrtValue.ortvalue_from_shape_and_type(shape, _ORT_TYPES[meta.type], kind, index)
         binding.bind_ortvalue_output(meta.name, self._y)
         self._session, self._binding = session, binding
+        self.synchronize()  # the input copy and any capture happened before the first timed call
 
     def run(self) -> ort.OrtValue:
-        self._session.run_with_iobinding(self._binding)
+        self._session.run_with_iobinding(self._binding, self._run_options)
         return self._y
 
     def synchronize(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
         self._binding.synchronize_outputs()
 
+    def timer(self) -> Timer:
+        return CudaEventTimer(self._stream) if self._stream is not None else super().timer()
+
     def outputs(self) -> np.ndarray:
+        self.synchronize()
         return self._binding.copy_outputs_to_cpu()[0].astype(np.float32)
+
+
+def disabled_optimizers(precision: str) -> list[str]:
+    """ONNX Runtime graph rewrites to turn off for a graph of ``precision``.
+
+    int8: with the batch fixed (every session here is specialised to its batch), ``MatMulAddFusion`` rewrites
+    each MatMul + bias Add into Reshape/Gemm/Reshape before the Q/DQ fusions run, so DequantizeLinear -> MatMul
+    is no longer there to become ``MatMulIntegerToFloat``: the int8 file then runs as dequantise + fp32 Gemm,
+    slower than fp32 (DeiT-S: 2x slower instead of 1.7x faster on this CPU). Other graphs keep every rewrite.
+    """
+    return ["MatMulAddFusion"] if precision == "int8" else []
+
+
+def _stream_options(stream: torch.cuda.Stream | None) -> dict[str, str]:
+    """Provider options that make ONNX Runtime compute on ``stream`` (its address as a decimal string)."""
+    return {"has_user_compute_stream": "1", "user_compute_stream": str(stream.cuda_stream)}
 
 
 def _ort_cpu(request: _Request) -> Runner:
     """CPU provider; ``threads`` sets intra-op parallelism."""
-    return OrtRunner(request, _device(request, ("cpu",)), [("CPUExecutionProvider", {})])
+    return OrtRunner(request, _device(request, ("cpu",)), lambda _: [("CPUExecutionProvider", {})])
 
 
 def _ort_cuda(request: _Request) -> Runner:
-    """CUDA provider with CUDA-graph replay."""
+    """CUDA provider on the runner's stream, with CUDA-graph replay and the TF32 policy (``use_tf32``)."""
     device = _device(request, ("cuda",))
-    options = {"device_id": device.index, "enable_cuda_graph": "1"}
-    return OrtRunner(request, device, [("CUDAExecutionProvider", options)])
+
+    def providers(stream: torch.cuda.Stream | None) -> list[tuple[str, dict[str, Any]]]:
+        options = {"device_id": str(device.index), "enable_cuda_graph": "1", "use_tf32": str(int(request.tf32)),
+                   **_stream_options(stream)}
+        return [("CUDAExecutionProvider", options)]
+
+    return OrtRunner(request, device, providers, tf32=request.tf32, cuda_graph=True)
+
+
+def ort_trt_cache_dir(request_cache: Path | None) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps its engines and timing cache (one per machine by default)."""
+    return request_cache or Path.home() / ".cache" / "ofbdeploy" / "ort-trt"
 
 
 def _ort_trt(request: _Request) -> Runner:
-    """TensorRT provider (fp16 by its own flag, from an fp32 graph), CUDA provider for anything it rejects."""
+    """TensorRT provider with its engine and timing caches on (a session reuses the engine built for the same
+    graph, TensorRT and GPU instead of rebuilding it), CUDA graphs, on the runner's stream; the CUDA provider
+    takes any node TensorRT rejects.
+
+    ONNX Runtime builds its TensorRT networks itself (weakly typed, against TensorRT 10): fp16 is its flag on
+    the fp32 graph, int8 its flag on the Q/DQ graph (explicit quantisation, no calibration table). It has no
+    TF32 switch: TensorRT's default (on) applies whatever the policy, and the rows say so.
+    """
     device = _device(request, ("cuda",))
-    options = {
-        "device_id": device.index,
-        "trt_fp16_enable": request.precision == "fp16",
-        "trt_cuda_graph_enable": True,
-    }
-    providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": device.index})]
-    return OrtRunner(request, device, providers, provider_precisions=("fp16",))
+    cache = ort_trt_cache_dir(request.cache_dir)
+
+    def providers(stream: torch.cuda.Stream | None) -> list[tuple[str, dict[str, Any]]]:
+        cache.mkdir(parents=True, exist_ok=True)
+        options = {
+            "device_id": str(device.index),
+            "trt_fp16_enable": str(request.precision == "fp16"),
+            "trt_int8_enable": str(request.precision == "int8"),
+            "trt_cuda_graph_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache),
+            **_stream_options(stream),
+        }
+        cuda = {"device_id": str(device.index), "use_tf32": str(int(request.tf32)), **_stream_options(stream)}
+        return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", cuda)]
+
+    if not request.tf32:
+        _LOG.warning("ort-trt: ONNX Runtime's TensorRT provider has no TF32 switch; its fp32 layers use TF32 "
+                     "although the policy is off (recorded as tf32: true)")
+    return OrtRunner(request, device, providers, provider_precisions=("fp16",), tf32=True, cuda_graph=True)
 
 
 class TensorRTRunner(Runner):
-    """A serialized TensorRT 10 engine executed with ``execute_async_v3`` on a dedicated CUDA stream.
+    """A serialized TensorRT engine on a dedicated CUDA stream, replayed as a CUDA graph where capture works.
 
-    The engine's build precision is not recorded in the file, so ``precision`` is the caller's label.
+    The engine's precision is its ONNX graph's (strongly typed build), so ``precision`` labels what the caller
+    built; ``tf32`` is the policy the engine was built with (a build-time flag in TensorRT).
     I/O buffers are torch CUDA tensors whose addresses are handed to the execution context.
     """
 
     def __init__(self, request: _Request, device: torch.device) -> None:
-        trt = importlib.import_module("tensorrt")
+        trt = trt_api.load()
         self.backend = request.backend
         self.device_name = device_name(device)
         self.precision = request.precision
+        self.tf32 = request.tf32
         self._device = device
         path = request.file("engine_path")
         with torch.cuda.device(device):
-            self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
-            if self._engine is None:
-                raise BackendError(f"TensorRT could not load {path} (built by another TensorRT version or GPU?)")
-            self._context = self._engine.create_execution_context()
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BackendError(f"{path} has inputs {inputs} and outputs {outputs}; expected one of each")
-        self._in, self._out = inputs[0], outputs[0]
-        types = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16}
-        self._dtypes = {n: types[self._engine.get_tensor_dtype(n)] for n in names}
+            try:
+                self._engine = trt_api.Engine(trt, path.read_bytes(), str(path))
+            except OfbError as err:
+                raise BackendUnavailable(f"tensorrt: {err}") from None
         self._stream = torch.cuda.Stream(device)
+        self._graph: torch.cuda.CUDAGraph | None = None
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
 
     def prepare(self, batch: int, images: np.ndarray | None = None) -> None:
-        shape = (batch, *tuple(self._engine.get_tensor_shape(self._in))[1:])
-        if not self._context.set_input_shape(self._in, shape):
-            raise BackendError(f"engine input {self._in} does not accept shape {shape} (outside its profile?)")
-        self._x = _seeded_input(shape, images).to(self._device, self._dtypes[self._in])
-        out_shape = tuple(self._context.get_tensor_shape(self._out))
-        self._y = torch.empty(out_shape, dtype=self._dtypes[self._out], device=self._device)
-        self._context.set_tensor_address(self._in, self._x.data_ptr())
-        self._context.set_tensor_address(self._out, self._y.data_ptr())
+        low, high = self._engine.batch_range
+        if not low <= batch <= high:
+            raise BackendUnavailable(f"tensorrt: batch {batch} is outside the engine's profile (batch {low}..{high}; "
+                                     "set export.batch_range)")
+        self._graph = None
+        out_shape = self._engine.set_batch(batch)
+        dtypes = {name: _TORCH_DTYPES[kind] for name, kind in self._engine.dtypes.items()}
+        self._x = _seeded_input((batch, *self._engine.sample_shape), images).to(self._device,
+                                                                                dtypes[self._engine.input])
+        self._y = torch.empty(out_shape, dtype=dtypes[self._engine.output], device=self._device)
+        self._engine.bind(self._x.data_ptr(), self._y.data_ptr())
         torch.cuda.synchronize(self._device)  # the buffers were written on the default stream
+        self._engine.enqueue(self._stream.cuda_stream)  # warm-up: shape-dependent setup happens outside capture
+        self._stream.synchronize()
+        self._graph = self._capture()
+        self.cuda_graph = self._graph is not None
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """One enqueue recorded as a CUDA graph on the runner's stream; None (and a warning) when capture fails."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._engine.enqueue(self._stream.cuda_stream)
+        except Exception as err:  # capture failures surface as RuntimeError or TensorRT's own error
+            _LOG.warning("tensorrt: CUDA graph capture failed (%s); timing plain enqueues instead", err)
+            torch.cuda.synchronize(self._device)
+            return None
+        return graph
 
     def run(self) -> torch.Tensor:
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
-            raise BackendError("TensorRT failed to enqueue the engine")
+        if self._graph is not None:
+            with torch.cuda.stream(self._stream):  # replay launches on the current stream: the timed one
+                self._graph.replay()
+        else:
+            self._engine.enqueue(self._stream.cuda_stream)
         return self._y
 
     def synchronize(self) -> None:
@@ -524,9 +628,9 @@ def _ort_missing(provider: str) -> str | None:
 def _tensorrt_missing() -> str | None:
     """Why native TensorRT cannot run here."""
     try:
-        importlib.import_module("tensorrt")
-    except ImportError:
-        return _NO_TENSORRT
+        trt_api.load()
+    except trt_api.TensorRTUnavailable as err:
+        return str(err)
     return None if torch.cuda.is_available() else _NO_CUDA
 
 
@@ -548,6 +652,12 @@ _BACKENDS: dict[str, _Backend] = {
 }
 
 
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (None if it can, or if it is unknown)."""
+    entry = _BACKENDS.get(backend)
+    return None if entry is None else entry.missing()
+
+
 def available_backends() -> list[str]:
     """The registered backends that can run on this machine, in registry order."""
     return [name for name, entry in _BACKENDS.items() if entry.missing() is None]
@@ -562,8 +672,14 @@ def create_runner(
     precision: str = "fp32",
     device: str = "auto",
     threads: int | None = None,
+    tf32: bool = True,
+    cache_dir: Path | None = None,
 ) -> Runner:
-    """Build a runner: ``model`` for torch backends, ``onnx_path`` for ort-*, ``engine_path`` for tensorrt."""
+    """Build a runner: ``model`` for torch backends, ``onnx_path`` for ort-*, ``engine_path`` for tensorrt.
+
+    ``tf32`` is the TF32 policy for GPU backends (engines carry the one they were built with);
+    ``cache_dir`` is where ort-trt keeps its engine and timing caches.
+    """
     entry = _BACKENDS.get(backend)
     if entry is None:
         raise BackendError(f"unknown backend {backend!r}; known: {', '.join(_BACKENDS)}")
@@ -572,4 +688,4 @@ def create_runner(
     reason = entry.missing()
     if reason is not None:
         raise BackendUnavailable(f"{backend}: {reason}")
-    return entry.build(_Request(backend, model, onnx_path, engine_path, precision, device, threads))
+    return entry.build(_Request(backend, model, onnx_path, engine_path, precision, device, threads, tf32, cache_dir))

@@ -1,9 +1,10 @@
 """The latency protocol, written once: warm up untimed, time single calls, summarise in ``LatencyStats``.
 
-Dense and pruned models are compared with ``measure_pair``, which times them in alternating blocks in the
-same process, so thermal drift, a noisy neighbour or a frequency change hits both alike instead of
-showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (dense first in even rounds,
-pruned first in odd ones), which also cancels a steady drift across the measurement.
+Dense and pruned models (and their precisions) are compared with ``measure_group``, which times them in
+alternating blocks in the same process, so thermal drift, a noisy neighbour or a frequency change hits all
+alike instead of showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (forward in even
+rounds, reversed in odd ones), which also cancels a steady drift across the measurement. ``measure_pair`` is
+the two-runner case.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class LatencyStats:
     min_ms: float
     throughput: float  # images/s at the median latency
     peak_memory_mb: float | None
+    tf32: bool | None = None  # fp32 math allowed to use TF32 (GPU runners; None on CPU)
+    cuda_graph: bool | None = None  # each call replayed a CUDA graph (GPU runners; None on CPU)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""
@@ -58,17 +61,28 @@ def measure_pair(
     dense: Runner, pruned: Runner, batch: int, *, warmup: int = 10, repeats: int = 50, rounds: int = 5
 ) -> tuple[LatencyStats, LatencyStats]:
     """Time both runners in ``rounds`` alternating blocks; each gets ``ceil(repeats / rounds)`` calls a block."""
+    d, p = measure_group([dense, pruned], batch, warmup=warmup, repeats=repeats, rounds=rounds)
+    return d, p
+
+
+def measure_group(
+    runners: list[Runner], batch: int, *, warmup: int = 10, repeats: int = 50, rounds: int = 5,
+    prepared: bool = False,
+) -> list[LatencyStats]:
+    """Time every runner in ``rounds`` blocks, forward order in even rounds and reversed in odd ones; each gets
+    ``ceil(repeats / rounds)`` calls a block. Every runner is prepared (unless ``prepared``: the caller did it
+    at ``batch``) and warmed up before any is timed."""
     _check_counts(batch, repeats, rounds)
-    runners = (dense, pruned)
     for runner in runners:
-        _warm_up(runner, batch, warmup)
+        _warm_up(runner, batch, warmup, prepare=not prepared)
     timers = [runner.timer() for runner in runners]
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in runners]
     block = -(-repeats // rounds)
+    order = list(range(len(runners)))
     for index in range(rounds):
-        for k in (0, 1) if index % 2 == 0 else (1, 0):
+        for k in order if index % 2 == 0 else order[::-1]:
             times[k].extend(_timed_calls(runners[k], timers[k], block, 0.0))
-    return _summarise(dense, batch, times[0]), _summarise(pruned, batch, times[1])
+    return [_summarise(runner, batch, t) for runner, t in zip(runners, times, strict=True)]
 
 
 def _check_counts(batch: int, repeats: int, rounds: int) -> None:
@@ -77,9 +91,10 @@ def _check_counts(batch: int, repeats: int, rounds: int) -> None:
         raise ValueError(f"batch, repeats and rounds must be >= 1, got {batch}, {repeats}, {rounds}")
 
 
-def _warm_up(runner: Runner, batch: int, warmup: int) -> None:
+def _warm_up(runner: Runner, batch: int, warmup: int, prepare: bool = True) -> None:
     """Allocate the input and run untimed calls, so compilation, autotuning and caches settle first."""
-    runner.prepare(batch)
+    if prepare:
+        runner.prepare(batch)
     for _ in range(warmup):
         runner.run()
     runner.synchronize()
@@ -119,4 +134,6 @@ def _summarise(runner: Runner, batch: int, times_ms: list[float]) -> LatencyStat
         min_ms=float(samples.min()),
         throughput=batch * 1e3 / median,
         peak_memory_mb=runner.peak_memory_mb(),
+        tf32=runner.tf32,
+        cuda_graph=runner.cuda_graph,
     )

@@ -11,21 +11,21 @@ Choices, and why:
 * **Opset >= 17**, so LayerNorm is one ``LayerNormalization`` node: decomposed into ReduceMean/Pow it
   overflows in TensorRT fp16.
 * **fp16**: the exported fp32 graph is converted with ONNX Runtime's own converter (shipped inside the
-  ``onnxruntime`` wheel, CPU and GPU alike); every weight and activation becomes fp16 while the graph's
-  input ``images`` and output ``logits`` stay fp32 (one Cast each), so callers feed and read the same
-  arrays for either precision.
+  ``onnxruntime`` wheel, CPU and GPU alike); every weight and activation becomes fp16 except LayerNorm, which
+  stays fp32 between Casts (TensorRT builds these graphs strongly typed, computing each layer in its input
+  type, and a ViT's LayerNorm statistics overflow fp16), while the graph's input ``images`` and output
+  ``logits`` stay fp32 (one Cast each), so callers feed and read the same arrays for either precision.
+  (int8 is made from the checked fp32 file by :mod:`ofbdeploy.deploy.quantize`.)
 * **Simplification** with onnxslim (constant folding, dead nodes, shape arithmetic) when it works; it is
   an optimisation, so a failure only logs a warning and keeps the exported graph.
 * **Parity check, always**, on ONNX Runtime's CPU provider (deterministic; no TF32) against the fp32
   torch model on CPU. The inputs run as a batch of 1 and then the rest, so every file proves its dynamic
   batch axis. Real images are the better check (a random-weight or random-input check has near-ties in
   the logits); the pipeline passes validation images, and without them seeded random images are used.
-  Default tolerance: ``rtol * max(1, max |reference logit|)`` with rtol 1e-3 for fp32 and 5e-2 for fp16,
-  so it is absolute for small logits and relative for large ones (fp16 keeps ~3 significant digits and
-  its rounding error grows with the magnitude of what it rounds); fp16 quality is judged mostly by top-1
-  agreement. On CPU, ONNX Runtime runs fp16 nodes that lack CPU kernels in fp32 between Casts, so the
-  check measures fp16 storage of weights and activations; the TensorRT step checks real fp16 arithmetic
-  against ONNX Runtime.
+  Default tolerance: :mod:`ofbdeploy.deploy.parity`'s per-precision table (relative to the logit scale,
+  with a top-1 agreement floor); fp16 quality is judged mostly by top-1 agreement. On CPU, ONNX Runtime
+  runs fp16 nodes that lack CPU kernels in fp32 between Casts, so the check measures fp16 storage of
+  weights and activations; the TensorRT step checks real fp16 arithmetic against ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from ofbdeploy.deploy.parity import Parity, compare, tolerance_for
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write
 
@@ -54,8 +55,7 @@ MIN_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_CHECK_IMAGES = 8
-RTOL_FP32 = 1e-3
-RTOL_FP16 = 5e-2
+FP32_OPS_IN_FP16 = ("LayerNormalization",)  # kept in fp32 inside fp16 graphs
 _CHECK_BATCH = 32  # bounds the check's memory when many validation images are passed
 _DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -93,10 +93,10 @@ def export_onnx(
     simplify: bool = True,
     check_inputs: Tensor | None = None,
     max_abs_diff: float | None = None,
-    min_top1_agreement: float = 0.99,
+    min_top1_agreement: float | None = None,
 ) -> ExportResult:
     """Export a CPU fp32 eval copy of ``model`` (the caller's is untouched) and write ``path`` only if it
-    passes the parity check; ``max_abs_diff`` replaces the default tolerance (see the module docstring)."""
+    passes the parity check; ``max_abs_diff`` and ``min_top1_agreement`` replace the precision's defaults."""
     path = Path(path)
     if opset < MIN_OPSET:
         raise ExportError(
@@ -106,9 +106,9 @@ def export_onnx(
     images = _check_images(check_inputs, img_size, in_chans, path)
     reference = copy.deepcopy(model).float().cpu().eval().requires_grad_(False)
     want = _run_torch(reference, images)
-    tolerance = max_abs_diff
-    if tolerance is None:
-        tolerance = (RTOL_FP16 if fp16 else RTOL_FP32) * max(1.0, float(np.abs(want).max()))
+    default = tolerance_for("fp16" if fp16 else "fp32")
+    tolerance = default.max_abs_diff(want) if max_abs_diff is None else max_abs_diff
+    floor = default.min_top1_agreement if min_top1_agreement is None else min_top1_agreement
     graph = _trace(reference, torch.zeros(2, in_chans, img_size, img_size), opset, path)
     simplified = False
     if simplify:
@@ -120,14 +120,8 @@ def export_onnx(
     def write_checked(tmp: Path) -> None:
         """The check runs on the very file that lands; raising here leaves nothing at ``path``."""
         tmp.write_bytes(graph.SerializeToString())
-        diff, agreement = _compare(_run_onnx(tmp, images), want)
-        if not (diff <= tolerance and agreement >= min_top1_agreement):  # NaN fails too
-            raise ExportError(
-                f"{path}: ONNX Runtime disagrees with torch ({'fp16' if fp16 else 'fp32'}, {len(images)} check "
-                f"images): max |diff| {diff:.3g} (tolerance {tolerance:.3g}), top-1 agreement {agreement:.3f} "
-                f"(minimum {min_top1_agreement:.3f}); file not written"
-            )
-        measured.append((diff, agreement))
+        parity = check_onnx(tmp, images, want, "fp16" if fp16 else "fp32", tolerance, floor, path)
+        measured.append((parity.max_abs_diff, parity.top1_agreement))
 
     atomic_write(path, write_checked)
     result = ExportResult(
@@ -171,6 +165,25 @@ def ort_session(path: str | Path, providers: list[str] | None = None) -> ort.Inf
         raise ExportError(f"{path}: ONNX Runtime cannot load it: {_first_line(err)}") from None
 
 
+def check_onnx(path: Path, images: Tensor, want: np.ndarray, precision: str, tolerance: float, floor: float,
+               name: Path | None = None) -> Parity:
+    """ONNX Runtime (CPU) on ``path`` against the torch logits ``want``; raises ExportError when they disagree."""
+    parity = compare(_run_onnx(path, images), want, tolerance, floor)
+    if not parity.ok:  # NaN fails too
+        raise ExportError(f"{name or path}: ONNX Runtime disagrees with torch ({precision}): {parity.describe()}; "
+                          "file not written")
+    return parity
+
+
+def check_against_torch(model: nn.Module, path: Path, precision: str, *, img_size: int, in_chans: int = 3,
+                        check_inputs: Tensor | None = None, name: Path | None = None) -> Parity:
+    """An existing file of ``precision`` (an int8 Q/DQ graph, say) against ``model``'s fp32 torch logits."""
+    images = _check_images(check_inputs, img_size, in_chans, path)
+    want = _run_torch(copy.deepcopy(model).float().cpu().eval().requires_grad_(False), images)
+    limits = tolerance_for(precision)
+    return check_onnx(path, images, want, precision, limits.max_abs_diff(want), limits.min_top1_agreement, name)
+
+
 def _check_images(check_inputs: Tensor | None, img_size: int, in_chans: int, path: Path) -> Tensor:
     """The caller's images as CPU fp32, or seeded random ones (always the same, so runs compare)."""
     if check_inputs is None:
@@ -197,12 +210,6 @@ def _run_onnx(path: Path, images: Tensor) -> np.ndarray:
     """On CPU: deterministic, and free of the TF32 matmuls a GPU provider may use."""
     session = ort_session(path, ["CPUExecutionProvider"])
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: b.numpy()})[0] for b in _batches(images)])
-
-
-def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """Max absolute difference and the fraction of rows whose argmax agrees."""
-    diff = float(np.abs(got.astype(np.float64) - want).max())
-    return diff, float((got.argmax(axis=1) == want.argmax(axis=1)).mean())
 
 
 def _trace(model: nn.Module, example: Tensor, opset: int, path: Path) -> onnx.ModelProto:
@@ -250,11 +257,12 @@ def _simplify(graph: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, bool
 
 
 def _to_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and activations; the graph's input and output stay fp32 (one Cast each)."""
+    """fp16 weights and activations but LayerNorm; the graph's input and output stay fp32 (one Cast each)."""
     # Imported here: importing onnxruntime.transformers appends its folder to sys.path.
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    return convert_float_to_float16(graph, keep_io_types=True)
+    return convert_float_to_float16(graph, keep_io_types=True,
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16])
 
 
 def _opset_of(graph: onnx.ModelProto) -> int:
@@ -264,3 +272,14 @@ def _opset_of(graph: onnx.ModelProto) -> int:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def graph_precision(graph: onnx.GraphProto) -> str:
+    """The precision a file was made in: int8 (Q/DQ nodes), fp16 (fp16 weights) or fp32.
+
+    The graph's input says nothing: every export keeps fp32 ``images`` and ``logits``.
+    """
+    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node):
+        return "int8"
+    types = {init.data_type for init in graph.initializer}
+    return "fp16" if onnx.TensorProto.FLOAT16 in types else "fp32"

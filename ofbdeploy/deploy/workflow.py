@@ -2,8 +2,11 @@
 ``ofbdeploy export`` / ``ofbdeploy profile`` commands share.
 
 Deploy code knows nothing about the search: it takes plain timm models (dense and pruned) and writes
-ONNX files (always checked in ONNX Runtime), optional TensorRT engines (always checked against ONNX
-Runtime) and latency rows measured with dense and pruned alternating in one process.
+ONNX files of each precision asked for (fp32 and fp16 checked in ONNX Runtime against torch, int8 as a Q/DQ
+graph calibrated and checked the same way), optional strongly typed TensorRT engines built from those files
+(always checked against ONNX Runtime on the same file) and latency rows measured with every model and
+precision of a backend alternating in one process. A backend, precision or batch that cannot run here is
+skipped with its reason and the rest is measured.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.deploy.backends import BackendUnavailable, create_runner
-from ofbdeploy.deploy.measure import measure_pair
-from ofbdeploy.deploy.onnx_export import export_onnx
+from ofbdeploy.deploy.backends import BackendError, BackendUnavailable, Runner, create_runner, unavailable_reason
+from ofbdeploy.deploy.measure import LatencyStats, measure_group
+from ofbdeploy.deploy.onnx_export import check_against_torch, export_onnx
+from ofbdeploy.deploy.parity import Parity
+from ofbdeploy.deploy.quantize import quantize_int8
 from ofbdeploy.io import atomic_write_text
 from ofbdeploy.models.pruned import build_plain
 from ofbdeploy.recipe import ExportCfg, ProfileCfg
@@ -29,18 +34,23 @@ from ofbdeploy.recipe import ExportCfg, ProfileCfg
 log = logging.getLogger("ofbdeploy.deploy")
 
 MODELS = ("dense", "pruned")
-# Engine-vs-ONNX Runtime parity tolerance on logits, per engine precision (int8 is judged mainly on top-1).
-ENGINE_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 5e-1}
 ARTIFACTS_FILE = "export.json"
+
+
+def onnx_key(name: str, precision: str) -> str:
+    """The artifact name of a model's ONNX file (and engine) in ``precision``: "pruned", "pruned-int8", ..."""
+    return name if precision == "fp32" else f"{name}-{precision}"
 
 
 @dataclass
 class DeployArtifacts:
-    """Files an export wrote, and the parity figures of each."""
+    """Files an export wrote, the parity figures of each, and their accuracy on ONNX Runtime CPU."""
 
-    onnx: dict[str, str] = field(default_factory=dict)  # "dense", "pruned", "dense-fp16", "pruned-fp16"
+    onnx: dict[str, str] = field(default_factory=dict)  # "dense", "pruned", "pruned-fp16", "pruned-int8", ...
     engines: dict[str, str] = field(default_factory=dict)  # "pruned-fp16", ...
+    engine_tf32: dict[str, bool] = field(default_factory=dict)  # the TF32 flag each engine was built with
     checks: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / ARTIFACTS_FILE, json.dumps(self.__dict__, indent=1) + "\n")
@@ -73,96 +83,179 @@ def export_models(
     in_chans: int = 3,
     check_images: Tensor | None = None,
     calibration: np.ndarray | None = None,
+    tf32: bool = True,
 ) -> DeployArtifacts:
-    """ONNX (fp32, optionally fp16) of every model, then TensorRT engines where the recipe asks."""
+    """ONNX of every model in each precision ``cfg`` asks for, then TensorRT engines where it asks.
+
+    ``calibration`` (N, C, H, W) calibrates the int8 graphs; ``tf32`` is the TF32 flag engines are built with.
+    """
     if cfg.trt:
         from ofbdeploy.deploy.tensorrt_engine import require_tensorrt
 
         require_tensorrt()  # say so before exporting anything
     directory.mkdir(parents=True, exist_ok=True)
     artifacts = DeployArtifacts()
-    variants = [False, True] if cfg.fp16 else [False]
     for name, model in models.items():
-        for fp16 in variants:
-            key = f"{name}-fp16" if fp16 else name
-            result = export_onnx(model, directory / f"{key}.onnx", img_size=img_size, in_chans=in_chans,
-                                 opset=cfg.opset, fp16=fp16, simplify=cfg.simplify, check_inputs=check_images)
-            artifacts.onnx[key] = str(result.path)
-            artifacts.checks.append({"model": key, "kind": "onnx", **result.to_dict()})
-            log.info("exported %s: max |ORT - torch| %.2e, top-1 agreement %.1f%%", result.path,
-                     result.max_abs_diff, 100 * result.top1_agreement)
+        for precision in cfg.onnx_precisions():
+            key = onnx_key(name, precision)
+            path = directory / f"{key}.onnx"
+            if precision == "int8":
+                entry = _quantise(model, Path(artifacts.onnx[name]), path, cfg, img_size=img_size, in_chans=in_chans,
+                                  check_images=check_images, calibration=calibration)
+            else:
+                result = export_onnx(model, path, img_size=img_size, in_chans=in_chans, opset=cfg.opset,
+                                     fp16=precision == "fp16", simplify=cfg.simplify, check_inputs=check_images)
+                entry = result.to_dict()
+            artifacts.onnx[key] = str(path)
+            artifacts.checks.append({"model": key, "kind": "onnx", "precision": precision, **entry})
+            log.info("exported %s: max |ORT - torch| %.2e, top-1 agreement %.1f%%", path, entry["max_abs_diff"],
+                     100 * entry["top1_agreement"])
         if cfg.trt:
-            _build_engines(name, Path(artifacts.onnx[name]), directory, cfg, artifacts, img_size=img_size,
-                           in_chans=in_chans, check_images=check_images, calibration=calibration)
+            _build_engines(name, directory, cfg, artifacts, img_size=img_size, in_chans=in_chans,
+                           check_images=check_images, tf32=tf32)
     artifacts.save(directory)
     return artifacts
 
 
-def _build_engines(name: str, onnx_path: Path, directory: Path, cfg: ExportCfg, artifacts: DeployArtifacts, *,
-                   img_size: int, in_chans: int, check_images: Tensor | None, calibration: np.ndarray | None) -> None:
+def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img_size: int, in_chans: int,
+              check_images: Tensor | None, calibration: np.ndarray | None) -> dict[str, Any]:
+    """The int8 Q/DQ file of ``model`` from its checked fp32 file, itself checked against torch before it lands."""
+
+    def check(candidate: Path) -> Parity:
+        return check_against_torch(model, candidate, "int8", img_size=img_size, in_chans=in_chans,
+                                   check_inputs=check_images, name=path)
+
+    result = quantize_int8(source, path, calibration, method=cfg.calibration_method, check=check)
+    parity = result.parity
+    return {"path": str(path), "max_abs_diff": parity.max_abs_diff, "top1_agreement": parity.top1_agreement,
+            "check_images": parity.images, "tolerance": parity.tolerance,
+            "min_top1_agreement": parity.min_top1_agreement, "calibration_images": result.calibration_images,
+            "calibration_method": result.method, "quantised_nodes": result.quantised_nodes, "reused": result.reused}
+
+
+def _build_engines(name: str, directory: Path, cfg: ExportCfg, artifacts: DeployArtifacts, *, img_size: int,
+                   in_chans: int, check_images: Tensor | None, tf32: bool) -> None:
+    """One strongly typed engine per precision, each from the ONNX file of that precision, each checked."""
     from ofbdeploy.deploy.tensorrt_engine import EngineSpec, build_engine, check_engine_parity
 
     low, opt, high = cfg.batch_range
+    images = check_images if check_images is not None else torch.randn(
+        low, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
     for precision in cfg.trt_precisions:
+        key = onnx_key(name, precision)
+        onnx_path = Path(artifacts.onnx[key])
         spec = EngineSpec(precision=precision, min_batch=low, opt_batch=opt, max_batch=high, img_size=img_size,
-                          in_chans=in_chans)
-        engine = build_engine(onnx_path, spec, directory / "engines",
-                              calibration_images=calibration if precision == "int8" else None, log=log)
-        images = check_images if check_images is not None else torch.randn(low, in_chans, img_size, img_size)
-        images = images[: max(low, min(high, len(images)))].numpy().astype(np.float32)
-        parity = check_engine_parity(engine, onnx_path, images, max_abs_diff=ENGINE_TOLERANCE[precision],
-                                     precision=precision)
-        key = f"{name}-{precision}"
-        artifacts.engines[key] = str(engine)
-        artifacts.checks.append({"model": key, "kind": "tensorrt", "path": str(engine), **parity})
+                          in_chans=in_chans, tf32=tf32)
+        engine = build_engine(onnx_path, spec, directory / "engines", log=log)
+        parity = check_engine_parity(engine, onnx_path, images.numpy().astype(np.float32), precision=precision,
+                                     batch_range=(low, high), tf32=tf32)
+        engine_key = f"{name}-{precision}"
+        artifacts.engines[engine_key] = str(engine)
+        artifacts.engine_tf32[engine_key] = tf32
+        artifacts.checks.append({"model": engine_key, "kind": "tensorrt", "precision": precision, "path": str(engine),
+                                 "tf32": tf32, **parity, "check_images": parity["images"]})
         log.info("TensorRT %s engine %s: max |TRT - ORT| %.2e, top-1 agreement %.1f%%", precision, engine,
                  parity["max_abs_diff"], 100 * parity["top1_agreement"])
 
 
-def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg):
-    """The runner of model ``name`` on ``backend``: the module for torch, its ONNX file or engine otherwise."""
-    precision = cfg.precision
+def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg,
+                precision: str | None = None) -> Runner:
+    """The runner of model ``name`` in ``precision`` (default: the profile's first) on ``backend``: the module for
+    torch, the ONNX file of that precision for ONNX Runtime, the engine for TensorRT."""
+    precision = precision or cfg.precisions[0]
+    missing = unavailable_reason(backend)
+    if missing is not None:  # say what the machine lacks before what the export lacks
+        raise BackendUnavailable(f"{backend}: {missing}")
     if backend in ("torch", "torch-compile"):
-        return create_runner(backend, model=models[name], precision=precision, threads=cfg.threads)
+        return create_runner(backend, model=models[name], precision=precision, threads=cfg.threads, tf32=cfg.tf32)
     if backend == "tensorrt":
-        engine = artifacts.engines.get(f"{name}-{precision}")
+        key = f"{name}-{precision}"
+        engine = artifacts.engines.get(key)
         if engine is None:
             raise BackendUnavailable(f"tensorrt: no {precision} engine for {name}; set export.trt and "
                                      f"export.trt_precisions to include {precision}")
-        return create_runner(backend, engine_path=Path(engine), precision=precision)
-    onnx = artifacts.onnx.get(f"{name}-fp16" if precision == "fp16" and backend != "ort-trt" else name)
+        built_with = artifacts.engine_tf32.get(key, cfg.tf32)
+        if built_with != cfg.tf32:
+            raise BackendUnavailable(f"tensorrt: the {precision} engine of {name} was built with TF32 "
+                                     f"{'on' if built_with else 'off'}, the profile's policy is "
+                                     f"{'on' if cfg.tf32 else 'off'}; export again")
+        return create_runner(backend, engine_path=Path(engine), precision=precision, tf32=built_with)
+    graph = "fp32" if backend == "ort-trt" and precision == "fp16" else precision  # ort-trt: fp16 is its flag
+    onnx = artifacts.onnx.get(onnx_key(name, graph))
     if onnx is None:
-        raise BackendUnavailable(f"{backend}: no {precision} ONNX export of {name}; set export.fp16 for fp16")
-    return create_runner(backend, onnx_path=Path(onnx), precision=precision, threads=cfg.threads)
+        raise BackendUnavailable(f"{backend}: no {graph} ONNX export of {name}; set export.{graph} "
+                                 f"(or ofbdeploy export --precision {graph})")
+    return create_runner(backend, onnx_path=Path(onnx), precision=precision, threads=cfg.threads, tf32=cfg.tf32)
+
+
+def skip_entry(backend: str, batch: int | None, precision: str, reason: Exception | str) -> dict[str, Any]:
+    """A ``profile_skipped`` record: what was not measured (``batch`` None: no batch of it) and why."""
+    return {"backend": backend, "batch": batch, "precision": precision, "reason": str(reason)}
 
 
 def profile_models(
     models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg, flops_ratio: float
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Latency rows (per backend and batch) of dense vs pruned, and the backends that could not run here."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Latency rows (per backend, precision and batch) of dense vs pruned, and what could not be measured.
+
+    On each backend and batch, every precision's dense and pruned runners alternate in one measurement, so
+    ``speedup_vs_dense_fp32`` (dense fp32 against this row's pruned model) is a ratio measured in one run too.
+    A runner that cannot be made (missing package, GPU, file or precision) or prepared at a batch (a provider
+    that fails to start, a batch outside an engine's profile) becomes a skip record; the rest is measured.
+    """
     rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    skipped: list[dict[str, Any]] = []
     for backend in cfg.backends:
-        try:
-            dense, pruned = (make_runner(backend, name, models, artifacts, cfg) for name in MODELS)
-        except BackendUnavailable as err:
-            log.warning("profile: %s", err)
-            skipped.append(str(err))
-            continue
+        pairs: dict[str, list[Runner]] = {}
+        for precision in cfg.precisions:
+            try:
+                pairs[precision] = [make_runner(backend, name, models, artifacts, cfg, precision) for name in MODELS]
+            except (BackendUnavailable, BackendError) as err:
+                log.warning("profile: not measured: %s", err)
+                skipped.append(skip_entry(backend, None, precision, err))
         for batch in cfg.batches:
-            d, p = measure_pair(dense, pruned, batch, warmup=cfg.warmup, repeats=cfg.repeats)
-            row = {
-                "backend": backend, "batch": batch, "precision": cfg.precision, "device": p.device,
-                "latency_ms_dense": d.median_ms, "latency_ms_pruned": p.median_ms,
-                "p90_ms_dense": d.p90_ms, "p90_ms_pruned": p.p90_ms, "p99_ms_dense": d.p99_ms,
-                "p99_ms_pruned": p.p99_ms, "speedup": d.median_ms / p.median_ms,
-                "throughput_dense": d.throughput, "throughput_pruned": p.throughput,
-                "peak_memory_mb_dense": d.peak_memory_mb, "peak_memory_mb_pruned": p.peak_memory_mb,
-                "flops_speedup": 1 / flops_ratio, "repeats": p.repeats,
-            }
-            row["speedup_vs_flops"] = row["speedup"] / row["flops_speedup"]
-            rows.append(row)
-            log.info("profile %s %s batch %d: dense %.3f ms, pruned %.3f ms, speedup %.2fx (FLOPs limit %.2fx) on %s",
-                     backend, cfg.precision, batch, d.median_ms, p.median_ms, row["speedup"], row["flops_speedup"],
-                     p.device)
+            ready = _prepared(pairs, batch, backend, skipped)
+            if not ready:
+                continue
+            stats = measure_group([r for pair in ready.values() for r in pair], batch, warmup=cfg.warmup,
+                                  repeats=cfg.repeats, prepared=True)
+            by = dict(zip([(p, n) for p in ready for n in MODELS], stats, strict=True))
+            for precision in ready:
+                rows.append(_row(by[(precision, "dense")], by[(precision, "pruned")], by.get(("fp32", "dense")),
+                                 backend, flops_ratio))
     return rows, skipped
+
+
+def _prepared(pairs: dict[str, list[Runner]], batch: int, backend: str, skipped: list[dict[str, Any]]):
+    """The precisions whose two runners both prepare at ``batch``; the others are recorded as skipped."""
+    ready: dict[str, list[Runner]] = {}
+    for precision, pair in pairs.items():
+        try:
+            for runner in pair:
+                runner.prepare(batch)
+        except (BackendUnavailable, BackendError) as err:
+            log.warning("profile: not measured at batch %d: %s", batch, err)
+            skipped.append(skip_entry(backend, batch, precision, err))
+            continue
+        ready[precision] = pair
+    return ready
+
+
+def _row(d: LatencyStats, p: LatencyStats, dense_fp32: LatencyStats | None, backend: str,
+         flops_ratio: float) -> dict[str, Any]:
+    row = {
+        "backend": backend, "batch": p.batch, "precision": p.precision, "device": p.device,
+        "latency_ms_dense": d.median_ms, "latency_ms_pruned": p.median_ms,
+        "p90_ms_dense": d.p90_ms, "p90_ms_pruned": p.p90_ms, "p99_ms_dense": d.p99_ms,
+        "p99_ms_pruned": p.p99_ms, "speedup": d.median_ms / p.median_ms,
+        "throughput_dense": d.throughput, "throughput_pruned": p.throughput,
+        "peak_memory_mb_dense": d.peak_memory_mb, "peak_memory_mb_pruned": p.peak_memory_mb,
+        "flops_speedup": 1 / flops_ratio, "repeats": p.repeats, "tf32": p.tf32, "cuda_graph": p.cuda_graph,
+        "speedup_vs_dense_fp32": None if dense_fp32 is None else dense_fp32.median_ms / p.median_ms,
+    }
+    row["speedup_vs_flops"] = row["speedup"] / row["flops_speedup"]
+    log.info("profile %s %s batch %d: dense %.3f ms, pruned %.3f ms, speedup %.2fx (FLOPs limit %.2fx)%s on %s",
+             backend, p.precision, p.batch, d.median_ms, p.median_ms, row["speedup"], row["flops_speedup"],
+             "" if dense_fp32 is None or p.precision == "fp32"
+             else f", {row['speedup_vs_dense_fp32']:.2f}x over dense fp32", p.device)
+    return row

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import tempfile
 import time
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
 from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
-from ofbdeploy.io import atomic_write_text
+from ofbdeploy.io import atomic_write_text, read_json
 
 log = logging.getLogger("ofbdeploy.lut")
 
@@ -134,14 +135,67 @@ class LatencyLUT:
 
     @classmethod
     def load(cls, path: Path) -> LatencyLUT:
+        """Read and validate a table file; anything malformed is one :class:`OfbError` naming the file."""
+        path = Path(path)
         if not path.is_file():
             raise OfbError(f"latency table not found: {path}")
-        data = json.loads(path.read_text())
+        data = read_json(path, "latency table")
         if data.get("format") != LUT_FORMAT:
             raise OfbError(f"{path}: not an ofbdeploy latency table of format {LUT_FORMAT} (found "
-                           f"{data.get('format')!r}); rebuild it with `ofbdeploy lut build`")
-        fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds")}
-        return cls(LutKey(**data["key"]), ViTShape(**data["shape"]), **fields)
+                           f"{str(data.get('format'))[:40]!r}); rebuild it with `ofbdeploy lut build`")
+        try:
+            return cls._from_dict(data)
+        except (OfbError, KeyError, TypeError, ValueError) as err:
+            reason = f"missing field {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+            raise OfbError(f"{path}: not a valid latency table ({reason})"[:400]) from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> LatencyLUT:
+        key, shape = data["key"], data["shape"]
+        if not isinstance(key, dict) or set(key) != {f.name for f in dataclasses.fields(LutKey)}:
+            raise OfbError("key: expected device, backend, precision, batch, img_size and family")
+        for name in ("device", "backend", "precision", "family"):
+            _expect(isinstance(key[name], str), f"key.{name}: expected a string")
+        for name in ("batch", "img_size"):
+            _expect(_is_int(key[name]) and key[name] >= 1, f"key.{name}: expected a positive integer")
+        _expect(isinstance(shape, dict), "shape: expected an object")
+        coefficients = data["coefficients"]
+        _expect(isinstance(coefficients, list) and all(_is_number(c) and c >= 0 for c in coefficients),
+                "coefficients: expected a list of non-negative numbers")
+        _expect(_is_number(data["dense_ms"]) and data["dense_ms"] > 0, "dense_ms: expected a positive number")
+        _expect(isinstance(data.get("probes", []), list), "probes: expected a list")
+        fit_error = data.get("fit_error", {})
+        _expect(isinstance(fit_error, dict) and all(_is_number(v) for v in fit_error.values()),
+                "fit_error: expected an object of numbers")
+        _expect(_is_int(data.get("points", 0)), "points: expected an integer")
+        _expect(_is_number(data.get("build_seconds", 0.0)), "build_seconds: expected a number")
+        fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds")
+                  if k in data}
+        return cls(LutKey(**key), ViTShape(**shape), **fields)
+
+    def check_fits(self, shape: ViTShape, backend: str, precision: str, batch: int, source: str) -> None:
+        """Refuse a table of another model family or target than the search it is given to."""
+        k = self.key
+        if latency_shape(self.shape) != latency_shape(shape):
+            raise OfbError(f"{source}: the latency table is for {self.shape.model_name or 'another model'} "
+                           f"({self.shape.embed_dim} wide, {self.shape.depth} deep, {self.shape.img_size} px), "
+                           f"not for this run's model")
+        if (k.backend, k.precision, k.batch) != (backend, precision, batch):
+            raise OfbError(f"{source}: the latency table was measured on {k.backend} {k.precision} batch {k.batch}, "
+                           f"the recipe targets {backend} {precision} batch {batch}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise OfbError(message)
 
 
 FEATURES = ("stem", "stem x embed", "embed x heads x head width", "heads x head width", "heads",

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.families import family_of
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.recipe import LatencyTargetCfg
@@ -27,10 +28,14 @@ class LatencyObjective:
         self.tables = lut.tables(space)
         self.dense_ms = lut.dense_ms  # measured (median over the whole build), not fitted
         self.target_ms = target_ms if target_ms is not None else float(target_ratio) * self.dense_ms
+        self._placed: dict[tuple, tuple[Tensor, ...]] = {}
 
     def expected_ms(self, model: SearchableViT) -> Tensor:
         q = model.embed_group.probs()
-        stem, attn, mlp = (self.tables[k].to(q.device, q.dtype) for k in ("stem", "attn", "mlp"))
+        key = (q.device, q.dtype)
+        if key not in self._placed:  # copied once, not in every step (a host-to-device copy waits)
+            self._placed[key] = tuple(self.tables[k].to(q.device, q.dtype) for k in ("stem", "attn", "mlp"))
+        stem, attn, mlp = self._placed[key]
         total = q @ stem
         for a, m in zip(model.attn_groups, model.mlp_groups, strict=True):
             total = total + q @ attn @ a.probs() + q @ mlp @ m.probs()
@@ -48,7 +53,8 @@ class LatencyObjective:
 def build_objective(cfg: LatencyTargetCfg, model: SearchableViT, *, progress: bool = True) -> LatencyObjective:
     """The latency budget of ``cfg`` for ``model``'s search space, with its LUT: the given file, else the
     cached one, else measured now on this machine. One builder, so that a run and a benchmark steer the
-    search with the same table for the same settings."""
+    search with the same table for the same settings. Families the table does not model are refused."""
+    family_of(model.shape).check_latency()
     if cfg.lut is not None:
         lut = LatencyLUT.load(Path(cfg.lut))
     else:

@@ -1,52 +1,36 @@
-"""The materialised model on disk: ``model.safetensors`` + ``arch.json``, rebuilt as a plain timm ViT.
+"""The materialised model on disk: ``model.safetensors`` + ``arch.json``, rebuilt as a plain timm model.
 
-Loading needs only timm and this module (never the search code): the record says per block how many
-heads of which width and how wide the MLP is, and the model is assembled from timm's own ``Attention``
-and ``Mlp`` with those sizes. No pickled modules anywhere.
+Loading needs only timm and this module (never the search code): the record names its family and says per
+stage how wide the embedding is and per block how many heads of which width and how wide the MLP is; the
+family assembles the model of its own timm class from timm's own modules with those sizes. No pickled
+modules anywhere.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import Attention, Mlp
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import ArchError, CheckpointError
+from ofbdeploy.families import family_of
 from ofbdeploy.io import atomic_write
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "arch.json"
+ARCH_DIGEST_KEY = "arch_sha256"  # safetensors metadata: ArchSpec.digest() of the record saved beside
+
+log = logging.getLogger("ofbdeploy.models")
 
 
-def build_plain(spec: ArchSpec) -> VisionTransformer:
-    """A timm ``VisionTransformer`` with the widths of ``spec`` (weights uninitialised)."""
-    base = spec.base
-    model = VisionTransformer(
-        img_size=base.img_size,
-        patch_size=base.patch_size,
-        in_chans=base.in_chans,
-        num_classes=base.num_classes,
-        global_pool=base.global_pool,
-        embed_dim=spec.embed_dim,
-        depth=base.depth,
-        num_heads=1,
-        mlp_ratio=1.0,
-        qkv_bias=base.qkv_bias,
-        class_token=base.class_token,
-        fc_norm=base.fc_norm,
-        init_values=1.0 if base.layer_scale else None,
-        weight_init="skip",
-    )
-    for block, blk in zip(model.blocks, spec.blocks, strict=True):
-        block.attn = Attention(spec.embed_dim, num_heads=blk.heads, attn_head_dim=blk.head_dim, qkv_bias=base.qkv_bias)
-        block.mlp = Mlp(spec.embed_dim, hidden_features=blk.mlp_dim)
-    return model
+def build_plain(spec: ArchSpec) -> nn.Module:
+    """A plain timm model of ``spec``'s family with the widths of ``spec`` (weights uninitialised)."""
+    return family_of(spec.base).build_plain(spec)
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -56,14 +40,32 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
 
 def save_pruned(model: nn.Module, spec: ArchSpec, directory: str | Path) -> Path:
-    """Write the weights, then the record (its presence marks a complete directory)."""
+    """Write the weights (carrying the digest of their record), then the record (its presence marks a
+    complete directory)."""
     directory = Path(directory)
-    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE})
+    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE, ARCH_DIGEST_KEY: spec.digest()})
     spec.save(directory / ARCH_FILE)
     return directory
 
 
-def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> VisionTransformer:
+def _check_pair(weights: Path, spec: ArchSpec, arch: Path) -> None:
+    """Refuse weights saved with another record: equal tensor shapes do not make equal models (head counts
+    can differ at the same qkv width)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    recorded = metadata.get(ARCH_DIGEST_KEY)
+    if recorded is None:
+        log.warning("%s: saved without the digest of its %s (an older ofbdeploy): the pair is not verified",
+                    weights, ARCH_FILE)
+    elif recorded != spec.digest():
+        raise ArchError(f"{weights}: was saved with another {ARCH_FILE} than {arch} (digest mismatch); keep each "
+                        f"model's weights and record together")
+
+
+def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a materialised model from its directory, in eval mode."""
     directory = Path(path)
     if directory.is_file() and directory.name == ARCH_FILE:
@@ -78,6 +80,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> VisionT
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    _check_pair(weights, spec, directory / ARCH_FILE)
     model = build_plain(spec)
     try:
         model.load_state_dict(state, strict=True)

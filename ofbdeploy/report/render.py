@@ -45,14 +45,48 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
 
 
 def latency_table(report: dict[str, Any], markdown: bool = False) -> str:
+    """Dense vs pruned per backend, precision and batch; "vs dense fp32" is the pruned model of the row against
+    the dense fp32 model timed in the same run; TF32 and CUDA graph say how GPU rows ran ("-" on CPU)."""
     rows = [
         (row["backend"], row["precision"], row["batch"], f"{row['latency_ms_dense']:.3f}",
-         f"{row['latency_ms_pruned']:.3f}", f"{row['speedup']:.2f}x", f"{1 / report['flops_ratio']:.2f}x",
-         f"{row['throughput_pruned']:.0f}", row["device"])
+         f"{row['latency_ms_pruned']:.3f}", f"{row['speedup']:.2f}x", _ratio(row.get("speedup_vs_dense_fp32")),
+         f"{1 / report['flops_ratio']:.2f}x", f"{row['throughput_pruned']:.0f}", _flag(row.get("tf32")),
+         _flag(row.get("cuda_graph")), row["device"])
         for row in report.get("latency", [])
     ]
-    return format_table(("backend", "precision", "batch", "dense ms", "pruned ms", "speedup", "FLOPs limit",
-                         "pruned img/s", "device"), rows, markdown=markdown)
+    return format_table(("backend", "precision", "batch", "dense ms", "pruned ms", "speedup", "vs dense fp32",
+                         "FLOPs limit", "pruned img/s", "TF32", "CUDA graph", "device"), rows, markdown=markdown)
+
+
+def accuracy_table(report: dict[str, Any], markdown: bool = False) -> str:
+    """Top-1/top-5 of each exported file on its runtime, with top-1 against the same model in fp32."""
+    fp32 = {e["model"]: e["top1"] for e in report.get("accuracy", []) if e["precision"] == "fp32"}
+    rows = [(e["model"], e["precision"], e["runtime"], f"{e['top1']:.2f}", f"{e['top5']:.2f}",
+             "-" if e["model"] not in fp32 or e["precision"] == "fp32" else f"{e['top1'] - fp32[e['model']]:+.2f}")
+            for e in report.get("accuracy", [])]
+    return format_table(("model", "precision", "runtime", "top-1 %", "top-5 %", "top-1 vs fp32"), rows,
+                        markdown=markdown)
+
+
+def format_skip(entry: dict[str, Any] | str) -> str:
+    """One line for a ``profile_skipped`` record (older reports hold plain strings)."""
+    if isinstance(entry, str):
+        return entry
+    batch = "every batch" if entry.get("batch") is None else f"batch {entry['batch']}"
+    return f"{entry['backend']} {entry['precision']} {batch}: {entry['reason']}"
+
+
+def skipped_lines(report: dict[str, Any]) -> list[str]:
+    """What the profile could not measure and why, one line each."""
+    return [format_skip(entry) for entry in report.get("profile_skipped", [])]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("on" if value else "off")
 
 
 def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot: Path | None) -> Path:
@@ -78,8 +112,10 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
     for item in report.get("export", []):
         parts.append(f"Export {item['path']}: max |ORT - torch| {item['max_abs_diff']:.2e}, top-1 agreement "
                      f"{item['top1_agreement']:.1%} on {item['check_images']} images.")
+    if report.get("accuracy"):
+        parts += ["", "## Accuracy of the exported files (validation split)", "", accuracy_table(report, markdown=True)]
     if report.get("latency"):
-        parts += ["", "## Latency (dense and pruned measured alternately in one run; medians)", "",
+        parts += ["", "## Latency (dense and pruned, every precision, measured alternately in one run; medians)", "",
                   latency_table(report, markdown=True)]
     prediction = report.get("latency_prediction")
     if prediction and "measured_ms_pruned" in prediction:
@@ -91,8 +127,9 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
                      f"{prediction['predicted_ms_pruned'] / prediction['dense_ms_at_build']:.1%} predicted vs "
                      f"{prediction['measured_ms_pruned'] / prediction['measured_ms_dense']:.1%} measured "
                      f"({prediction['rel_error_fraction']:+.1%}). Budgets are checked against the measured numbers.")
-    for skipped in report.get("profile_skipped", []):
-        parts.append(f"- not measured: {skipped}")
+    skips = skipped_lines(report)
+    if skips:
+        parts += ["", "Not measured:", *(f"- {line}" for line in skips)]
     if checks:
         parts += ["", "## Budget", "", format_checks(checks, markdown=True)]
     if plot is not None:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
-from ofbdeploy.cost import vit_macs
+from ofbdeploy.arch import ArchSpec, ModelShape
+from ofbdeploy.families import family_of
 from ofbdeploy.search.groups import MaskGroup
-from ofbdeploy.search.searchable import SearchableViT
+from ofbdeploy.search.searchable import SearchableModel
 
 
 @dataclass(frozen=True)
@@ -31,32 +31,26 @@ Widths = dict[str, tuple[int, ...]]
 Cost = Callable[[Widths], float]
 
 
-def _widths(model: SearchableViT, override: tuple[str, tuple[int, ...]] | None = None) -> Widths:
+def _widths(model: SearchableModel, override: tuple[str, tuple[int, ...]] | None = None) -> Widths:
     widths = {name: group.shape for name, group in model.groups()}
     if override is not None:
         widths[override[0]] = override[1]
     return widths
 
 
-def as_spec(shape: ViTShape, widths: Widths) -> ArchSpec:
+def as_spec(shape: ModelShape, widths: Widths) -> ArchSpec:
     """The architecture the widths describe (no kept indices: for costing only)."""
-    blocks = tuple(BlockSpec(*widths[f"blocks.{i}.attn"], widths[f"blocks.{i}.mlp"][0]) for i in range(shape.depth))
-    return ArchSpec(shape, widths["embedding"][0], blocks)
+    return family_of(shape).spec_from_widths(shape, widths)
 
 
-def spec_cost(shape: ViTShape, predict: Callable[[ArchSpec], float]) -> Cost:
+def spec_cost(shape: ModelShape, predict: Callable[[ArchSpec], float]) -> Cost:
     """A cost of whole architectures (a latency table's prediction) as a cost of the widths."""
     return lambda widths: predict(as_spec(shape, widths))
 
 
-def macs_cost(shape: ViTShape) -> Cost:
+def macs_cost(shape: ModelShape) -> Cost:
     """MACs of the widths (the same function as the FLOPs loss and the reports)."""
-    def cost(widths: Widths) -> float:
-        attn = [widths[f"blocks.{i}.attn"][0] * widths[f"blocks.{i}.attn"][1] for i in range(shape.depth)]
-        mlp = [widths[f"blocks.{i}.mlp"][0] for i in range(shape.depth)]
-        return float(vit_macs(shape, widths["embedding"][0], attn, mlp))
-
-    return cost
+    return lambda widths: as_spec(shape, widths).macs()
 
 
 def _next_narrower(group: MaskGroup) -> list[int]:
@@ -81,7 +75,7 @@ def _importance_lost(group: MaskGroup, extents: tuple[int, ...]) -> float:
 
 
 @torch.no_grad()
-def enforce_budget(model: SearchableViT, target: float, optimizers: Iterable = (),
+def enforce_budget(model: SearchableModel, target: float, optimizers: Iterable = (),
                    cost: Cost | None = None) -> list[BudgetStep]:
     """Narrow decided groups until ``cost`` (default: MACs) of the architecture is at most ``target``."""
     cost = cost or macs_cost(model.shape)

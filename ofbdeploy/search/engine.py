@@ -8,7 +8,9 @@ every group is decided, or at its epoch budget, where undecided groups take thei
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,12 +30,13 @@ from ofbdeploy.search.budget import enforce_budget, spec_cost
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.train.amp import amp_dtype, autocast
+from ofbdeploy.train.amp import amp_dtype, amp_name, autocast, full_precision, grad_scaler, step_all
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint, seed_epoch
-from ofbdeploy.train.distributed import Dist, barrier, broadcast_, wrap_ddp
+from ofbdeploy.train.distributed import Dist, Replicated, all_reduce_sum, barrier, broadcast_all_
 from ofbdeploy.train.schedule import linear, scaled_lr, warmup_cosine
 
 _ARCH_BETAS = (0.5, 0.999)  # the authors' betas for the sparsity logits
+_POSTFIX_EVERY = 10  # steps between progress-bar updates (each reads values from the device)
 
 
 @dataclass
@@ -54,6 +57,12 @@ class SearchResult:
     target_latency_ms: float | None = None  # latency budget (LUT prediction), when the search had one
     predicted_latency_ms: float | None = None
     predicted_dense_latency_ms: float | None = None
+    amp: str = "off"  # the autocast precision actually used
+    global_batch: int = 0  # images per optimiser step over all processes
+    accum_steps: int = 1
+    ddp_builds: int = 0  # DDP wrappers built (the first, and one after each shrink that ran under DDP)
+    cut_steps: list[int] = field(default_factory=list)  # optimiser steps after which layers were cut in training
+    steps_run: int = 0  # optimiser steps this call ran
 
 
 def resolve_target(cfg: SearchCfg, shape: ViTShape) -> float | None:
@@ -102,26 +111,37 @@ def build_optimizers(searchable: SearchableViT, cfg: SearchCfg, global_batch: in
     }
 
 
+Batch = tuple[Tensor, Tensor]
+
+
 class Search:
-    """State of one search run (optimisers, schedules, one step, shrinking); ``run_search`` drives it."""
+    """State of one search run (optimisers, schedules, one step, shrinking); ``run_search`` drives it.
+
+    One optimiser step takes ``accum_steps`` micro-batches per process (gradient accumulation); the
+    schedules, the shrink cadence and ``max_steps_per_epoch`` count optimiser steps.
+    """
 
     def __init__(self, model: SearchableViT, loader, cfg: SearchCfg, ctx: Dist, seed: int, amp: str,
-                 log: logging.Logger, latency: LatencyObjective | None) -> None:
+                 log: logging.Logger, latency: LatencyObjective | None, accum_steps: int = 1) -> None:
         self.model, self.loader, self.cfg, self.ctx, self.seed, self.amp, self.log = (
             model, loader, cfg, ctx, seed, amp, log)
         self.latency = latency
-        self.steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+        self.accum = accum_steps
+        self.steps = min(len(loader) // accum_steps, cfg.max_steps_per_epoch or len(loader))
         if self.steps < 1:
             raise OfbError("search: the training split gives no full batch; lower data.batch_size")
-        self.global_batch = loader.batch_size * ctx.world_size
+        self.global_batch = loader.batch_size * ctx.world_size * accum_steps
         self.optimizers = build_optimizers(model, cfg, self.global_batch)
         self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
         self.dtype = amp_dtype(amp, ctx.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.scaler = grad_scaler(self.dtype, ctx.device)
         self.target = resolve_target(cfg, model.shape)
         self.dense = ArchSpec.dense(model.shape).macs()
-        self.net = wrap_ddp(model, ctx)
+        # Parameters idle in some steps (multipliers before their group is decided, the decoder while PMIM
+        # is off) need find_unused_parameters; the groups' buffers are the same on every rank by construction.
+        self.replica = Replicated(model, ctx, find_unused_parameters=True, forward_sync_buffers=False)
         self.decided_epoch: int | None = None
+        self.cut_steps: list[int] = []  # optimiser steps after which layers were cut (this call's)
         self.weights = cfg.loss_weights
         self.group_weight = {
             "attention": self.weights.head, "mlp": self.weights.mlp, "embedding": self.weights.embedding
@@ -134,11 +154,13 @@ class Search:
             "arch": self.model.arch_spec().to_dict(),
             "model": self.model.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "decided_epoch": self.decided_epoch,
         }
 
     def restore(self, ckpt: dict) -> int:
+        """Cut the model to the checkpoint's architecture and load it (before any DDP wrapper exists)."""
+        self.replica.release()
         self.model.apply_arch(ArchSpec.from_dict(ckpt["arch"], "search checkpoint"))
         self.model.load_state_dict(ckpt["model"])
         for _, group in self.model.groups():
@@ -147,14 +169,14 @@ class Search:
                 group.score.requires_grad_(False)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.decided_epoch = ckpt["decided_epoch"]
-        self.net = wrap_ddp(self.model, self.ctx)
         return int(ckpt["epoch"])
 
     # -- one step -------------------------------------------------------------------------------
     def schedules(self, it: int) -> float:
-        """Set lrs and the mixing weight for iteration ``it``; return the PMIM keep ratio."""
+        """Set lrs and the mixing weight for optimiser step ``it``; return the PMIM keep ratio."""
         cfg, total, warm = self.cfg, self.cfg.epochs * self.steps, self.cfg.warmup_epochs * self.steps
         for name, opt in self.optimizers.items():
             lr = warmup_cosine(it, total, warm, self.base_lrs[name], cfg.min_lr)
@@ -166,58 +188,92 @@ class Search:
         return linear(it, warm, cfg.pmim.keep_start, cfg.pmim.keep_end)
 
     def regulariser(self) -> tuple[Tensor, Tensor]:
-        """One-hot losses, and the budget losses (FLOPs and/or latency) pulling to their targets."""
-        onehot = sum(self.group_weight[g.kind] * onehot_loss(g) for _, g in self.model.groups())
-        budget = self.model.alpha_zero()
-        if self.target is not None:
-            budget = budget + self.weights.flops * flops_loss(self.model.expected_macs(), self.target, self.dense)
-        if self.latency is not None:
-            budget = budget + self.cfg.latency.weight * self.latency.loss(self.model)
+        """One-hot losses, and the budget losses (FLOPs and/or latency) pulling to their targets, in fp32.
+
+        They sum MAC counts and entropies whose range half precision does not have (``probs @ keeps``
+        times millions of MACs overflows fp16), so they run outside autocast whatever the recipe's amp.
+        """
+        with full_precision(self.ctx.device):
+            onehot = sum(self.group_weight[g.kind] * onehot_loss(g) for _, g in self.model.groups())
+            budget = self.model.alpha_zero()
+            if self.target is not None:
+                budget = budget + self.weights.flops * flops_loss(self.model.expected_macs(), self.target, self.dense)
+            if self.latency is not None:
+                budget = budget + self.cfg.latency.weight * self.latency.loss(self.model)
         return onehot, budget
 
-    def step(self, images: Tensor, labels: Tensor, keep: float) -> dict[str, float]:
+    def _micro_loss(self, images: Tensor, labels: Tensor, keep: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Task loss, PMIM loss (zero when PMIM is off) and their weighted sum for one micro-batch."""
         device = self.ctx.device
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         token_mask = None
         if keep < 1.0:
             token_mask = random_token_mask(images.shape[0], self.model.shape.num_patches, keep, device)
-        with autocast(self.dtype):
+        with autocast(self.dtype, device):
             if token_mask is None:
-                logits, pmim = self.net(images), None
+                logits, recon = self.replica.net(images), None
             else:
-                logits, recon = self.net(images, token_mask)
-                pmim = reconstruction_loss(images, recon, token_mask, self.model.shape.patch_size)
-            task = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-            onehot, budget = self.regulariser()
-            loss = task + onehot + budget
-            if pmim is not None:
-                loss = loss + (task.detach() / pmim.detach().clamp_min(1e-8)) * pmim
+                logits, recon = self.replica.net(images, token_mask)
+        task = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        if recon is None:
+            return task, task.new_zeros(()), task
+        pmim = reconstruction_loss(images, recon, token_mask, self.model.shape.patch_size, self.cfg.pmim.target)
+        return task, pmim, task + (task.detach() / pmim.detach().clamp_min(1e-8)) * pmim
+
+    def step(self, batches: list[Batch], keep: float) -> Tensor:
+        """One optimiser step over ``batches`` (this process's micro-batches); returns the detached losses
+        (task, pmim, onehot, budget) without reading them, so the step queues no device sync."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        for opt in self.optimizers.values():
-            self.scaler.step(opt)
-        self.scaler.update()
-        return {"task": task.item(), "pmim": pmim.item() if pmim is not None else 0.0,
-                "onehot": float(onehot.detach()), "budget": budget.item()}
+        task_sum = pmim_sum = None
+        for k, (images, labels) in enumerate(batches):
+            last = k == len(batches) - 1
+            with contextlib.nullcontext() if last else self.replica.no_sync():
+                task, pmim, loss = self._micro_loss(images, labels, keep)
+                loss = loss / len(batches)
+                if last:  # the regularisers once per optimiser step, in the backward that all-reduces
+                    onehot, budget = self.regulariser()
+                    loss = loss + onehot + budget
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            task_sum = task.detach() if task_sum is None else task_sum + task.detach()
+            pmim_sum = pmim.detach() if pmim_sum is None else pmim_sum + pmim.detach()
+        step_all(self.optimizers.values(), self.scaler)
+        n = len(batches)
+        return torch.stack([task_sum / n, pmim_sum / n, onehot.detach(), budget.detach()])
 
-    def shrink(self) -> list:
-        for _, group in self.model.groups():
-            broadcast_(group.alpha.data, self.ctx)
+    def sync_decisions(self) -> None:
+        """Every rank takes rank 0's logits and scores before deciding from them, so all cut alike."""
+        tensors = [t for _, g in self.model.groups() if not g.is_decided for t in (g.alpha.data, g.score.data)]
+        broadcast_all_(tensors, self.ctx)
+
+    def shrink(self, step: int = -1) -> list:
+        """Switch off weak cells and cut; the DDP wrapper is dropped first and rebuilt at the next step.
+
+        ``step`` (the global optimiser step) is recorded in :attr:`cut_steps` when a layer changed shape.
+        """
+        self.sync_decisions()
+        self.replica.release()
+        before = [g.shape for _, g in self.model.groups()]
         events = self.model.shrink(self.cfg.shrink_threshold, self.optimizers.values())
-        if any(e.switched_off or e.decided for e in events) and self.ctx.enabled:
-            self.net = wrap_ddp(self.model, self.ctx)  # parameter shapes changed: DDP needs fresh buckets
+        if before != [g.shape for _, g in self.model.groups()]:
+            self.cut_steps.append(step)
         for event in events:
             self.log.info("search shrink %s: %d cell(s) off, shape %s%s", event.group, event.switched_off,
                           "x".join(map(str, event.shape)), ", decided" if event.decided else "")
         return events
 
-    def batches(self, epoch: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-        seed_epoch(self.seed, epoch, self.loader)
-        for i, (images, labels) in enumerate(self.loader):
-            if i >= self.steps:
-                return
-            yield i, images, labels
+    def batches(self, epoch: int) -> Iterator[tuple[int, list[Batch]]]:
+        """This epoch's optimiser steps: ``accum`` micro-batches each, in a reseeded order."""
+        seed_epoch(self.seed, epoch, self.loader, self.ctx.rank)
+        group: list[Batch] = []
+        step = 0
+        for images, labels in self.loader:
+            group.append((images, labels))
+            if len(group) == self.accum:
+                yield step, group
+                group, step = [], step + 1
+                if step >= self.steps:
+                    return
 
 
 def run_search(
@@ -233,13 +289,15 @@ def run_search(
     log: logging.Logger | None = None,
     progress: bool = True,
     latency: LatencyObjective | None = None,
+    accum_steps: int = 1,
 ) -> SearchResult:
     """Search ``model`` (already on ``ctx.device``) on ``loader`` until every group is decided.
 
-    ``latency`` (built from a LUT of the target device) adds the latency loss and budget.
+    ``latency`` (built from a LUT of the target device) adds the latency loss and budget. Each optimiser
+    step accumulates ``accum_steps`` batches of ``loader`` per process.
     """
     log = log or logging.getLogger("ofbdeploy.search")
-    search = Search(model, loader, cfg, ctx, seed, amp, log, latency)
+    search = Search(model, loader, cfg, ctx, seed, amp, log, latency, accum_steps)
     check_budget(search.target, model.space, model.shape)
     if latency is not None and latency.floor_ms(model.space) > latency.target_ms:
         raise OfbError(f"latency budget {latency.target_ms:.3f} ms cannot be met: the narrowest architecture the "
@@ -252,40 +310,44 @@ def run_search(
     start = start or 0
     per_epoch = cfg.shrinks_per_epoch
     shrink_at = {max(0, round(search.steps * (k + 1) / per_epoch) - 1) for k in range(per_epoch)}
-    t0, images_seen, epoch = time.perf_counter(), 0, start
+    t0, images_seen, epoch, steps_run = time.perf_counter(), 0, start, 0
     for epoch in range(start, cfg.epochs):
         if search.decided_epoch is not None:
             break
         model.train()
-        totals: dict[str, float] = {}
+        totals = torch.zeros(4, device=ctx.device)  # task, pmim, onehot, budget: read once per epoch
         bar = tqdm(search.batches(epoch), total=search.steps, desc=f"search {epoch + 1}/{cfg.epochs}",
                    disable=not (progress and ctx.is_main), leave=False)
-        for i, images, labels in bar:
+        for i, batches in bar:
             keep = search.schedules(epoch * search.steps + i)
-            stats = search.step(images, labels, keep)
-            images_seen += images.shape[0] * ctx.world_size
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            if i % 10 == 0:  # reading the expected cost syncs the device: not on every step
-                bar.set_postfix(task=f"{stats['task']:.3f}", gmacs=f"{model.expected_macs().item() / 1e9:.3f}")
+            losses = search.step(batches, keep)
+            totals += losses
+            steps_run += 1
+            images_seen += sum(len(labels) for _, labels in batches) * ctx.world_size
+            if not bar.disable and i % _POSTFIX_EVERY == 0:  # reading values syncs the device
+                bar.set_postfix(task=f"{losses[0].item():.3f}", gmacs=f"{model.expected_macs().item() / 1e9:.3f}")
             if i in shrink_at:
-                search.shrink()
+                search.shrink(epoch * search.steps + i)
         if model.all_decided and search.decided_epoch is None:
             search.decided_epoch = epoch + 1
-        means = {k: v / search.steps for k, v in totals.items()}
+        task, pmim, onehot, budget_loss = (all_reduce_sum(totals, ctx) / (search.steps * ctx.world_size)).tolist()
         live = sum(int(g.alive.sum()) for _, g in model.groups())
         budget = f"expected {model.expected_macs().item() / 1e9:.4f} GMACs"
         if search.target is not None:
             budget += f" (target {search.target / 1e9:.4f})"
         if latency is not None:
             budget += f", {latency.expected_ms(model).item():.3f} ms (target {latency.target_ms:.3f})"
+        if not all(math.isfinite(v) for v in (task, pmim, onehot, budget_loss)):
+            raise OfbError(f"search epoch {epoch + 1}: a loss is not finite (task {task}, pmim {pmim}, onehot "
+                           f"{onehot}, budget {budget_loss}); lower the learning rates or use amp off/bf16")
         log.info("search epoch %d/%d task %.4f pmim %.4f onehot %.3f budget loss %.5f %s live cells %d "
-                 "decided %d/%d", epoch + 1, cfg.epochs, means.get("task", 0.0), means.get("pmim", 0.0),
-                 means.get("onehot", 0.0), means.get("budget", 0.0), budget, live,
+                 "decided %d/%d", epoch + 1, cfg.epochs, task, pmim, onehot, budget_loss, budget, live,
                  sum(g.is_decided for _, g in model.groups()), len(list(model.groups())))
         if checkpoint_path is not None and ctx.is_main:
             save_checkpoint(checkpoint_path, search.state(epoch + 1))
         barrier(ctx)
+    search.replica.release()
+    search.sync_decisions()
     forced = []
     if not model.all_decided:
         forced = [e.group for e in model.decide_most_probable(search.optimizers.values())]
@@ -312,7 +374,9 @@ def run_search(
         spec=spec, target_macs=search.target, achieved_macs=achieved, dense_macs=search.dense,
         epochs_run=(search.decided_epoch or cfg.epochs) - (resumed or 0), decided_epoch=search.decided_epoch,
         forced_groups=forced, seconds=seconds, images_per_second=images_seen / max(seconds, 1e-9),
-        resumed_from=resumed,
+        resumed_from=resumed, amp=amp_name(search.dtype), global_batch=search.global_batch,
+        accum_steps=search.accum, ddp_builds=search.replica.builds, cut_steps=search.cut_steps,
+        steps_run=steps_run,
         budget_steps=[f"{r.group}: {'x'.join(map(str, r.before))} -> {'x'.join(map(str, r.after))}" for r in repairs],
         target_latency_ms=latency.target_ms if latency else None,
         predicted_latency_ms=latency.lut.predict(spec) if latency else None,

@@ -47,6 +47,14 @@ class MaskGroup(nn.Module):
         self.register_buffer("alive", torch.ones(len(cells), dtype=torch.bool))
         self.register_buffer("mix", torch.tensor(MIX_START))
         self.register_buffer("decided", torch.tensor(False))
+        self._decided = False  # host copy of ``decided``: read in every forward, so never from the device
+        self._keeps: tuple | None = None  # (shape, device, keep matrices): rebuilt when the group is cut
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh())
+
+    def _refresh(self) -> None:
+        """Re-read the host copies after the buffers were loaded (resume)."""
+        self._decided = bool(self.decided)
+        self._keeps = None
 
     # -- the soft mask ------------------------------------------------------------------------------
     @property
@@ -56,22 +64,31 @@ class MaskGroup(nn.Module):
 
     @property
     def is_decided(self) -> bool:
-        return bool(self.decided)
+        return self._decided
 
     def probs(self) -> Tensor:
         """Softmax of the logits over the cells still alive (dead cells get probability 0)."""
         return torch.softmax(self.alpha.masked_fill(~self.alive, float("-inf")), dim=0)
 
+    def keeps(self) -> list[Tensor]:
+        """Per axis, (cells x current extent) 0/1 matrices: which ranks each cell keeps. Cached per shape."""
+        key = (self.shape, self.cells.device)
+        if self._keeps is None or self._keeps[0] != key:
+            widths = torch.minimum(self.cells, self.cells.new_tensor(self.shape))
+            keeps = [(torch.arange(size, device=widths.device)[None, :] < widths[:, d, None]).float()
+                     for d, size in enumerate(self.shape)]
+            self._keeps = (key, keeps)
+        return self._keeps[1]
+
     def rank_mask(self, probs: Tensor) -> Tensor:
-        """Expected mask in rank order: entry i is the probability that the unit of rank i survives."""
-        widths = torch.minimum(self.cells, torch.tensor(self.shape, device=self.cells.device))
-        keeps = [
-            (torch.arange(size, device=widths.device)[None, :] < widths[:, d, None]).to(probs.dtype)
-            for d, size in enumerate(self.shape)
-        ]
+        """Expected mask in rank order: entry i is the probability that the unit of rank i survives.
+
+        Products and sums written elementwise, so autocast leaves them in fp32 whatever the amp setting.
+        """
+        keeps = self.keeps()
         if len(keeps) == 1:
-            return probs @ keeps[0]
-        return torch.einsum("k,ki,kj->ij", probs, keeps[0], keeps[1])
+            return (probs[:, None] * keeps[0]).sum(dim=0)
+        return (probs[:, None, None] * keeps[0][:, :, None] * keeps[1][:, None, :]).sum(dim=0)
 
     def restore(self, rank_mask: Tensor) -> Tensor:
         """Put the rank-ordered mask back in unit order, the most important unit taking rank 0."""
@@ -84,10 +101,10 @@ class MaskGroup(nn.Module):
         restored = self.restore(self.rank_mask(self.probs()))
         return (1 - self.mix) * restored + self.mix * torch.sigmoid(self.score)
 
-    def expected_units(self) -> Tensor:
+    def expected_units(self) -> Tensor | float:
         """Expected number of live units (differentiable in the logits): what the FLOPs loss sees."""
         if self.is_decided:
-            return torch.tensor(float(math.prod(self.shape)), device=self.alpha.device)
+            return float(math.prod(self.shape))
         return self.rank_mask(self.probs()).sum()
 
     # -- progressive shrinking ----------------------------------------------------------------------
@@ -131,6 +148,7 @@ class MaskGroup(nn.Module):
             raise ValueError(f"{self.kind} group: {int(self.alive.sum())} cells alive, cannot decide")
         self.multiplier.data = self.mix * torch.sigmoid(self.score) + (1 - self.mix)
         self.decided.fill_(True)
+        self._decided = True
         self.alpha.requires_grad_(False)
         self.score.requires_grad_(False)
 

@@ -7,9 +7,11 @@ streams from (seed, epoch), resuming at an epoch boundary replays exactly what a
 from __future__ import annotations
 
 import pickle
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ofbdeploy.errors import CheckpointError
@@ -32,12 +34,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: unreadable training checkpoint ({str(err).splitlines()[0]})") from None
 
 
-def seed_epoch(seed: int, epoch: int, loader: torch.utils.data.DataLoader | None = None) -> None:
-    """Reseed every random stream of one epoch from (seed, epoch): global torch RNG, the loader's order."""
-    torch.manual_seed(seed * 100_003 + epoch)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: ranks draw different masks and augmentations, runs repeat."""
+    return (seed * 100_003 + epoch) * 1_009 + rank
+
+
+def seed_epoch(seed: int, epoch: int, loader=None, rank: int = 0) -> None:
+    """Reseed every random stream of one epoch on one rank from (seed, epoch, rank).
+
+    Global torch (CPU and CUDA), numpy and Python streams (masks, mixup/cutmix, timm's transforms and
+    erasing in this process), the loader's generator (the base seed of its worker processes, which are
+    started afresh every epoch) and the sampler's epoch (the shard order, shared by every rank).
+    """
+    value = epoch_seed(seed, epoch, rank)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
     if loader is None:
         return
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(value)

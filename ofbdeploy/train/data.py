@@ -3,11 +3,13 @@
 Every kind yields torch Datasets of ``(float CxHxW normalised tensor, int label)`` with a train and a val
 split. The small grayscale sets (digits, Fashion-MNIST) are resized once into an in-memory uint8 cache and
 repeated to 3 channels on access, so CPU training never pays for per-sample resizing and timm ViTs apply
-unchanged. ImageNet-style folders go through torchvision's ImageFolder with timm's transforms.
+unchanged. ImageNet-style folders go through torchvision's ImageFolder with timm's transforms and timm's
+prefetching loader (pinned memory, normalisation and random erasing on the device).
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from ofbdeploy.errors import OfbError
@@ -40,7 +45,16 @@ _RESIZE_CHUNK = 4096  # images per interpolate call, bounds the float working me
 
 
 class DataError(OfbError, ValueError):
-    """Bad data configuration or a malformed / missing dataset file."""
+    """Bad data configuration or a malformed / missing dataset file.
+
+    A loader worker's DataError comes back to the main process rebuilt from the worker's whole traceback
+    (torch's ExceptionWrapper); only the worker's own message, which names the file, is kept.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and "Original Traceback" in args[0]:
+            args = (args[0].strip().splitlines()[-1].split("DataError: ", 1)[-1],)
+        super().__init__(*args)
 
 
 @dataclass(frozen=True)
@@ -281,6 +295,35 @@ def _from_raw(spec: DataSpec, raw: _RawSplit) -> tuple[Dataset, Dataset, int]:
     return train, val, raw.num_classes
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_kwargs) -> Image.Image:
+    """timm's posterize, also for 0 bits kept (a black image): Pillow 13 refuses 0, and timm's increasing
+    posterize reaches it at magnitude 10, which DeiT's ``rand-m9-mstd0.5-inc1`` draws now and then."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name, _op in list(auto_augment.NAME_TO_OP.items()):
+    if _op is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode one image file to RGB; a file that does not decode is named in a :class:`DataError`.
+
+    A corrupt image stops the run rather than being skipped: skipping would change the data (and its
+    order, so an exact resume) without anyone deciding it. Remove or replace the file and resume.
+    """
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc}); remove or replace the file") from None
+
+
 def _image_folder(path: Path, transform: Callable) -> ImageFolder:
     """ImageFolder with its missing-dir / empty-class errors turned into DataError."""
     if not path.is_dir():
@@ -288,15 +331,42 @@ def _image_folder(path: Path, transform: Callable) -> ImageFolder:
             f"imagefolder: {path} is missing, expected root/train/<class>/* and root/val/<class>/*"
         )
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except FileNotFoundError as exc:
         raise DataError(f"imagefolder {path}: {exc}") from None
 
 
-def _build_imagefolder(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
-    """ImageNet-style tree with timm train (RRC, flip, RandAugment, erasing) and eval transforms.
+class FolderImages(Dataset):
+    """A subset of an ImageFolder whose samples are uint8 CxHxW tensors after timm's transforms.
 
-    Normalisation is timm's ImageNet mean/std (create_transform's default), matching pretrained ViTs.
+    Normalisation (and random erasing, for training) happen on the device, a batch at a time, in the
+    loader :func:`build_loader` builds for it; :meth:`normalise` does the same on the CPU for callers that
+    take samples directly (:func:`sample_batch`).
+    """
+
+    def __init__(self, folder: ImageFolder, indices: np.ndarray, erasing: float = 0.0) -> None:
+        self.folder, self.indices, self.erasing = folder, [int(i) for i in indices], erasing
+        self.targets = torch.tensor([folder.targets[i] for i in self.indices])
+        self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.folder[self.indices[index]]
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float normalised with the ImageNet mean/std (no erasing)."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1) * 255
+        return (images.float() - mean) / std
+
+
+def _build_imagefolder(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
+    """ImageNet-style tree with timm's train (RRC, flip, RandAugment) and eval transforms, as timm trains.
+
+    The transforms stop at uint8 tensors (timm's prefetcher convention): the loader normalises with timm's
+    ImageNet mean/std and applies random erasing on the device, matching pretrained ViTs.
     """
     if spec.root is None:
         raise DataError("root: kind 'imagefolder' needs root=<dir holding train/ and val/>")
@@ -310,10 +380,9 @@ def _build_imagefolder(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
         color_jitter=None,
         auto_augment=spec.randaugment,
         interpolation="bicubic",
-        re_prob=spec.random_erasing,
-        re_mode="pixel",
+        use_prefetcher=True,
     )
-    eval_tf = create_transform(spec.img_size, is_training=False, interpolation="bicubic")
+    eval_tf = create_transform(spec.img_size, is_training=False, interpolation="bicubic", use_prefetcher=True)
     train = _image_folder(root / "train", train_tf)
     val = _image_folder(root / "val", eval_tf)
     if train.classes != val.classes:
@@ -322,9 +391,13 @@ def _build_imagefolder(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
             f"(only in train: {sorted(set(train.classes) - set(val.classes))}, "
             f"only in val: {sorted(set(val.classes) - set(train.classes))})"
         )
+    if len(train.classes) < 2:
+        raise DataError(f"imagefolder {root}: found {len(train.classes)} class ({', '.join(train.classes)}); "
+                        "a classifier needs at least 2 class folders")
     train_idx = balanced_indices(np.asarray(train.targets), spec.limit_train, spec.seed)
     val_idx = balanced_indices(np.asarray(val.targets), spec.limit_val, spec.seed)
-    return Subset(train, train_idx.tolist()), Subset(val, val_idx.tolist()), len(train.classes)
+    return (FolderImages(train, train_idx, spec.random_erasing), FolderImages(val, val_idx),
+            len(train.classes))
 
 
 Builder = Callable[[DataSpec], tuple[Dataset, Dataset, int]]
@@ -352,7 +425,40 @@ def build_datasets(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
     builder = BUILDERS.get(spec.kind)
     if builder is None:
         raise DataError(f"kind: unknown dataset kind {spec.kind!r}, expected one of {sorted(BUILDERS)}")
-    return builder(spec)
+    train, val, num_classes = builder(spec)
+    present = len(torch.unique(torch.as_tensor(train.targets)))
+    if num_classes < 2 or present < 2:
+        raise DataError(f"{spec.kind}: the training split holds {present} class(es); a classifier needs at least 2"
+                        + (" (raise limit_train)" if spec.limit_train is not None else ""))
+    return train, val, num_classes
+
+
+class RepeatedAugSampler(RepeatAugSampler):
+    """timm's repeated-augmentation sampler (DeiT's: each image ``repeats`` times per epoch, the copies on
+    different ranks, an epoch as long as the dataset), with its shuffle tied to the run's seed as well."""
+
+    def __init__(self, ds: Dataset, world: int, rank: int, repeats: int, seed: int) -> None:
+        super().__init__(ds, num_replicas=world, rank=rank, shuffle=True, num_repeats=repeats)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed * 100_003 + epoch)
+
+
+class DeviceLoader(PrefetchLoader):
+    """timm's prefetching loader (next batch copied to the device on a side stream, normalised and erased
+    there) that also answers what the training loops ask of a DataLoader."""
+
+    def __init__(self, loader: DataLoader, ds: FolderImages, device: torch.device, erasing: float) -> None:
+        super().__init__(loader, mean=ds.mean, std=ds.std, device=device, re_prob=erasing, re_mode="pixel")
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.loader.generator
 
 
 def build_loader(
@@ -364,40 +470,79 @@ def build_loader(
     seed: int = 0,
     distributed: bool = False,
     drop_last: bool | None = None,
-) -> DataLoader:
-    """DataLoader whose batch order is a function of ``seed`` alone (and the rank when distributed).
+    repeats: int = 1,
+    device: torch.device | None = None,
+):
+    """Loader whose batch order is a function of ``seed`` alone (and the rank when distributed).
 
     Training shuffles and drops the ragged last batch by default. With ``distributed`` a
-    DistributedSampler shards the data; the caller must call ``loader.sampler.set_epoch(epoch)``.
+    DistributedSampler shards the data; ``repeats`` > 1 (training only) samples each image that many
+    times per epoch through timm's repeated-augmentation sampler instead. The caller reseeds every epoch
+    (:func:`ofbdeploy.train.checkpoint.seed_epoch`): worker processes start afresh each epoch from the
+    loader's generator, so an epoch's augmentations do not depend on the epochs before it (exact resume
+    with workers too). ImageFolder data comes through :class:`DeviceLoader` onto ``device``.
     """
     if batch_size < 1:
         raise DataError(f"batch_size: expected a positive int, got {batch_size}")
     if workers < 0:
         raise DataError(f"workers: expected an int >= 0, got {workers}")
+    if repeats < 1:
+        raise DataError(f"repeats: expected an int >= 1, got {repeats}")
+    device = device or torch.device("cpu")
     drop = train if drop_last is None else drop_last
     sampler = None
-    rank = 0
+    rank, world = 0, 1
     if distributed:
         if not (dist.is_available() and dist.is_initialized()):
             raise DataError(
                 "distributed: torch.distributed is not initialised (call init_process_group first)"
             )
+        rank, world = dist.get_rank(), dist.get_world_size()
         sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=drop)
-        rank = dist.get_rank()
-    return DataLoader(
+    if train and repeats > 1:
+        sampler = RepeatedAugSampler(ds, world, rank, repeats, seed)
+    on_device = isinstance(ds, FolderImages)
+    loader = DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=workers,
         drop_last=drop,
-        generator=torch.Generator().manual_seed(seed + rank),  # also seeds worker RNGs for augmentation
-        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed + rank),  # also the base seed of worker RNGs
+        pin_memory=device.type == "cuda",
+        collate_fn=fast_collate if on_device else None,
     )
+    if not on_device:
+        return loader
+    return DeviceLoader(loader, ds, device, ds.erasing if train else 0.0)
 
 
 def sample_batch(ds: Dataset, n: int) -> Tensor:
-    """The first ``n`` images stacked (N, C, H, W); pass a val set to get un-augmented inputs."""
+    """The first ``n`` images stacked (N, C, H, W), normalised; pass a val set to get un-augmented inputs."""
     if not 1 <= n <= len(ds):
         raise DataError(f"n: expected 1 <= n <= {len(ds)} (dataset size), got {n}")
-    return torch.stack([ds[i][0] for i in range(n)])
+    images = torch.stack([ds[i][0] for i in range(n)])
+    return ds.normalise(images) if isinstance(ds, FolderImages) else images
+
+
+def calibration_batch(train: Dataset, val: Dataset, n: int, seed: int) -> Tensor:
+    """A seeded, class-balanced random sample of ``n`` training images through the eval transform (N, C, H, W).
+
+    int8 calibration must see what inference sees: un-augmented images of every class. The first ``n``
+    training images of a class-sorted folder would be one class, with training augmentation on top.
+    The eval transform is the one ``val`` applies (the val split itself is left for measuring accuracy).
+    """
+    if not 1 <= n <= len(train):
+        raise DataError(f"calibration images: expected 1 <= n <= {len(train)} (training set size), got {n}")
+    if isinstance(train, InMemoryImages):
+        view: Dataset = InMemoryImages(train.images, train.targets, train.mean, train.std)
+    elif isinstance(train, FolderImages) and isinstance(val, FolderImages):
+        folder = copy.copy(train.folder)
+        folder.transform = val.folder.transform
+        view = FolderImages(folder, np.asarray(train.indices))
+    else:
+        raise DataError(f"calibration images: unsupported training set type {type(train).__name__}")
+    picked = balanced_indices(train.targets.numpy(), n, seed)
+    images = torch.stack([view[int(i)][0] for i in picked])
+    return view.normalise(images) if isinstance(view, FolderImages) else images

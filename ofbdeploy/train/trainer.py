@@ -7,16 +7,16 @@ resumed with ``resume=True`` reaches the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -24,13 +24,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ofbdeploy.errors import CheckpointError, OfbError
-from ofbdeploy.train.amp import amp_dtype, autocast
+from ofbdeploy.train.amp import amp_dtype, amp_name, autocast, grad_scaler, step_all
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint, seed_epoch
 from ofbdeploy.train.distributed import Dist, all_reduce_sum, barrier, wrap_ddp
+from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import scaled_lr, warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,10 @@ class TrainSettings:
     ema_decay: float | None = None
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = None  # optimiser steps
     amp: str = "off"
+    accum_steps: int = 1  # loader batches per optimiser step (gradient accumulation)
+    drop_path: float = 0.0
 
     @property
     def mixing(self) -> bool:
@@ -75,6 +79,9 @@ class TrainResult:
     images_per_second: float
     last_loss: float  # mean training loss of the last epoch run, nan when none ran
     resumed_from: int | None
+    amp: str = "off"  # the autocast precision actually used
+    global_batch: int = 0  # images per optimiser step over all processes
+    accum_steps: int = 1
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -113,7 +120,7 @@ class _Loop:
         """Label loss on the (possibly mixed) batch, blended with distillation when there is a teacher."""
         if self.mixer is not None:
             x, y = self.mixer(x, y)
-        with autocast(self.dtype):
+        with autocast(self.dtype, x.device):
             logits = self.net(x)
             teacher_logits = self._teach(x)
         label_loss = self.criterion(logits.float(), y)
@@ -129,22 +136,23 @@ class _Loop:
         with torch.no_grad():
             return self.teacher(x)
 
-    def step(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        """One update at learning rate ``lr``; returns the detached loss (no device sync)."""
+    def step(self, batches: list[tuple[Tensor, Tensor]], lr: float) -> Tensor:
+        """One update at learning rate ``lr`` from this process's micro-batches (their gradients averaged,
+        all-reduced with the last); returns the detached mean loss (no device sync)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        total = None
+        for k, (x, y) in enumerate(batches):
+            sync = k == len(batches) - 1 or not isinstance(self.net, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                loss = self.loss(x, y) / len(batches)
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        step_all([self.optimizer], self.scaler)
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss.detach()
+        return total
 
 
 def _build_loop(
@@ -152,6 +160,8 @@ def _build_loop(
 ) -> _Loop:
     """Optimiser, loss, mixing, EMA and scaler for ``settings``; the teacher is dropped when alpha is 0."""
     dtype = amp_dtype(settings.amp, ctx.device)
+    if settings.drop_path > 0:
+        set_drop_path(model, settings.drop_path)
     mixer = None
     criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     if settings.mixing:
@@ -176,7 +186,7 @@ def _build_loop(
         dtype=dtype,
         mixer=mixer,
         teacher=teacher,
-        scaler=torch.amp.GradScaler("cuda") if dtype is torch.float16 else None,
+        scaler=grad_scaler(dtype, ctx.device),
         ema=ModelEmaV3(model, decay=settings.ema_decay) if settings.ema_decay is not None else None,
     )
 
@@ -213,24 +223,33 @@ def _restore(loop: _Loop, path: Path, ctx: Dist) -> int:
     return int(state["epoch"])
 
 
-def _steps_per_epoch(loader: DataLoader, cap: int | None) -> int:
-    steps = len(loader) if cap is None else min(len(loader), cap)
+def _steps_per_epoch(loader: DataLoader, accum: int, cap: int | None) -> int:
+    """Optimiser steps per epoch: full groups of ``accum`` loader batches, at most ``cap``."""
+    steps = len(loader) // accum if cap is None else min(len(loader) // accum, cap)
     if steps < 1:
-        raise OfbError("train loader yields no batches (fewer images than batch_size with drop_last?)")
+        raise OfbError("train loader yields no optimiser step (fewer images than the batch, with drop_last?)")
     return steps
+
+
+def _grouped(loader: DataLoader, accum: int, steps: int, device: torch.device) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """``steps`` lists of ``accum`` batches each, on ``device``."""
+    batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+               for x, y in islice(loader, steps * accum))
+    while group := list(islice(batches, accum)):
+        yield group
 
 
 def _run_epoch(
     loop: _Loop, loader: DataLoader, ctx: Dist, first_step: int, steps: int, lr_at: Callable[[int], float], bar: tqdm
 ) -> tuple[float, int]:
-    """Train ``steps`` batches; returns the mean loss over all ranks and the number of images over all ranks."""
+    """Train ``steps`` optimiser steps; returns the mean loss and the number of images, over all ranks."""
     loss_sum = torch.zeros((), device=ctx.device)
     images = 0
-    for i, (x, y) in enumerate(islice(loader, steps)):
+    for i, group in enumerate(_grouped(loader, loop.settings.accum_steps, steps, ctx.device)):
         lr = lr_at(first_step + i)
-        loss = loop.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True), lr)
+        loss = loop.step(group, lr)
         loss_sum += loss
-        images += len(x)
+        images += sum(len(y) for _, y in group)
         bar.update()
         if not bar.disable and (i % _POSTFIX_EVERY == 0 or i == steps - 1):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
@@ -261,11 +280,12 @@ def train_classifier(
     run resumes to a no-op. The teacher, when used, is put in eval mode and never updated.
     """
     log = log or logger
-    steps = _steps_per_epoch(train_loader, settings.max_steps_per_epoch)
-    base_lr = scaled_lr(settings.lr, train_loader.batch_size * ctx.world_size)
+    steps = _steps_per_epoch(train_loader, settings.accum_steps, settings.max_steps_per_epoch)
+    global_batch = train_loader.batch_size * ctx.world_size * settings.accum_steps
+    base_lr = scaled_lr(settings.lr, global_batch)
     loop = _build_loop(model, settings, ctx, teacher, base_lr)
     if loop.mixer is not None and train_loader.batch_size % 2:
-        raise OfbError(f"mixup/cutmix need an even batch_size, got {train_loader.batch_size}")
+        raise OfbError(f"mixup/cutmix need an even number of images per forward, got {train_loader.batch_size}")
     start = 0
     resumed_from = None
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
@@ -280,9 +300,7 @@ def train_classifier(
     began = time.perf_counter()
     images, last_loss = 0, math.nan
     for epoch in range(start, settings.epochs):
-        seed_epoch(seed, epoch, train_loader)
-        if loop.mixer is not None:  # timm's Mixup draws from numpy's global RNG; tie it to the epoch seed too
-            np.random.seed(torch.initial_seed() % 2**32)
+        seed_epoch(seed, epoch, train_loader, ctx.rank)  # also numpy's global RNG, which timm's Mixup draws from
         epoch_began = time.perf_counter()
         show = progress and ctx.is_main
         with tqdm(total=steps, desc=f"{stage} {epoch + 1}/{settings.epochs}", disable=not show, leave=False) as bar:
@@ -302,6 +320,9 @@ def train_classifier(
         images_per_second=images / seconds if images else 0.0,
         last_loss=last_loss,
         resumed_from=resumed_from,
+        amp=amp_name(loop.dtype),
+        global_batch=global_batch,
+        accum_steps=settings.accum_steps,
     )
 
 
@@ -318,16 +339,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, loss sum, images
+    images = 0  # counted on the host: no copy to the device per batch
     for x, y in loader:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        with autocast(dtype):
+        with autocast(dtype, ctx.device):
             logits = model(x).float()
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]
         loss = F.cross_entropy(logits, y, reduction="sum")
-        totals += torch.stack(
-            [hits[:, 0].sum(), hits.any(dim=-1).sum(), loss, torch.tensor(len(y), device=ctx.device)]
-        ).to(totals)
+        totals[:3] += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss]).to(totals)
+        images += len(y)
     model.train(was_training)
+    totals[3] = images
     all_reduce_sum(totals, ctx)
     top1, top5, loss_sum, n = totals.tolist()
     if n == 0:

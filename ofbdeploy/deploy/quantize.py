@@ -1,0 +1,183 @@
+"""Explicit int8: a Q/DQ ONNX graph made from the checked fp32 export by ONNX Runtime's ``quantize_static``.
+
+The precision is decided here, in the graph, once: ONNX Runtime runs the file on the CPU (where its accuracy is
+measured) and TensorRT builds a strongly typed engine from the very same file, so no runtime calibrates again.
+
+Choices, and why:
+
+* **What is quantised: the weight products** (every ``MatMul`` whose second input is a weight, the head's
+  ``Gemm`` and the patch ``Conv``), with per-channel symmetric int8 weights. LayerNorm, softmax, GELU and the
+  attention products (``q @ k^T``, ``attn @ v``) stay in float: quantising the attention products puts a
+  ``QuantizeLinear`` on the softmax output, which ONNX Runtime's CPU provider then runs as ``QLinearSoftmax``,
+  a lookup-table kernel that measured slower than the float softmax it replaces (docs/benchmarks.md).
+* **Q/DQ on the inputs only** (``OpTypesToExcludeOutputQuantization``): NVIDIA's placement for TensorRT
+  (quantise what a weighted layer reads; TensorRT fuses the rest), and the form ONNX Runtime's CPU provider
+  fuses into ``MatMulIntegerToFloat`` (int8 products, float bias and output) without a dequantise/requantise
+  pair between every two layers.
+* **Symmetric int8 activations** (zero point 0), as TensorRT requires. On this CPU the asymmetric uint8
+  activations that ONNX Runtime suggests for x86 measured no faster (docs/benchmarks.md), so there is one file,
+  not a CPU one and a GPU one.
+* **Calibration** on images the caller samples (the pipeline: a seeded, class-balanced sample of the training
+  split through the eval transform); ``minmax`` by default, ``percentile``/``entropy`` on request.
+* **Cached by content**: the file's record (``<name>.quant.json``) holds a key over the fp32 ONNX bytes, the
+  calibration images, the settings and the ONNX Runtime version; an export that finds the same key reuses the
+  calibrated file instead of calibrating again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ofbdeploy.deploy.onnx_export import INPUT_NAME
+from ofbdeploy.deploy.parity import Parity
+from ofbdeploy.errors import OfbError
+from ofbdeploy.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+QUANTISED_OPS = ("MatMul", "Gemm", "Conv")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+RECORD_SUFFIX = ".quant.json"
+_CALIBRATION_BATCH = 16
+
+
+class QuantizeError(OfbError, RuntimeError):
+    """A model that cannot be quantised as asked (no calibration images, nothing to quantise, a library error)."""
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """What was written and how: the record kept next to the Q/DQ file."""
+
+    path: Path
+    key: str
+    method: str
+    calibration_images: int
+    quantised_nodes: int
+    reused: bool
+    parity: Parity | None = None
+
+
+def weight_products(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes to quantise: Conv and Gemm, and MatMul whose second input is a weight (initializer)."""
+    weights = {init.name for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type in ("Conv", "Gemm") or (node.op_type == "MatMul" and node.input[1] in weights)]
+
+
+def quantize_int8(
+    source: Path,
+    path: Path,
+    calibration: np.ndarray | None,
+    *,
+    method: str = "minmax",
+    check: Callable[[Path], Parity] | None = None,
+) -> QuantResult:
+    """Write the int8 Q/DQ graph of the fp32 ONNX ``source`` to ``path``, calibrated on ``calibration`` (N, C, H, W).
+
+    Reuses ``path`` when its record carries the same key (same fp32 bytes, images, settings, ONNX Runtime).
+    ``check`` (raising on failure) runs on the file before it lands, and again on a reused one.
+    """
+    source, path = Path(source), Path(path)
+    if method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"calibration method: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    if calibration is None or calibration.ndim != 4 or len(calibration) == 0:
+        shape = None if calibration is None else calibration.shape
+        raise QuantizeError(f"{path}: int8 needs calibration images (N, C, H, W) from the training split, got {shape}")
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    model = onnx.load(str(source))
+    nodes = weight_products(model)
+    if not nodes:
+        raise QuantizeError(f"{source}: no MatMul/Gemm/Conv with weights to quantise")
+    key = quantisation_key(source, calibration, method)
+    record_path = path.with_name(path.name + RECORD_SUFFIX)
+    if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get("key") == key:
+        log.info("%s: calibrated int8 graph reused (key %s)", path, key[:12])
+        parity = check(path) if check is not None else None
+        return QuantResult(path, key, method, len(calibration), len(nodes), reused=True, parity=parity)
+    checked: list[Parity] = []
+
+    def write(tmp: Path) -> None:
+        _quantize(source, tmp, calibration, nodes, method, path)
+        if check is not None:
+            checked.append(check(tmp))
+
+    atomic_write(path, write)
+    result = QuantResult(path, key, method, len(calibration), len(nodes), reused=False,
+                         parity=checked[0] if checked else None)
+    record = {"key": key, "source": str(source), "method": method, "calibration_images": len(calibration),
+              "quantised_nodes": len(nodes), "settings": _SETTINGS, "onnxruntime": ort.__version__}
+    atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+    log.info("%s: int8 Q/DQ graph, %d weight products quantised, %s calibration on %d images", path, len(nodes),
+             method, len(calibration))
+    return result
+
+
+def quantisation_key(source: Path, calibration: np.ndarray, method: str) -> str:
+    """Hex sha256 over everything the calibrated file depends on."""
+    digest = hashlib.sha256()
+    with Path(source).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(str(calibration.shape).encode() + calibration.tobytes())
+    digest.update(json.dumps({"method": method, "settings": _SETTINGS, "onnxruntime": ort.__version__}).encode())
+    return digest.hexdigest()
+
+
+_SETTINGS = {  # the quantize_static settings every file is made with (see the module docstring)
+    "format": "QDQ", "per_channel": True, "activations": "int8 symmetric", "weights": "int8 symmetric",
+    "products": "weights only", "outputs": "float",
+}
+
+
+def _quantize(source: Path, target: Path, calibration: np.ndarray, nodes: list[str], method: str, name: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    try:
+        with _quiet_library():
+            quantize_static(
+                str(source), str(target), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTISED_OPS), nodes_to_quantize=nodes, per_channel=True,
+                reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)},
+            )
+    except Exception as err:  # the quantiser raises many types
+        raise QuantizeError(f"{name}: ONNX Runtime quantize_static failed: {type(err).__name__}: {err}") from err
+
+
+class CalibrationReader:
+    """ONNX Runtime's calibration reader protocol over an array, in fixed batches (the graph's batch is dynamic)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self._batches = iter(np.array_split(images, max(1, -(-len(images) // _CALIBRATION_BATCH))))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+@contextlib.contextmanager
+def _quiet_library() -> Iterator[None]:
+    """quantize_static logs a suggestion to pre-process through the root logger on every call; the graph here is
+    deliberately not pre-processed (ONNX Runtime's optimised graph may hold contrib ops TensorRT cannot parse)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,22 @@
+"""Process-wide numeric switches that training and deployment share (one TF32 policy for both)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def set_tf32(enabled: bool) -> str:
+    """TF32 for torch's fp32 matrix products and cuDNN convolutions (CUDA only); returns 'tf32' or 'ieee'.
+
+    TF32 keeps fp32's range with a 10-bit mantissa in the products: roughly 2-8x faster on Ampere and later
+    and accurate enough for training and inference. CPU products are IEEE fp32 whatever this says. torch >= 2.9
+    spells the cuDNN switch ``fp32_precision``; mixing it with the deprecated ``allow_tf32`` makes torch refuse
+    to read either, so only one spelling is ever used.
+    """
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "fp32_precision"):
+        cudnn.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        cudnn.allow_tf32 = enabled
+    return "tf32" if enabled else "ieee"

@@ -1,0 +1,118 @@
+"""int8 against fp32, dense against pruned, on ONNX Runtime CPU: the latency side of explicit quantisation.
+
+    python tools/bench_int8.py --arch docs/benchmarks/deit_s_cpu_flops_target_report_run5.json \\
+        --batch 1 --batch 32 --json docs/benchmarks/int8_deit_s_ort_cpu.json
+
+The pruned architecture is read from a run's report.json (``arch``: the widths an OFB search ended with); both
+models get seeded random weights (latency does not depend on the values). Each is exported to fp32 ONNX and
+quantised by :func:`ofbdeploy.deploy.quantize.quantize_int8` (the pipeline's int8 file: weight products,
+per-channel symmetric int8, Q/DQ on inputs) on seeded random calibration images. ``--variants`` also times the
+pruned model quantised two other ways, to show what ONNX Runtime's CPU provider needs:
+  u8-asym     uint8 asymmetric activations (ONNX Runtime's advice for x86; not valid for TensorRT)
+  all-qdq     every MatMul quantised (attention products too) with Q/DQ on outputs as well (a plain
+              ``quantize_static`` QDQ setup); its softmax then runs as QLinearSoftmax
+All files of a batch size are timed alternately in one process (the profile protocol, ``measure_group``), so
+each ratio is measured in one run; the table gives every file against dense fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
+from ofbdeploy.deploy.backends import create_runner
+from ofbdeploy.deploy.measure import measure_group
+from ofbdeploy.deploy.onnx_export import export_onnx
+from ofbdeploy.deploy.quantize import QUANTISED_OPS, CalibrationReader, quantize_int8, weight_products
+from ofbdeploy.deploy.workflow import with_random_weights
+from ofbdeploy.models.dense import build_dense
+from ofbdeploy.table import format_table
+
+
+def pruned_spec(shape: ViTShape, report: Path) -> ArchSpec:
+    arch = json.loads(report.read_text())["arch"]
+    return ArchSpec(shape, arch["embed_dim"], tuple(BlockSpec(**b) for b in arch["blocks"]))
+
+
+def variant(source: Path, target: Path, calibration: np.ndarray, kind: str) -> Path:
+    """The pruned fp32 file quantised another way (study only: the pipeline writes the default)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    nodes = weight_products(onnx.load(str(source)))
+    settings = {
+        "u8-asym": {"activation_type": QuantType.QUInt8, "nodes_to_quantize": nodes,
+                    "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True,
+                                      "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)}},
+        "all-qdq": {"activation_type": QuantType.QInt8,
+                    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}},
+    }[kind]
+    quantize_static(str(source), str(target), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTISED_OPS), per_channel=True, weight_type=QuantType.QInt8,
+                    **settings)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--arch", type=Path, required=True, help="a report.json whose arch is the pruned model")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--variants", action="store_true", help="also time the u8-asym and all-qdq files")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (for timing them again)")
+    args = parser.parse_args()
+
+    dense_model = build_dense(args.model)
+    shape = ViTShape.from_model(dense_model, args.model)
+    specs = {"dense": ArchSpec.dense(shape), "pruned": pruned_spec(shape, args.arch)}
+    size = shape.img_size
+    calibration = np.random.default_rng(0).standard_normal(
+        (args.calibration_images, shape.in_chans, size, size)).astype(np.float32)
+    rows, table = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
+        files: dict[tuple[str, str], Path] = {}
+        for name, spec in specs.items():
+            fp32 = export_onnx(with_random_weights(spec), Path(tmp) / f"{name}.onnx", img_size=size,
+                               check_inputs=torch.randn(2, shape.in_chans, size, size)).path
+            files[(name, "fp32")] = fp32
+            files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration).path
+        if args.variants:
+            for kind in ("u8-asym", "all-qdq"):
+                files[("pruned", kind)] = variant(files[("pruned", "fp32")], Path(tmp) / f"pruned-{kind}.onnx",
+                                                  calibration, kind)
+        for batch in args.batch or [1]:
+            runners = [create_runner("ort-cpu", onnx_path=path, precision="fp32" if kind == "fp32" else "int8",
+                                     threads=args.threads) for (_, kind), path in files.items()]
+            stats = measure_group(runners, batch, warmup=args.warmup, repeats=args.repeats)
+            base = stats[0].median_ms  # dense fp32
+            for (name, kind), s in zip(files, stats, strict=True):
+                rows.append({"model": name, "file": kind, "batch": batch, "median_ms": s.median_ms,
+                             "p90_ms": s.p90_ms, "repeats": s.repeats, "speedup_vs_dense_fp32": base / s.median_ms,
+                             "device": s.device})
+                table.append((name, kind, batch, f"{s.median_ms:.2f}", f"{base / s.median_ms:.2f}x"))
+    flops = specs["pruned"].macs() / specs["dense"].macs()
+    print(f"{args.model}, pruned to {flops:.1%} of dense FLOPs, ORT CPU ({rows[0]['device']})")
+    print(format_table(("model", "file", "batch", "median ms", "vs dense fp32"), table))
+    if args.json:
+        meta = {"date": date.today().isoformat(), "model": args.model, "flops_ratio": flops,
+                "machine": platform.machine(), "arch_from": str(args.arch)}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
