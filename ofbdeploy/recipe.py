@@ -137,6 +137,9 @@ class SearchCfg(_Strict):
     pmim: PMIMCfg = Field(default_factory=PMIMCfg)
     shrink_threshold: float = Field(0.2, gt=0, lt=1)
     shrinks_per_epoch: int = Field(3, ge=1)
+    fill_budget: bool = Field(
+        True, description="when the epochs run out, widen the forced decisions toward the budget by importance"
+    )
     mix_start: float = Field(0.99, ge=0, le=1)
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)

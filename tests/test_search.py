@@ -16,7 +16,7 @@ from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
 from ofbdeploy.materialize import materialize
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import enforce_budget
+from ofbdeploy.search.budget import _next_wider, enforce_budget, fill_budget, macs_cost
 from ofbdeploy.search.engine import Search, run_search
 from ofbdeploy.search.groups import VectorGroup
 from ofbdeploy.search.losses import flops_loss, onehot_loss
@@ -182,6 +182,54 @@ def test_enforce_budget_narrows_until_under_target():
     steps = enforce_budget(model, 0.6 * dense)
     assert steps and model.arch_spec().macs() <= 0.6 * dense
     assert all(group.is_decided for _, group in model.groups())
+
+
+def _narrowest_picks(model: SearchableViT) -> dict[str, int]:
+    return {name: min(range(len(g.cells)), key=lambda k: int(torch.prod(g.cells[k]))) for name, g in model.groups()}
+
+
+def _picked_macs(model: SearchableViT, picks: dict[str, int]) -> float:
+    groups = dict(model.groups())
+    return macs_cost(model.shape)({name: tuple(int(w) for w in groups[name].cells[cell])
+                                   for name, cell in picks.items()})
+
+
+def test_fill_budget_widens_forced_picks_by_importance_up_to_the_budget():
+    model = _model()
+    with torch.no_grad():  # one MLP much more important than another of the same cost
+        dict(model.groups())["blocks.0.mlp"].score.fill_(5.0)
+        dict(model.groups())["blocks.1.mlp"].score.fill_(-5.0)
+    target = 0.5 * ArchSpec.dense(model.shape).macs()
+    picks = _narrowest_picks(model)
+    filled = fill_budget(model, picks, [(macs_cost(model.shape), target)])
+    assert _picked_macs(model, picks) < _picked_macs(model, filled) <= target
+    groups = dict(model.groups())
+    for name, cell in filled.items():  # maximal: no single further step fits
+        for wider in _next_wider(groups[name], cell):
+            assert _picked_macs(model, {**filled, name: wider}) > target
+    mlp = {name: int(groups[name].cells[filled[name]][0]) for name in ("blocks.0.mlp", "blocks.1.mlp")}
+    assert mlp["blocks.0.mlp"] > mlp["blocks.1.mlp"], mlp
+
+
+def test_fill_budget_leaves_picks_over_budget_to_the_enforcement():
+    model = _model()
+    widest = {name: g.widest_cell() for name, g in model.groups()}
+    budget = [(macs_cost(model.shape), 0.5 * ArchSpec.dense(model.shape).macs())]
+    assert fill_budget(model, widest, budget) == widest
+
+
+def test_a_search_out_of_epochs_fills_its_forced_decisions_toward_the_budget(caplog):
+    achieved = {}
+    for fill in (False, True):
+        model = _model()
+        cfg = _cfg(epochs=1, warmup_epochs=0, arch_lr=1e-4, shrink_threshold=0.01, fill_budget=fill)
+        with caplog.at_level(logging.INFO, logger="ofbdeploy"):
+            result = run_search(model, _loader(), cfg, Dist(), seed=0, progress=False)
+        assert result.forced_groups  # the event under test: the epochs ran out before the groups decided
+        assert result.achieved_macs <= result.target_macs
+        achieved[fill] = result.achieved_macs
+    assert achieved[True] > achieved[False], achieved
+    assert "toward the budget by importance" in caplog.text
 
 
 class _KilledLoader:

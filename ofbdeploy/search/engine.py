@@ -26,7 +26,7 @@ from ofbdeploy.errors import OfbError
 from ofbdeploy.grids import SearchSpace
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import enforce_budget, spec_cost
+from ofbdeploy.search.budget import enforce_budget, fill_budget, macs_cost, spec_cost
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.search.searchable import SearchableViT
@@ -348,17 +348,24 @@ def run_search(
         barrier(ctx)
     search.replica.release()
     search.sync_decisions()
+    budgets = [(macs_cost(model.shape), search.target)] if search.target is not None else []
+    if latency is not None:
+        budgets.append((spec_cost(model.shape, latency.lut.predict), latency.target_ms))
     forced = []
     if not model.all_decided:
-        forced = [e.group for e in model.decide_most_probable(search.optimizers.values())]
+        picks = model.most_probable_cells()
+        forced = list(picks)
         log.warning("search budget of %d epochs ended with %d undecided group(s); took their most probable "
                     "cell: %s", cfg.epochs, len(forced), ", ".join(forced))
-    repairs = []
-    if search.target is not None:
-        repairs += enforce_budget(model, search.target, search.optimizers.values())
-    if latency is not None:
-        repairs += enforce_budget(model, latency.target_ms, search.optimizers.values(),
-                                  cost=spec_cost(model.shape, latency.lut.predict))
+        if cfg.fill_budget:
+            filled = fill_budget(model, picks, budgets)
+            widened = [name for name in picks if filled[name] != picks[name]]
+            if widened:
+                log.info("widened %d of them toward the budget by importance: %s", len(widened), ", ".join(widened))
+            picks = filled
+        model.decide_cells(picks, search.optimizers.values())
+    repairs = [step for cost, target in budgets
+               for step in enforce_budget(model, target, search.optimizers.values(), cost=cost)]
     for step in repairs:
         log.warning("search over budget: narrowed %s from %s to %s (cost now %.4g)", step.group,
                     "x".join(map(str, step.before)), "x".join(map(str, step.after)), step.cost_after)

@@ -174,18 +174,15 @@ class SearchableModel(nn.Module, ABC):
         return events
 
     @torch.no_grad()
-    def decide_most_probable(self, optimizers: Optimizers = ()) -> list[ShrinkEvent]:
-        """End of budget: every undecided group keeps its most probable cell."""
+    def most_probable_cells(self) -> dict[str, int]:
+        """End of budget: the most probable live cell of every undecided group (not applied yet)."""
+        return {name: int(torch.argmax(group.probs())) for name, group in self.groups() if not group.is_decided}
+
+    @torch.no_grad()
+    def decide_cells(self, picks: dict[str, int], optimizers: Optimizers = ()) -> list[ShrinkEvent]:
+        """Decide each named group on its picked cell index, cutting its weights to that width."""
         optimizers = list(optimizers)
-        events = []
-        for name, group in self.groups():
-            if group.is_decided:
-                continue
-            best = torch.zeros_like(group.alive)
-            best[int(torch.argmax(group.probs()))] = True
-            dropped = group.switch_off(group.alive & ~best, optimizers) if int(group.alive.sum()) > 1 else 0
-            events.append(self._settle(name, group, dropped, optimizers))
-        return events
+        return [self.force_cell(name, cell, optimizers) for name, cell in picks.items()]
 
     @torch.no_grad()
     def force_cell(self, name: str, cell: int, optimizers: Optimizers = ()) -> ShrinkEvent:
