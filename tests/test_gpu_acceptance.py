@@ -18,7 +18,7 @@ SCRIPT = ROOT / "tools" / "gpu_acceptance.py"
 
 def _acceptance(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "OMP_NUM_THREADS": "2"}
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--smoke", "--device", "cpu", *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     return proc, json.loads((out / "acceptance.json").read_text())
@@ -87,7 +87,7 @@ def test_a_failing_part_is_recorded_and_the_next_part_still_runs(tmp_path):
     meet cuts it after its first item (the table), which is kept."""
     missing = tmp_path / "no_such_recipe.yaml"
     proc, result = _acceptance(tmp_path / "out", "--parts", "training,latency", "--recipe", str(missing),
-                               "--budget-s", "2")
+                               "--budget-s", "0.5")
     assert proc.returncode == 3
     assert "a part failed; its traceback is in" in proc.stderr
     training, latency = result["parts"]["training"], result["parts"]["latency"]
