@@ -47,6 +47,7 @@ def test_every_part_records_real_numbers(smoke):
     assert [(r["fp32"], r["fused_attn"]) for r in exact["masked_vs_materialised"]] == [("ieee", True), ("ieee", False)]
     for row in exact["masked_vs_materialised"]:  # materialisation is exact up to float rounding
         assert _number(row["max_abs_diff"]) and row["max_abs_diff"] <= 1e-4 * max(1e-2, row["output_max_abs"])
+        assert row["within_selfcheck_tolerance"] is True
     assert {(r["model"], r["precision"]) for r in exact["half_vs_fp32"]} == {
         (m, p) for m in ("dense", "materialised") for p in ("fp16", "bf16")}
     for row in exact["half_vs_fp32"]:  # rounded, not broken: close to fp32 but not identical
