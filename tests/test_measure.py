@@ -251,6 +251,27 @@ def test_cuda_backends_match_cpu(tmp_path: Path, backend: str) -> None:
         assert stats.peak_memory_mb is not None and stats.peak_memory_mb > 0
 
 
+def test_cuda_graph_off_is_for_torch_backends_only() -> None:
+    """Eager launches (no graph) are a torch choice; ONNX Runtime and TensorRT runners refuse to pretend."""
+    model = timm.create_model(PICO).eval()
+    eager = create_runner("torch", model=model, device="cpu", cuda_graph=False)
+    np.testing.assert_allclose(_forward_once(eager, 2), _forward_once(create_runner("torch", model=model,
+                                                                                    device="cpu"), 2))
+    assert eager.cuda_graph is None  # nothing is captured on CPU either way
+    with pytest.raises(BackendError, match="cuda_graph=False is for torch backends"):
+        create_runner("ort-cpu", onnx_path=Path("unused.onnx"), cuda_graph=False)
+
+
+@needs_cuda
+def test_torch_on_cuda_without_graph_matches_the_graph_replay() -> None:
+    model = timm.create_model(PICO).eval()
+    graph = create_runner("torch", model=model, device="cuda")
+    eager = create_runner("torch", model=model, device="cuda", cuda_graph=False)
+    np.testing.assert_allclose(_forward_once(eager, 4), _forward_once(graph, 4), atol=1e-5)
+    assert (graph.cuda_graph, eager.cuda_graph) == (True, False)
+    assert measure(eager, 4, warmup=2, repeats=5).cuda_graph is False
+
+
 @needs_cuda
 def test_torch_fp16_on_cuda_is_close(tmp_path: Path) -> None:
     model = timm.create_model(PICO).eval()

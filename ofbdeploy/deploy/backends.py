@@ -8,7 +8,9 @@ compared directly (parity checks) without passing data around.
 Launch overhead is removed where the backend allows it, because a small pruned ViT on a big GPU is
 otherwise timed as Python and kernel-launch cost, not as model cost:
 
-* ``torch`` / ``torch-compile`` on CUDA capture one forward in a ``torch.cuda.CUDAGraph`` and replay it.
+* ``torch`` / ``torch-compile`` on CUDA capture one forward in a ``torch.cuda.CUDAGraph`` and replay it
+  (``create_runner(..., cuda_graph=False)`` launches every kernel instead: what plain eager PyTorch serving
+  costs, launch overhead included).
 * ``ort-cuda`` enables the CUDA EP's ``enable_cuda_graph``; ``ort-trt`` enables ``trt_cuda_graph_enable``.
   Graph capture needs every node on the GPU, so the session is built per batch size with the batch
   dimension fixed (``add_free_dimension_override_by_name``), which folds the shape arithmetic away.
@@ -172,6 +174,7 @@ class _Request:
     threads: int | None
     tf32: bool = True
     cache_dir: Path | None = None
+    cuda_graph: bool = True
 
     def file(self, field: str) -> Path:
         """The path in ``field``, which this backend needs and which must exist."""
@@ -277,13 +280,14 @@ def _capture(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
 class TorchRunner(Runner):
     """PyTorch eager or ``torch.compile`` on a private copy of the model, under ``inference_mode``."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, compiled: bool, tf32: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compiled: bool, tf32: bool,
+                 cuda_graph: bool = True) -> None:
         self.backend = "torch-compile" if compiled else "torch"
         self.device_name = device_name(device)
         self.precision = precision
         on_gpu = device.type == "cuda"
         self.tf32 = tf32 if on_gpu else None
-        self.cuda_graph = True if on_gpu else None
+        self.cuda_graph = cuda_graph if on_gpu else None
         self._device = device
         self._chw = _input_chw(model)
         with _CudaPeak(device) as weights:
@@ -302,7 +306,7 @@ class TorchRunner(Runner):
         with _CudaPeak(self._device) as peak, torch.inference_mode():
             x = _seeded_input((batch, *self._chw), images).to(self._device, _TORCH_DTYPES[self.precision])
             self._out = self._forward(x)  # compiles, for torch-compile
-            self._step = _capture(self._forward, x) if self._device.type == "cuda" else partial(self._forward, x)
+            self._step = _capture(self._forward, x) if self.cuda_graph else partial(self._forward, x)
             self._x = x
         if self._device.type == "cuda":
             self._peak_mb = (self._weights_bytes + peak.bytes) / 2**20
@@ -337,7 +341,7 @@ def _torch_runner(request: _Request, *, compiled: bool) -> Runner:
     request.check_precision(_TORCH_DTYPES if device.type == "cuda" else ("fp32",), f"on {device.type}")
     if request.threads is not None:
         torch.set_num_threads(request.threads)  # process-wide: PyTorch has no per-module thread pool
-    return TorchRunner(request.model, device, request.precision, compiled, request.tf32)
+    return TorchRunner(request.model, device, request.precision, compiled, request.tf32, request.cuda_graph)
 
 
 @dataclass(frozen=True)
@@ -674,18 +678,24 @@ def create_runner(
     threads: int | None = None,
     tf32: bool = True,
     cache_dir: Path | None = None,
+    cuda_graph: bool = True,
 ) -> Runner:
     """Build a runner: ``model`` for torch backends, ``onnx_path`` for ort-*, ``engine_path`` for tensorrt.
 
     ``tf32`` is the TF32 policy for GPU backends (engines carry the one they were built with);
-    ``cache_dir`` is where ort-trt keeps its engine and timing caches.
+    ``cache_dir`` is where ort-trt keeps its engine and timing caches. ``cuda_graph=False`` makes the torch
+    backends launch every kernel on CUDA instead of replaying a captured graph; the other backends always
+    use theirs, so they refuse it.
     """
     entry = _BACKENDS.get(backend)
     if entry is None:
         raise BackendError(f"unknown backend {backend!r}; known: {', '.join(_BACKENDS)}")
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if not cuda_graph and not backend.startswith("torch"):
+        raise BackendError(f"{backend} always replays a CUDA graph on the GPU; cuda_graph=False is for torch backends")
     reason = entry.missing()
     if reason is not None:
         raise BackendUnavailable(f"{backend}: {reason}")
-    return entry.build(_Request(backend, model, onnx_path, engine_path, precision, device, threads, tf32, cache_dir))
+    return entry.build(_Request(backend, model, onnx_path, engine_path, precision, device, threads, tf32, cache_dir,
+                                cuda_graph))
