@@ -39,7 +39,7 @@ from ofbdeploy.errors import ArchError
 from ofbdeploy.families import register_family
 from ofbdeploy.families.base import Family, Widths
 from ofbdeploy.grids import SearchSpace
-from ofbdeploy.models.support import refuse
+from ofbdeploy.models.support import norm_problems, refuse
 
 POOLS = ("avg", "max", "avgmax")
 # selfcheck's default: at most this many patches per side (Swin-T's 224 px at patch 4).
@@ -201,14 +201,7 @@ def swin_problems(model: nn.Module) -> list[str]:
          len({b.attn.qkv.bias is not None for st in model.layers for b in st.blocks}) > 1),
         ("rectangular windows", any(w[0] != w[1] for w in model._ref_window_sizes)),
     ) if bad]
-    norms = [m for m in model.modules() if "Norm" in _kind(m) and not isinstance(m, nn.LayerNorm)]
-    if norms:
-        problems.append(f"norm layer {_kind(norms[0])} (supported: LayerNorm)")
-    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    if any(m.weight is None or m.bias is None for m in layer_norms):
-        problems.append("layer norm without affine weight and bias")
-    if len({m.eps for m in layer_norms}) > 1:
-        problems.append("layer norms with different eps")
+    problems += norm_problems(model)
     return problems
 
 

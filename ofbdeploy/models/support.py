@@ -35,6 +35,20 @@ def _kind(module: object) -> str:
     return type(module).__name__
 
 
+def norm_problems(model: nn.Module) -> list[str]:
+    """What every family needs of its norms: affine LayerNorms, one eps (the records keep one)."""
+    problems = []
+    norms = [m for m in model.modules() if "Norm" in _kind(m) and not isinstance(m, nn.LayerNorm)]
+    if norms:
+        problems.append(f"norm layer {_kind(norms[0])} (supported: LayerNorm)")
+    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    if any(m.weight is None or m.bias is None for m in layer_norms):
+        problems.append("layer norm without affine weight and bias")
+    if len({m.eps for m in layer_norms}) > 1:
+        problems.append("layer norms with different eps")
+    return problems
+
+
 def _block_problems(i: int, block: nn.Module) -> list[str]:
     kind = _kind(block)
     if kind in _PARALLEL_BLOCKS:
@@ -119,14 +133,7 @@ def vit_problems(model: nn.Module) -> list[str]:
     proj_bias = blocks[0].attn.proj.bias is not None
     if any((b.mlp.fc1.bias is not None) != proj_bias or (b.mlp.fc2.bias is not None) != proj_bias for b in blocks):
         problems.append("MLP biases that differ from the attention projection's")
-    norms = [m for m in model.modules() if "Norm" in _kind(m) and not isinstance(m, nn.LayerNorm)]
-    if norms:
-        problems.append(f"norm layer {_kind(norms[0])} (supported: LayerNorm)")
-    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    if any(m.weight is None or m.bias is None for m in layer_norms):
-        problems.append("layer norm without affine weight and bias")
-    if len({m.eps for m in layer_norms}) > 1:
-        problems.append("layer norms with different eps")
+    problems += norm_problems(model)
     if not isinstance(model.norm, nn.Identity) and not isinstance(model.fc_norm, nn.Identity):
         problems.append("both a final norm and an fc-norm")
     if (embed.proj.bias is not None) == (not isinstance(model.norm_pre, nn.Identity)):
