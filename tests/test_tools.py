@@ -11,9 +11,11 @@ TOOLS = Path(__file__).parent.parent / "tools"
 PICO = "ofb_vit_pico_patch4_32"
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str, code: int = 0) -> str:
+    """Runs a tool, checks its exit code and returns its stderr."""
     proc = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == code, proc.stderr[-2000:]
+    return proc.stderr
 
 
 def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
@@ -57,6 +59,8 @@ def test_bench_accuracy_smoke(tmp_path):
                and r["params"] > 0 for r in rows)
     assert all(r["flops_ratio"] <= r["ratio"] for r in rows if r["budget"] == "flops")
     assert [r["method"] for r in rows if r["budget"] == "latency"] == ["ofb-latency"]
+    tp_row = rows[-1]  # Torch-Pruning removes whole heads too (the pico ViT has 4 per block)
+    assert tp_row["tp_head_pruning"] and sum(heads for heads, _, _ in tp_row["blocks"]) < 4 * len(tp_row["blocks"])
     assert all(r["predicted_latency_ms"] <= r["target_latency_ms"] for r in rows if r["budget"] == "latency")
     # every method trains on as many images: OFB's search epochs run plus its finetune = the others' finetune
     searched = {r["method"]: r["search_epochs_run"] + r["finetune_epochs"] for r in rows if "search_epochs_run" in r}
@@ -68,7 +72,18 @@ def test_bench_accuracy_smoke(tmp_path):
     assert list((tmp_path / "cache" / "lut").glob("*.json"))  # and the latency table of ofb-latency
     # a rerun with the same --json resumes: nothing is left to do, the rows stay as they were
     _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out))
-    assert json.loads(out.read_text())["rows"] == rows
+    resumed = json.loads(out.read_text())
+    assert resumed["rows"] == rows and len(resumed["meta"]["commands"]) == 2  # both commands are on record
+    # rows distilled from another teacher (a lost cache re-made differently) are not mixed with this one's
+    for row in resumed["rows"]:
+        row["top1_dense"] = -1.0
+    out.write_text(json.dumps(resumed))
+    err = _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), code=2)
+    assert "teacher" in err and len(err.strip().splitlines()) == 1
+    # unless asked to: then every row keeps its own teacher's top-1, and "vs dense" is against that one
+    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--new-teacher")
+    summary = json.loads(out.read_text())["summary"]
+    assert all(s["top1_dense"] == [-1.0] and abs(s["vs_dense"] - s["top1"] - 1.0) < 1e-6 for s in summary)
 
 
 def test_bench_lut_smoke(tmp_path, synthetic_lut):

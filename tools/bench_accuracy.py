@@ -9,8 +9,9 @@ together with the backbone on the task. It is then compressed to each budget rat
   uniform        the same width fraction in every group (the widest one that fits), units kept by L1 magnitude
   l1             L1-magnitude importance of the same units, widths allocated by the budget enforcement
   random         random importance, widths allocated by the budget enforcement
-  torch-pruning  Torch-Pruning's isomorphic global pruning with group L2 magnitude (heads' qkv channels, MLP
-                 neurons, embedding), in small steps until the FLOPs fit (needs `pip install 'ofbdeploy[bench]'`)
+  torch-pruning  Torch-Pruning's isomorphic global pruning with group L2 magnitude (whole heads, per-head qkv
+                 channels, MLP neurons, embedding), in small steps until the FLOPs fit (needs
+                 `pip install 'ofbdeploy[bench]'`)
 Every method sees the same number of training images: OFB's search epochs plus its finetune epochs. The
 one-shot baselines spend them all as finetune; an OFB search that decides early spends the epochs it did not
 use as finetune too. Every pruned model is a plain timm ViT, evaluated before and after the same finetune
@@ -84,6 +85,10 @@ PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
 FORMAT = "ofbdeploy.bench_accuracy/2"
 
 
+class BadInput(Exception):
+    """An option, file or budget the tool cannot work with: one line on stderr, exit code 2."""
+
+
 @dataclass
 class Bench:
     """What every method shares: the teacher, the training data and the compression and finetune settings."""
@@ -139,7 +144,7 @@ def _uniform(model: SearchableViT, target: float) -> None:
             for name, group in model.groups():
                 model.force_cell(name, cell_at(group, step / 100))
             return
-    raise SystemExit("no uniform architecture fits the budget")
+    raise BadInput("no uniform architecture fits the budget")
 
 
 def _decide_by_scores(method: str, model: SearchableViT, ratio: float) -> None:
@@ -188,7 +193,7 @@ def _torch_pruning() -> ModuleType:
     try:
         import torch_pruning
     except ImportError:
-        raise SystemExit(TORCH_PRUNING_MISSING) from None
+        raise BadInput(TORCH_PRUNING_MISSING) from None
     return torch_pruning
 
 
@@ -261,16 +266,30 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, step: float) -> Compressed:
     """Torch-Pruning's isomorphic global pruning, ``step`` of every width at a time, until FLOPs <= ratio.
 
-    Groups: each block's qkv channels (the same channels in every head: Torch-Pruning's head_dims mode),
-    its MLP neurons, and the embedding (residual channels, through every block, norm, token and position
-    embedding); the classifier's outputs are left alone. Isomorphic ranking compares a group only with
-    groups of the same structure (all MLPs together, all attentions together), so widths may differ per
-    block as in OFB, while mixing magnitudes of unlike layers is avoided.
+    Groups: each block's whole heads, its qkv channels (the same channels in every head: Torch-Pruning's
+    head_dims mode), its MLP neurons, and the embedding (residual channels, through every block, norm, token
+    and position embedding); the classifier's outputs are left alone. Isomorphic ranking compares a group
+    only with groups of the same structure (all MLPs together, all attentions together), so widths may
+    differ per block as in OFB, while mixing magnitudes of unlike layers is avoided. Should Torch-Pruning's
+    global head ranking fail anyway (see ``_tp_prune``), heads are left whole and the row says so.
     """
+    try:
+        return _tp_prune(teacher, ratio, img_size, step, heads=True)
+    except UnboundLocalError as err:  # Torch-Pruning 1.6.1's global head threshold, unset on a step without
+        log.warning("torch-pruning: head pruning failed (%s); pruning widths only", err)
+        return _tp_prune(teacher, ratio, img_size, step, heads=False)
+
+
+def _tp_prune(teacher: nn.Module, ratio: float, img_size: int, step: float, heads: bool) -> Compressed:
+    """One Torch-Pruning run. With ``heads``, every step removes at least one head: Torch-Pruning 1.6.1 leaves
+    its global head threshold unset on a step that removes none and crashes, so the step is at least one
+    head's share of all heads (1/72 for ViT-S)."""
     tp = _torch_pruning()
     model = copy.deepcopy(teacher).eval()
     attentions = _attentions(model)
     dense_head_dims = [a.head_dim for a in attentions]
+    if heads:
+        step = max(step, 1 / sum(a.num_heads for a in attentions))
     in_chans = model.patch_embed.proj.in_channels
     dense = measure_macs(model, img_size, in_chans)
     steps = max(1, round(0.9 / step))
@@ -278,7 +297,7 @@ def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, st
         model, _random_images(model, img_size, 1), importance=tp.importance.MagnitudeImportance(p=2),
         global_pruning=True, isomorphic=True, pruning_ratio=steps * step, iterative_steps=steps,
         ignored_layers=[model.head], num_heads={a.qkv: a.num_heads for a in attentions},
-        prune_num_heads=False, prune_head_dims=True,
+        prune_num_heads=heads, head_pruning_ratio=steps * step if heads else 0.0, prune_head_dims=True,
         unwrapped_parameters=_unwrapped(model))
     for _ in range(steps):
         pruner.step()
@@ -287,10 +306,10 @@ def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, st
         if macs <= ratio * dense:
             break
     else:
-        raise SystemExit(f"torch-pruning: {steps * step:.0%} of every width removed and FLOPs still "
-                         f"{macs / dense:.1%} of dense, above the {ratio:.0%} budget")
+        raise BadInput(f"torch-pruning: {steps * step:.0%} of every width removed and FLOPs still "
+                       f"{macs / dense:.1%} of dense, above the {ratio:.0%} budget")
     _fix_attention(model, dense_head_dims, img_size)
-    return Compressed(model, macs / dense)
+    return Compressed(model, macs / dense, {"tp_head_pruning": heads, "tp_step": step})
 
 
 # -- one method, then the shared evaluate / finetune / export / profile ---------------------------------------
@@ -374,6 +393,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                  "seeds": sorted(r["seed"] for r in members)}
         for key in ("top1", "top1_before_finetune", "flops_ratio", "params", "speedup_ort_cpu_b32"):
             entry[key], entry[f"{key}_std"] = _mean_std([float(r[key]) for r in members])
+        # against each row's own teacher (rows of one file may come from re-made teachers: --new-teacher)
+        entry["top1_dense"] = sorted({r["top1_dense"] for r in members})
+        entry["vs_dense"], entry["vs_dense_std"] = _mean_std([r["top1"] - r["top1_dense"] for r in members])
         summary.append(entry)
     return summary
 
@@ -382,13 +404,14 @@ def summary_table(summary: list[dict[str, Any]], dense_top1: float) -> str:
     def pm(entry: dict[str, Any], key: str, fmt: str) -> str:
         return f"{entry[key]:{fmt}} ± {entry[key + '_std']:{fmt}}"
 
-    rows = [("dense", "", "-", "100.0%", "-", f"{dense_top1:.2f}", "-", "1.00x")]
+    rows = [("dense", "", "-", "100.0%", "-", f"{dense_top1:.2f}", "-", "-", "1.00x")]
     for e in summary:
         target = f"lat {e['ratio']:.2f}" if e["budget"] == "latency" else f"{e['ratio']:.2f}"
         rows.append((e["method"], e["tag"], target, f"{100 * e['flops_ratio']:.1f}%",
-                     pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"),
+                     pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"), f"{e['vs_dense']:+.2f}",
                      str(len(e["seeds"])), f"{e['speedup_ort_cpu_b32']:.2f}x"))
-    return format_table(("method", "tag", "target", "FLOPs", "top-1 before ft", "top-1", "seeds", "ORT b32"), rows)
+    return format_table(("method", "tag", "target", "FLOPs", "top-1 before ft", "top-1", "vs dense", "seeds",
+                         "ORT b32"), rows)
 
 
 def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
@@ -422,7 +445,7 @@ def choose_methods(asked: list[str] | None) -> list[str]:
     has_tp = importlib.util.find_spec("torch_pruning") is not None
     if asked:
         if "torch-pruning" in asked and not has_tp:
-            raise SystemExit(TORCH_PRUNING_MISSING)
+            raise BadInput(TORCH_PRUNING_MISSING)
         return asked
     if not has_tp:
         print("warning: Torch-Pruning is not installed, leaving out the torch-pruning method "
@@ -430,8 +453,18 @@ def choose_methods(asked: list[str] | None) -> list[str]:
     return [m for m in METHODS if has_tp or m != "torch-pruning"]
 
 
-def _file_digest(path: Path | None) -> str | None:
-    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _weights_digest(path: Path | None) -> str | None:
+    """What the start weights are, not where they were made: a safetensors file's digest covers its tensors
+    (names, dtypes, shapes, bytes) and not its header metadata, which may name the converter's paths."""
+    if path is None:
+        return None
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_teacher(args: argparse.Namespace, classes: int, loader: DataLoader) -> nn.Module:
@@ -439,7 +472,7 @@ def load_teacher(args: argparse.Namespace, classes: int, loader: DataLoader) -> 
     torch.manual_seed(args.data_seed)
     teacher = build_dense(args.model, num_classes=classes, img_size=args.img_size)
     key = hashlib.sha256(json.dumps([args.data, args.model, args.img_size, args.teacher_epochs, args.teacher_lr,
-                                     args.limit_train, args.data_seed, _file_digest(args.checkpoint)]).encode())
+                                     args.limit_train, args.data_seed, _weights_digest(args.checkpoint)]).encode())
     cached = args.cache / f"teacher-{key.hexdigest()[:12]}.safetensors"
     if cached.is_file():
         teacher.load_state_dict(load_file(str(cached)))
@@ -461,7 +494,7 @@ def search_settings(args: argparse.Namespace) -> SearchCfg:
     for item in args.search_set:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--search-set {item!r}: expected key=value")
+            raise BadInput(f"--search-set {item!r}: expected key=value")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -470,27 +503,42 @@ def search_settings(args: argparse.Namespace) -> SearchCfg:
     try:
         return SearchCfg.model_validate(data)
     except ValueError as err:
-        raise SystemExit(f"--search-set: {err}") from None
+        raise BadInput(f"--search-set: {err}") from None
 
 
 def settings_record(args: argparse.Namespace) -> dict[str, Any]:
     """What the rows of one --json must share, so that a resumed run adds like to like."""
     return {"data": args.data, "model": args.model, "img_size": args.img_size, "limit_train": args.limit_train,
-            "limit_val": args.limit_val, "checkpoint_sha256": _file_digest(args.checkpoint),
+            "limit_val": args.limit_val, "checkpoint_tensors_sha256": _weights_digest(args.checkpoint),
             "teacher_epochs": args.teacher_epochs, "teacher_lr": args.teacher_lr, "finetune_lr": args.lr,
             "finetune_epochs": args.finetune_epochs, "search_epochs": args.search_epochs,
             "batch_size": args.batch_size, "data_seed": args.data_seed}
 
 
-def read_rows(path: Path | None, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows an earlier run of the same settings left in ``path`` (none when there is no such file)."""
+def read_rows(path: Path | None, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows an earlier run of the same settings left in ``path``, and the commands that made them (none when
+    there is no such file)."""
     if path is None or not path.is_file():
-        return []
+        return [], []
     data = json.loads(path.read_text())
-    if data.get("meta", {}).get("settings") != settings:
-        raise SystemExit(f"{path}: holds rows of other settings ({data.get('meta', {}).get('settings')}); "
-                         "use another --json")
-    return data["rows"]
+    meta = data.get("meta", {})
+    if meta.get("settings") != settings:
+        raise BadInput(f"{path}: holds rows of other settings ({meta.get('settings')}); use another --json")
+    return data["rows"], meta.get("commands", [])
+
+
+def check_same_teacher(rows: list[dict[str, Any]], dense_top1: float, path: Path | None, accept: bool) -> None:
+    """A resumed file keeps one teacher unless told otherwise: a teacher re-made (cache lost; float training
+    is not bitwise reproducible across machines) that scores differently would mix rows distilled from two
+    models. With ``accept`` the mix is allowed and visible: every row records its own teacher's top-1."""
+    earlier = {row["top1_dense"] for row in rows}
+    if earlier and earlier != {dense_top1}:
+        if not accept:
+            raise BadInput(f"{path}: its rows were distilled from a teacher at {sorted(earlier)}% top-1, this "
+                           f"teacher scores {dense_top1}%; use another --json, the earlier --cache, or "
+                           "--new-teacher to add rows from this one")
+        log.warning("%s: earlier rows come from a teacher at %s%% top-1, the new ones from one at %s%%",
+                    path, sorted(earlier), dense_top1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -517,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prune-step", type=float, default=0.01, help="width fraction per Torch-Pruning step")
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-val", type=int, default=None)
+    parser.add_argument("--new-teacher", action="store_true",
+                        help="add rows to a --json whose rows came from a teacher that scored differently (a lost "
+                             "cache re-made); each row keeps its own teacher's top-1")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache"), help="teacher weights, LUTs")
     parser.add_argument("--smoke", action="store_true", help="digits, 1-2 epochs each: checks the tool runs")
     parser.add_argument("--json", type=Path, default=None, help="rows, written as they finish; resumed from")
@@ -534,7 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     methods = choose_methods(args.method)
     logging.basicConfig(level=logging.WARNING)
     settings = settings_record(args)
-    rows = read_rows(args.json, settings)
+    rows, commands = read_rows(args.json, settings)
+    command = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commands = [*commands, command] if command not in commands else commands
     done = {(r.get("tag", ""), r["method"], r["ratio"], r["seed"]) for r in rows}
     train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.data_seed,
                                                   limit_train=args.limit_train, limit_val=args.limit_val,
@@ -543,6 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     val_loader = build_loader(val, batch_size=256, train=False)
     teacher = load_teacher(args, classes, loader)
     dense_top1 = evaluate(teacher, val_loader, Dist())["top1"]
+    check_same_teacher(rows, dense_top1, args.json, args.new_teacher)
     # the LUT's probe models: the recipe defaults, or few and briefly timed for the smoke run
     lut_probes = {"embed_points": 2, "width_points": 1, "random_points": 4, "repeats": 5} if args.smoke else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -563,22 +617,27 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     row = run_method(method, ratio, seed, bench)
                     rows.append({**row, "tag": args.tag, "top1_dense": dense_top1})
-                    write_rows(args, settings, rows, dense_top1)  # each row as it comes: a stopped run resumes
-    write_rows(args, settings, rows, dense_top1)
+                    # each row as it comes: a stopped run resumes
+                    write_rows(args, settings, commands, rows, dense_top1)
+    write_rows(args, settings, commands, rows, dense_top1)
     print(summary_table(aggregate(rows), dense_top1))
 
 
-def write_rows(args: argparse.Namespace, settings: dict[str, Any], rows: list[dict[str, Any]],
+def write_rows(args: argparse.Namespace, settings: dict[str, Any], commands: list[str], rows: list[dict[str, Any]],
                dense_top1: float) -> None:
     """The raw rows, their summary and how they were made, written atomically to --json (and the plot)."""
     summary = aggregate(rows)
     if args.json is not None:
         meta = {"format": FORMAT, "date": date.today().isoformat(), "settings": settings,
-                "command": "python tools/bench_accuracy.py " + " ".join(sys.argv[1:]), "top1_dense": dense_top1}
+                "commands": commands, "top1_dense": dense_top1}
         atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     if args.plot is not None and summary:
         plot(summary, dense_top1, args.plot)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BadInput as err:
+        print(f"bench_accuracy: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = args.onnx or find_packaged_onnx()
         state = convert(onnx_path, args.img_size)
         build_model(state, args.img_size)  # strict load: every key and shape fits timm's model
-        report = {"source": str(onnx_path), "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        report = {"source": onnx_path.name, "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
                   "timm_model": TIMM_NAME, "img_size": args.img_size}
         if args.check_images > 0:
             model224 = state if args.img_size == 224 else convert(onnx_path, 224)
