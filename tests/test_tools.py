@@ -49,8 +49,9 @@ def test_bench_latency_smoke(tmp_path, synthetic_lut):
 
 
 def test_bench_accuracy_smoke(tmp_path):
-    out, plot = tmp_path / "acc.json", tmp_path / "acc.png"
-    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--plot", str(plot))
+    out, plot, table = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "acc.md"
+    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--plot", str(plot),
+         "--markdown", str(table))
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["method"] for r in rows] == ["ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning"]
@@ -68,6 +69,12 @@ def test_bench_accuracy_smoke(tmp_path):
     assert {r["finetune_epochs"] for r in rows if "search_epochs_run" not in r} == set(searched.values())
     assert {(s["method"], s["seeds"] == [0]) for s in result["summary"]} == {(r["method"], True) for r in rows}
     assert plot.stat().st_size > 0
+    markdown = table.read_text()
+    assert all(f"| {r['method']} " in markdown and f"{r['top1']:.2f}" in markdown for r in rows)
+    # --render writes the table again from the JSON alone, the same
+    table.unlink()
+    _run("bench_accuracy.py", "--render", "--json", str(out), "--markdown", str(table))
+    assert table.read_text() == markdown
     assert list((tmp_path / "cache").glob("teacher-*.safetensors"))  # the dense teacher is cached
     assert list((tmp_path / "cache" / "lut").glob("*.json"))  # and the latency table of ofb-latency
     # a rerun with the same --json resumes: nothing is left to do, the rows stay as they were

@@ -400,18 +400,34 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def summary_table(summary: list[dict[str, Any]], dense_top1: float) -> str:
-    def pm(entry: dict[str, Any], key: str, fmt: str) -> str:
-        return f"{entry[key]:{fmt}} ± {entry[key + '_std']:{fmt}}"
+def summary_table(summary: list[dict[str, Any]], dense_top1: float, dense_params: int | None = None,
+                  markdown: bool = False) -> str:
+    """One line per (tag, method, budget): means ± sample std over seeds; vs dense against each row's teacher."""
+    def pm(entry: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
+        return f"{scale * entry[key]:{fmt}} ± {scale * entry[key + '_std']:{fmt.lstrip('+')}}"
 
-    rows = [("dense", "", "-", "100.0%", "-", f"{dense_top1:.2f}", "-", "-", "1.00x")]
+    params = "-" if dense_params is None else f"{dense_params / 1e6:.2f}"
+    teachers = sorted({t for e in summary for t in e["top1_dense"]}) or [dense_top1]
+    rows = [("dense", "", "-", "100.0", params, "-", " / ".join(f"{t:.2f}" for t in teachers), "-", "-", "1.00x")]
     for e in summary:
-        target = f"lat {e['ratio']:.2f}" if e["budget"] == "latency" else f"{e['ratio']:.2f}"
-        rows.append((e["method"], e["tag"], target, f"{100 * e['flops_ratio']:.1f}%",
-                     pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"), f"{e['vs_dense']:+.2f}",
-                     str(len(e["seeds"])), f"{e['speedup_ort_cpu_b32']:.2f}x"))
-    return format_table(("method", "tag", "target", "FLOPs", "top-1 before ft", "top-1", "vs dense", "seeds",
-                         "ORT b32"), rows)
+        target = f"latency {100 * e['ratio']:.0f}%" if e["budget"] == "latency" else f"{100 * e['ratio']:.0f}%"
+        rows.append((e["method"], e["tag"], target, pm(e, "flops_ratio", ".1f", 100), f"{e['params'] / 1e6:.2f}",
+                     pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"), pm(e, "vs_dense", "+.2f"),
+                     str(len(e["seeds"])), pm(e, "speedup_ort_cpu_b32", ".2f") + "x"))
+    return format_table(("method", "tag", "target", "FLOPs % of dense", "params (M)", "top-1 before ft",
+                         "top-1", "vs dense", "seeds", "ORT CPU b32 speedup"), rows, markdown=markdown)
+
+
+def per_seed_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Top-1 after finetune of every seed, per (tag, method, budget): the raw numbers behind the means."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        if "top1" in row:
+            groups.setdefault((row.get("tag", ""), row["method"], row["ratio"]), []).append(row)
+    return [f"- {method}{f' [{tag}]' if tag else ''} at {100 * ratio:.0f}%: "
+            + " / ".join(f"{r['top1']:.2f}" for r in sorted(members, key=lambda r: r["seed"]))
+            + f" (seeds {', '.join(str(r['seed']) for r in sorted(members, key=lambda r: r['seed']))})"
+            for (tag, method, ratio), members in groups.items()]
 
 
 def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
@@ -568,6 +584,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-teacher", action="store_true",
                         help="add rows to a --json whose rows came from a teacher that scored differently (a lost "
                              "cache re-made); each row keeps its own teacher's top-1")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="the summary table (Markdown) and the per-seed top-1, rewritten as rows finish")
+    parser.add_argument("--render", action="store_true",
+                        help="only write --plot / --markdown again from the rows in --json (nothing is trained)")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_cache"), help="teacher weights, LUTs")
     parser.add_argument("--smoke", action="store_true", help="digits, 1-2 epochs each: checks the tool runs")
     parser.add_argument("--json", type=Path, default=None, help="rows, written as they finish; resumed from")
@@ -582,6 +602,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render:
+        render(args)
+        return
     methods = choose_methods(args.method)
     logging.basicConfig(level=logging.WARNING)
     settings = settings_record(args)
@@ -597,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(args, classes, loader)
     dense_top1 = evaluate(teacher, val_loader, Dist())["top1"]
     check_same_teacher(rows, dense_top1, args.json, args.new_teacher)
+    ledger = Ledger(settings, commands, dense_top1, count_params(teacher))
     # the LUT's probe models: the recipe defaults, or few and briefly timed for the smoke run
     lut_probes = {"embed_points": 2, "width_points": 1, "random_points": 4, "repeats": 5} if args.smoke else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -617,22 +641,46 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     row = run_method(method, ratio, seed, bench)
                     rows.append({**row, "tag": args.tag, "top1_dense": dense_top1})
-                    # each row as it comes: a stopped run resumes
-                    write_rows(args, settings, commands, rows, dense_top1)
-    write_rows(args, settings, commands, rows, dense_top1)
-    print(summary_table(aggregate(rows), dense_top1))
+                    write_rows(args, ledger, rows)  # each row as it comes: a stopped run resumes
+    write_rows(args, ledger, rows)
+    print(summary_table(aggregate(rows), dense_top1, ledger.dense_params))
 
 
-def write_rows(args: argparse.Namespace, settings: dict[str, Any], commands: list[str], rows: list[dict[str, Any]],
-               dense_top1: float) -> None:
-    """The raw rows, their summary and how they were made, written atomically to --json (and the plot)."""
+@dataclass
+class Ledger:
+    """What a --json holds besides its rows: how they were made, and the teacher they are measured against."""
+
+    settings: dict[str, Any]
+    commands: list[str]
+    dense_top1: float
+    dense_params: int
+
+
+def write_rows(args: argparse.Namespace, ledger: Ledger, rows: list[dict[str, Any]]) -> None:
+    """The raw rows, their summary and how they were made, written atomically to --json (and the plot and the
+    Markdown table, where asked for)."""
     summary = aggregate(rows)
     if args.json is not None:
-        meta = {"format": FORMAT, "date": date.today().isoformat(), "settings": settings,
-                "commands": commands, "top1_dense": dense_top1}
+        meta = {"format": FORMAT, "date": date.today().isoformat(), "settings": ledger.settings,
+                "commands": ledger.commands, "top1_dense": ledger.dense_top1, "params_dense": ledger.dense_params}
         atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     if args.plot is not None and summary:
-        plot(summary, dense_top1, args.plot)
+        plot(summary, ledger.dense_top1, args.plot)
+    if args.markdown is not None and summary:
+        table = summary_table(summary, ledger.dense_top1, ledger.dense_params, markdown=True)
+        lines = "\n".join(per_seed_lines(rows))
+        atomic_write_text(args.markdown, f"{table}\n\nTop-1 after finetune, per seed:\n\n{lines}\n")
+
+
+def render(args: argparse.Namespace) -> None:
+    """--render: the plot and the Markdown table again from the rows in --json, nothing trained."""
+    if args.json is None or not args.json.is_file():
+        raise BadInput("--render needs an existing --json")
+    data = json.loads(args.json.read_text())
+    meta = data.get("meta", {})
+    ledger = Ledger(meta.get("settings", {}), meta.get("commands", []), meta["top1_dense"], meta.get("params_dense"))
+    write_rows(args, ledger, data["rows"])
+    print(summary_table(aggregate(data["rows"]), ledger.dense_top1, ledger.dense_params))
 
 
 if __name__ == "__main__":
