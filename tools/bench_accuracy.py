@@ -9,11 +9,16 @@ together with the backbone on the task. It is then compressed to each budget rat
   uniform        the same width fraction in every group (the widest one that fits), units kept by L1 magnitude
   l1             L1-magnitude importance of the same units, widths allocated by the budget enforcement
   random         random importance, widths allocated by the budget enforcement
+  ofb-arch       diagnostic, only when named: OFB's searched widths and unit ranking cut from the teacher's
+                 unscaled weights and finetuned as the one-shot baselines are. It separates the architecture
+                 the search finds from the training the search gives the weights; it sees the search's
+                 images on top of the finetune's, so it is not a like-for-like row
   torch-pruning  Torch-Pruning's isomorphic global pruning with group L2 magnitude (whole heads, per-head qkv
                  channels, MLP neurons, embedding), in small steps until the FLOPs fit (needs
                  `pip install 'ofbdeploy[bench]'`)
 Every method sees the same number of training images: OFB's search epochs plus its finetune epochs. The
-one-shot baselines spend them all as finetune; an OFB search that decides early spends the epochs it did not
+one-shot baselines spend them all as finetune, from the teacher's weights as they are (their scores rank
+units, they do not scale them); an OFB search that decides early spends the epochs it did not
 use as finetune too. Every pruned model is a plain timm ViT, evaluated before and after the same finetune
 (distillation from the teacher), exported to ONNX and timed against the dense model on ONNX Runtime CPU at
 batch 32 in one run (alternating, the profile protocol).
@@ -76,9 +81,11 @@ from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 from ofbdeploy.verify import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
-METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning")
+METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning", "ofb-arch")
+DIAGNOSTIC = ("ofb-arch",)  # run only when named
 LATENCY_METHODS = ("ofb-latency",)  # budget is a latency ratio; every other method's is a FLOPs ratio
-SEARCHED = ("ofb", "ofb-latency")
+SEARCHED = ("ofb", "ofb-latency", "ofb-arch")
+KEEPS_SEARCH_WEIGHTS = ("ofb", "ofb-latency")  # finetune the weights the search trained
 TORCH_PRUNING_MISSING = "the torch-pruning method needs Torch-Pruning: pip install 'ofbdeploy[bench]'"
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
@@ -148,7 +155,9 @@ def _uniform(model: SearchableViT, target: float) -> None:
 
 
 def _decide_by_scores(method: str, model: SearchableViT, ratio: float) -> None:
-    """uniform / l1 / random: score the units, then pick widths under the FLOPs budget."""
+    """uniform / l1 / random: score the units, then pick widths under the FLOPs budget. The kept units keep
+    the teacher's weights as they are (mix 0: the decided multipliers are 1, the scores only rank)."""
+    model.set_mix(0.0)
     target = ratio * ArchSpec.dense(model.shape).macs()
     if method == "random":
         with torch.no_grad():
@@ -179,6 +188,15 @@ def _search(model: SearchableViT, bench: Bench, ratio: float, seed: int, by_late
         extra.update(target_latency_ms=result.target_latency_ms, predicted_latency_ms=result.predicted_latency_ms,
                      predicted_dense_latency_ms=result.predicted_dense_latency_ms)
     return extra
+
+
+def _on_teacher_weights(spec: ArchSpec, teacher: nn.Module, model_name: str) -> SearchableViT:
+    """The teacher cut to the units ``spec`` keeps, unscaled: a searched architecture without its training."""
+    model = SearchableViT(copy.deepcopy(teacher), model_name=model_name)
+    model.set_mix(0.0)
+    model.apply_arch(spec)
+    model.decide_widest()
+    return model
 
 
 def _materialized(model: SearchableViT, extra: dict[str, Any]) -> Compressed:
@@ -320,7 +338,10 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
         return prune_with_torch_pruning(bench.teacher, ratio, bench.img_size, bench.prune_step)
     model = SearchableViT(copy.deepcopy(bench.teacher), model_name=bench.model_name)
     if method in SEARCHED:
-        return _materialized(model, _search(model, bench, ratio, seed, by_latency=method in LATENCY_METHODS))
+        extra = _search(model, bench, ratio, seed, by_latency=method in LATENCY_METHODS)
+        if method not in KEEPS_SEARCH_WEIGHTS:
+            model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
+        return _materialized(model, extra)
     _decide_by_scores(method, model, ratio)
     return _materialized(model, {})
 
@@ -334,7 +355,7 @@ def widths(model: nn.Module) -> dict[str, Any]:
 def finetune_epochs(method: str, bench: Bench, made: Compressed) -> int:
     """Equal training images for all: OFB's finetune plus the search epochs it did not run; the others get the
     search epochs as finetune."""
-    if method in SEARCHED:
+    if method in KEEPS_SEARCH_WEIGHTS:
         return bench.finetune.epochs + bench.search.epochs - made.extra["search_epochs_run"]
     return bench.finetune.epochs + bench.search.epochs
 
@@ -466,7 +487,7 @@ def choose_methods(asked: list[str] | None) -> list[str]:
     if not has_tp:
         print("warning: Torch-Pruning is not installed, leaving out the torch-pruning method "
               "(pip install 'ofbdeploy[bench]')", file=sys.stderr)
-    return [m for m in METHODS if has_tp or m != "torch-pruning"]
+    return [m for m in METHODS if (has_tp or m != "torch-pruning") and m not in DIAGNOSTIC]
 
 
 def _weights_digest(path: Path | None) -> str | None:
