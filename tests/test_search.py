@@ -1,5 +1,6 @@
 """The OFB search loop: losses, PMIM, budget, resume and DDP."""
 
+import copy
 import logging
 import math
 import os
@@ -120,6 +121,28 @@ def test_search_decides_and_meets_the_budget():
     assert result.achieved_macs == model.arch_spec().macs()
     assert result.target_macs == pytest.approx(0.5 * ArchSpec.dense(model.shape).macs())
     materialize(model)  # decided -> materialisable
+
+
+def test_a_widest_start_keeps_the_dense_function_and_the_search_still_meets_the_budget(monkeypatch):
+    torch.manual_seed(0)
+    vit = timm.create_model("ofb_vit_pico_patch4_32", img_size=16, num_classes=10)
+    dense = copy.deepcopy(vit).eval()  # before wrapping: the wrapper hooks the qkv and fc1 layers
+    model = SearchableViT(vit, model_name="ofb_vit_pico_patch4_32")
+    images = torch.randn(4, 3, 16, 16)
+    model.eval().set_mix(0.1)  # a search without warm-up starts at the final mixing weight
+    with torch.no_grad():
+        reference = dense(images)
+        uniform_gap = float((model(images) - reference).abs().max())
+        model.favour_widest_(8.0)
+        widest_gap = float((model(images) - reference).abs().max())
+    assert widest_gap < 0.1 * uniform_gap
+    calls = []
+    original = SearchableViT.favour_widest_
+    monkeypatch.setattr(SearchableViT, "favour_widest_", lambda self, logit: (calls.append(logit),
+                                                                              original(self, logit)))
+    model = _model()
+    result = run_search(model, _loader(), _cfg(widest_logit=4.0), Dist(), progress=False)
+    assert calls == [4.0] and model.all_decided and result.achieved_macs <= result.target_macs
 
 
 def test_impossible_budget_is_refused_before_training():

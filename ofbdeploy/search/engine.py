@@ -307,6 +307,8 @@ def run_search(
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         start = resumed = search.restore(load_checkpoint(checkpoint_path, ctx.device))
         log.info("search resumed from %s at epoch %d", checkpoint_path, start)
+    else:
+        model.favour_widest_(cfg.widest_logit)
     start = start or 0
     per_epoch = cfg.shrinks_per_epoch
     shrink_at = {max(0, round(search.steps * (k + 1) / per_epoch) - 1) for k in range(per_epoch)}

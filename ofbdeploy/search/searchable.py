@@ -174,6 +174,13 @@ class SearchableModel(nn.Module, ABC):
         return events
 
     @torch.no_grad()
+    def favour_widest_(self, logit: float) -> None:
+        """Raise every undecided group's widest-cell logit by ``logit``: the soft masks start near 1."""
+        for _, group in self.groups():
+            if not group.is_decided:
+                group.alpha[group.widest_cell()] += logit
+
+    @torch.no_grad()
     def most_probable_cells(self) -> dict[str, int]:
         """End of budget: the most probable live cell of every undecided group (not applied yet)."""
         return {name: int(torch.argmax(group.probs())) for name, group in self.groups() if not group.is_decided}
