@@ -177,3 +177,14 @@ def test_bench_int8_smoke(tmp_path):
     assert [(r["model"], r["file"]) for r in rows] == [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"),
                                                        ("pruned", "int8"), ("pruned", "u8-asym"), ("pruned", "all-qdq")]
     assert rows[0]["speedup_vs_dense_fp32"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+
+
+def test_search_start_smoke(tmp_path):
+    """The diagnostic prints the step-0 accuracies and which loss dominates the sparsity logits' gradient."""
+    proc = subprocess.run([sys.executable, str(TOOLS / "search_start.py"), "--smoke", "--cache", str(tmp_path),
+                           "--ratio", "0.5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    norms = {line.split()[0]: float(line.split()[-1]) for line in proc.stdout.splitlines()
+             if line.strip().startswith(("one-hot", "FLOPs"))}
+    assert "search model at step 0" in proc.stdout and "task + PMIM loss" in proc.stdout
+    assert norms["one-hot"] > norms["FLOPs"] > 0  # at the method's uniform start the one-hot loss leads
