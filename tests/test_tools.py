@@ -188,3 +188,6 @@ def test_search_start_smoke(tmp_path):
              if line.strip().startswith(("one-hot", "FLOPs"))}
     assert "search model at step 0" in proc.stdout and "task + PMIM loss" in proc.stdout
     assert norms["one-hot"] > norms["FLOPs"] > 0  # at the method's uniform start the one-hot loss leads
+    # a budget the search would refuse is refused here too: one line, exit 2
+    err = _run("search_start.py", "--smoke", "--cache", str(tmp_path), "--ratio", "0.01", code=2)
+    assert "cannot be met" in err and len(err.strip().splitlines()) == 1

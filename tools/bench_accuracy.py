@@ -504,6 +504,15 @@ def _weights_digest(path: Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def load_data(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, int]:
+    """The training and test loaders every row (and the teacher) uses, and the number of classes."""
+    train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.data_seed,
+                                                  limit_train=args.limit_train, limit_val=args.limit_val,
+                                                  crop_padding=2))
+    loader = build_loader(train, batch_size=args.batch_size, train=True, seed=args.data_seed)
+    return loader, build_loader(val, batch_size=256, train=False), classes
+
+
 def load_teacher(args: argparse.Namespace, classes: int, loader: DataLoader) -> nn.Module:
     """The dense teacher, made once per data/model/start weights/epochs and cached under --cache."""
     torch.manual_seed(args.data_seed)
@@ -633,11 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     commands = [*commands, command] if command not in commands else commands
     done = {(r.get("tag", ""), r["method"], r["ratio"], r["seed"]) for r in rows}
-    train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.data_seed,
-                                                  limit_train=args.limit_train, limit_val=args.limit_val,
-                                                  crop_padding=2))
-    loader = build_loader(train, batch_size=args.batch_size, train=True, seed=args.data_seed)
-    val_loader = build_loader(val, batch_size=256, train=False)
+    loader, val_loader, classes = load_data(args)
     teacher = load_teacher(args, classes, loader)
     dense_top1 = evaluate(teacher, val_loader, Dist())["top1"]
     check_same_teacher(rows, dense_top1, args.json, args.new_teacher)

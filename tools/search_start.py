@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.search.engine import Search
+from ofbdeploy.errors import OfbError
+from ofbdeploy.search.engine import Search, check_budget
 from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import evaluate
 
@@ -42,16 +42,13 @@ def logit_gradient_norm(model: SearchableViT, loss: Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = bench.parse_args(argv)
-    train, val, classes = build_datasets(DataSpec(kind=args.data, img_size=args.img_size, seed=args.data_seed,
-                                                  limit_train=args.limit_train, limit_val=args.limit_val,
-                                                  crop_padding=2))
-    loader = build_loader(train, batch_size=args.batch_size, train=True, seed=args.data_seed)
-    val_loader = build_loader(val, batch_size=256, train=False)
+    loader, val_loader, classes = bench.load_data(args)
     teacher: nn.Module = bench.load_teacher(args, classes, loader)
     cfg = bench.search_settings(args).model_copy(update={"target_flops_ratio": (args.ratio or [0.5])[0]})
     torch.manual_seed((args.seed or [0])[0])
     model = SearchableViT(copy.deepcopy(teacher), model_name=args.model)
     search = Search(model, loader, cfg, Dist(), 0, "off", logging.getLogger("search_start"), None)
+    check_budget(search.target, model.space, model.shape)  # the budget run_search would refuse, refused here
     keep = search.schedules(0)
     model.favour_widest_(cfg.widest_logit)
     mix = float(model.embed_group.mix)
@@ -72,6 +69,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except bench.BadInput as err:
+    except (bench.BadInput, OfbError) as err:
         print(f"search_start: {err}", file=sys.stderr)
         sys.exit(2)
