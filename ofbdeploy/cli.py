@@ -8,6 +8,7 @@ Every command ends through :meth:`_Group.invoke`, which maps what happened to th
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def _finish(error: BaseException) -> None:
                    f"(full traceback in {where})", err=True)
     else:
         click.echo(f"error: {one_line(str(error))}", err=True)
+    _settle_sigterm(code)
     sys.exit(int(code))
 
 
@@ -84,10 +86,13 @@ class _Group(_ExitCodesHelp, click.Group):
         except click.exceptions.ClickException as error:
             where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
             click.echo(f"error: {one_line(error.format_message())}{where}", err=True)
+            _settle_sigterm(ExitCode.BAD_INPUT)
             sys.exit(int(ExitCode.BAD_INPUT))
         except click.exceptions.Abort as error:  # Ctrl-C while click itself was running
             _finish(KeyboardInterrupt(str(error)))
-        sys.exit(result if isinstance(result, int) else 0)
+        code = result if isinstance(result, int) else 0
+        _settle_sigterm(code)
+        sys.exit(code)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -98,14 +103,33 @@ class _Group(_ExitCodesHelp, click.Group):
             _finish(error)
 
 
+def _sigterm_interrupts(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _interrupt_on_sigterm() -> None:
     """torchrun stops its workers with SIGTERM: treat it like Ctrl-C (locks released, exit 130)."""
-    def handler(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGTERM, _sigterm_interrupts)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _settle_sigterm(code: int) -> None:
+    """Once the outcome is decided, a SIGTERM only ends the process with that outcome's code.
+
+    torchrun SIGTERMs the other workers as soon as one fails; a worker that already printed its own line
+    and is shutting down would otherwise print a KeyboardInterrupt traceback from interpreter shutdown.
+    """
+    def exit_with_outcome(_signum: int, _frame: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is _sigterm_interrupts:
+            signal.signal(signal.SIGTERM, exit_with_outcome)
     except ValueError:  # not the main thread
         pass
 

@@ -223,6 +223,31 @@ def test_the_torchrun_launcher_keeps_the_exit_codes(tmp_path):
     assert "Traceback" not in proc.stderr and "recipe not found" in proc.stderr
 
 
+
+def test_a_sigterm_after_the_outcome_keeps_its_code_and_prints_no_traceback(tmp_path):
+    """torchrun SIGTERMs the other workers once one failed; one already exiting keeps its code, quietly.
+
+    The race (SIGTERM arriving during interpreter shutdown) is forced: the signal is sent after the
+    outcome line is printed and before the process ends.
+    """
+    script = tmp_path / "late_sigterm.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from ofbdeploy import cli\n"
+        "from ofbdeploy.errors import InputError\n"
+        "cli._interrupt_on_sigterm()\n"
+        "assert signal.getsignal(signal.SIGTERM) is cli._sigterm_interrupts\n"
+        "try:\n"
+        "    cli._finish(InputError('recipe not found: x.yaml'))\n"
+        "except SystemExit:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "sys.exit(0)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip() == "error: recipe not found: x.yaml"
+
+
 # -- check: a gate that cannot be fooled -------------------------------------------------------------
 @pytest.fixture
 def checked_run(tmp_path) -> Path:
