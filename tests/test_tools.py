@@ -17,11 +17,11 @@ TOOLS = Path(__file__).parent.parent / "tools"
 PICO = "ofb_vit_pico_patch4_32"
 
 
-def _run(script: str, *args: str, code: int = 0) -> str:
-    """Runs a tool, checks its exit code and returns its stderr."""
+def _run(script: str, *args: str, code: int = 0, stdout: bool = False) -> str:
+    """Runs a tool, checks its exit code and returns its stderr (its stdout if asked)."""
     proc = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == code, proc.stderr[-2000:]
-    return proc.stderr
+    return proc.stdout if stdout else proc.stderr
 
 
 def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
@@ -56,10 +56,12 @@ def test_bench_latency_smoke(tmp_path, synthetic_lut):
 
 def test_bench_accuracy_smoke(tmp_path):
     out, plot, table = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "acc.md"
-    _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--plot", str(plot),
-         "--markdown", str(table))
+    log = _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--plot",
+               str(plot), "--markdown", str(table), stdout=True)
     result = json.loads(out.read_text())
     rows = result["rows"]
+    # a background run says what it is doing: the LUT build and each row as it finishes
+    assert "latency table built" in log and all(f"row {i}/6 done" in log for i in range(1, 7)), log[-2000:]
     assert [r["method"] for r in rows] == ["ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning"]
     assert all(0 <= r["top1"] <= 100 and 0 <= r["top1_before_finetune"] <= 100 and r["speedup_ort_cpu_b32"] > 0
                and r["latency_ms_pruned_ort_cpu_b32"] > 0 and r["latency_ms_dense_ort_cpu_b32"] > 0 and r["seed"] == 0

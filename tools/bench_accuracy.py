@@ -46,6 +46,7 @@ import logging
 import math
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -636,7 +637,9 @@ def main(argv: list[str] | None = None) -> None:
         render(args)
         return
     methods = choose_methods(args.method)
-    logging.basicConfig(level=logging.WARNING)
+    # one greppable line per stage and per row on stdout (these runs take hours in the background);
+    # stderr keeps warnings and the one-line errors
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     settings = settings_record(args)
     rows, commands = read_rows(args.json, settings)
     command = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -660,14 +663,16 @@ def main(argv: list[str] | None = None) -> None:
                                    warmup_epochs=0, label_smoothing=0.1, distill_alpha=0.5, distill_temperature=2.0),
             export_dir=Path(tmp),
             dense_onnx=export_models({"dense": teacher}, Path(tmp) / "dense", EXPORT, img_size=args.img_size))
-        for ratio in args.ratio or [0.5]:
-            for seed in args.seed:
-                for method in methods:
-                    if (args.tag, method, ratio, seed) in done:
-                        continue
-                    row = run_method(method, ratio, seed, bench)
-                    rows.append({**row, "tag": args.tag, "top1_dense": dense_top1})
-                    write_rows(args, ledger, rows)  # each row as it comes: a stopped run resumes
+        todo = [(ratio, seed, method) for ratio in args.ratio or [0.5] for seed in args.seed for method in methods
+                if (args.tag, method, ratio, seed) not in done]
+        log.info("%d rows to run (%d already in %s)", len(todo), len(done), args.json)
+        for i, (ratio, seed, method) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            row = run_method(method, ratio, seed, bench)
+            rows.append({**row, "tag": args.tag, "top1_dense": dense_top1})
+            write_rows(args, ledger, rows)  # each row as it comes: a stopped run resumes
+            log.info("row %d/%d done in %.0f s: %s at %.2f seed %d: top-1 %s, FLOPs ratio %s", i, len(todo),
+                     time.perf_counter() - t0, method, ratio, seed, row.get("top1"), row.get("flops_ratio"))
     write_rows(args, ledger, rows)
     print(summary_table(aggregate(rows), dense_top1, ledger.dense_params))
 
