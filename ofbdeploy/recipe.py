@@ -140,6 +140,11 @@ class SearchCfg(_Strict):
     fill_budget: bool = Field(
         True, description="when the epochs run out, widen the forced decisions toward the budget by importance"
     )
+    logit_init: Literal["random", "zeros"] = Field(
+        "random", description="the sparsity logits' start: random draws each cell's from U(0, 1) (the method); "
+        "zeros starts every group uniform, where the one-hot loss has no gradient, so the task and budget losses "
+        "choose the direction before the one-hot loss commits to it"
+    )
     widest_logit: float = Field(
         0.0, ge=0, description="added to every group's widest-cell logit when a search starts: 0 is the method's "
         "uniform start, whose soft masks scale most units down at step 0 (a pretrained model drops to chance); "

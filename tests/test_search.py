@@ -133,16 +133,37 @@ def test_a_widest_start_keeps_the_dense_function_and_the_search_still_meets_the_
     with torch.no_grad():
         reference = dense(images)
         uniform_gap = float((model(images) - reference).abs().max())
-        model.favour_widest_(8.0)
+        model.start_logits_("random", 8.0)
         widest_gap = float((model(images) - reference).abs().max())
     assert widest_gap < 0.1 * uniform_gap
     calls = []
-    original = SearchableViT.favour_widest_
-    monkeypatch.setattr(SearchableViT, "favour_widest_", lambda self, logit: (calls.append(logit),
-                                                                              original(self, logit)))
+    original = SearchableViT.start_logits_
+    monkeypatch.setattr(SearchableViT, "start_logits_", lambda self, init, widest: (calls.append((init, widest)),
+                                                                                   original(self, init, widest)))
     model = _model()
     result = run_search(model, _loader(), _cfg(widest_logit=4.0), Dist(), progress=False)
-    assert calls == [4.0] and model.all_decided and result.achieved_macs <= result.target_macs
+    assert calls == [("random", 4.0)] and model.all_decided and result.achieved_macs <= result.target_macs
+
+
+def test_a_zero_logit_start_leaves_the_direction_to_the_task_and_budget_losses():
+    """Equal logits: the one-hot loss has no gradient at step 0 (the drawn start gives it the largest)."""
+    model = _model()
+    model.start_logits_("zeros")
+    groups = [group for _, group in model.groups()]
+    assert all(bool((g.alpha == 0).all()) for g in groups)
+    onehot = sum(onehot_loss(g) for g in groups)
+    grads = torch.autograd.grad(onehot, [g.alpha for g in groups], allow_unused=True)
+    assert all(gr is None or float(gr.abs().max()) < 1e-6 for gr in grads)
+    drawn = _model()
+    onehot = sum(onehot_loss(g) for _, g in drawn.groups())
+    grads = torch.autograd.grad(onehot, [g.alpha for _, g in drawn.groups()])
+    assert max(float(gr.abs().max()) for gr in grads) > 1.0
+    # and the search run with it from a recipe still decides every group within the budget
+    model = _model()
+    result = run_search(model, _loader(), _cfg(logit_init="zeros"), Dist(), progress=False)
+    assert model.all_decided and result.achieved_macs <= result.target_macs
+    with pytest.raises(ValueError, match="logit init"):
+        model.start_logits_("ones")
 
 
 def test_impossible_budget_is_refused_before_training():

@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     search = Search(model, loader, cfg, Dist(), 0, "off", logging.getLogger("search_start"), None)
     check_budget(search.target, model.space, model.shape)  # the budget run_search would refuse, refused here
     keep = search.schedules(0)
-    model.favour_widest_(cfg.widest_logit)
+    model.start_logits_(cfg.logit_init, cfg.widest_logit)
     mix = float(model.embed_group.mix)
     print(f"teacher top-1 {evaluate(teacher, val_loader, Dist())['top1']:.2f}%")
-    print(f"search model at step 0 (mixing weight {mix:.2f}, widest_logit {cfg.widest_logit:g}): top-1 "
+    print(f"search model at step 0 (mixing weight {mix:.2f}, logit_init {cfg.logit_init}, widest_logit "
+          f"{cfg.widest_logit:g}): top-1 "
           f"{evaluate(model, val_loader, Dist())['top1']:.2f}%, expected MACs "
           f"{float(model.expected_macs().detach()) / ArchSpec.dense(model.shape).macs():.1%} of dense")
     model.train()

@@ -308,7 +308,7 @@ def run_search(
         start = resumed = search.restore(load_checkpoint(checkpoint_path, ctx.device))
         log.info("search resumed from %s at epoch %d", checkpoint_path, start)
     else:
-        model.favour_widest_(cfg.widest_logit)
+        model.start_logits_(cfg.logit_init, cfg.widest_logit)
     start = start or 0
     per_epoch = cfg.shrinks_per_epoch
     shrink_at = {max(0, round(search.steps * (k + 1) / per_epoch) - 1) for k in range(per_epoch)}

@@ -174,11 +174,21 @@ class SearchableModel(nn.Module, ABC):
         return events
 
     @torch.no_grad()
-    def favour_widest_(self, logit: float) -> None:
-        """Raise every undecided group's widest-cell logit by ``logit``: the soft masks start near 1."""
+    def start_logits_(self, init: str = "random", widest: float = 0.0) -> None:
+        """The sparsity logits a fresh search starts from (see ``search.logit_init`` and ``widest_logit``).
+
+        "random" keeps the drawn U(0, 1) logits (the method); "zeros" makes the cells equal, where the
+        one-hot loss has no gradient, so the task and budget losses choose each group's direction. Then the
+        widest cell's logit is raised by ``widest`` (soft masks near 1).
+        """
+        if init not in ("random", "zeros"):
+            raise ValueError(f"logit init {init!r}: expected 'random' or 'zeros'")
         for _, group in self.groups():
-            if not group.is_decided:
-                group.alpha[group.widest_cell()] += logit
+            if group.is_decided:
+                continue
+            if init == "zeros":
+                group.alpha.zero_()
+            group.alpha[group.widest_cell()] += widest
 
     @torch.no_grad()
     def most_probable_cells(self) -> dict[str, int]:
