@@ -99,12 +99,16 @@ def test_bench_accuracy_smoke(tmp_path):
     _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--new-teacher")
     summary = json.loads(out.read_text())["summary"]
     assert all(s["top1_dense"] == [-1.0] and abs(s["vs_dense"] - s["top1"] - 1.0) < 1e-6 for s in summary)
-    # the diagnostic ofb-arch runs only when named: searched widths, teacher weights, the baselines' finetune
+    # the diagnostics run only when named: searched widths on the teacher's weights, finetuned as the
+    # baselines are (ofb-arch) or for OFB's own finetune epochs (ofb-restart, as many images as OFB)
     _run("bench_accuracy.py", "--smoke", "--cache", str(tmp_path / "cache"), "--json", str(out), "--new-teacher",
-         "--method", "ofb-arch")
-    arch_row = json.loads(out.read_text())["rows"][-1]
-    assert arch_row["method"] == "ofb-arch" and arch_row["flops_ratio"] <= arch_row["ratio"]
+         "--method", "ofb-arch", "--method", "ofb-restart")
+    arch_row, restart_row = json.loads(out.read_text())["rows"][-2:]
+    assert arch_row["method"] == "ofb-arch" and restart_row["method"] == "ofb-restart"
+    assert all(r["flops_ratio"] <= r["ratio"] for r in (arch_row, restart_row))
     assert arch_row["finetune_epochs"] == rows[2]["finetune_epochs"]  # as many as uniform's, not OFB's
+    assert restart_row["finetune_epochs"] == rows[0]["finetune_epochs"] < arch_row["finetune_epochs"]  # OFB's
+    assert restart_row["blocks"] == arch_row["blocks"]  # the same seed's search: the same architecture
 
 
 def _bench_accuracy():

@@ -13,6 +13,8 @@ together with the backbone on the task. It is then compressed to each budget rat
                  unscaled weights and finetuned as the one-shot baselines are. It separates the architecture
                  the search finds from the training the search gives the weights; it sees the search's
                  images on top of the finetune's, so it is not a like-for-like row
+  ofb-restart    diagnostic, only when named: as ofb-arch, but finetuned for OFB's own finetune epochs, so
+                 it sees as many images as OFB (the search's, then the finetune's): like-for-like with ofb
   torch-pruning  Torch-Pruning's isomorphic global pruning with group L2 magnitude (whole heads, per-head qkv
                  channels, MLP neurons, embedding), in small steps until the FLOPs fit (needs
                  `pip install 'ofbdeploy[bench]'`)
@@ -82,11 +84,12 @@ from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 from ofbdeploy.verify import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
-METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning", "ofb-arch")
-DIAGNOSTIC = ("ofb-arch",)  # run only when named
+METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning", "ofb-arch", "ofb-restart")
+DIAGNOSTIC = ("ofb-arch", "ofb-restart")  # run only when named
 LATENCY_METHODS = ("ofb-latency",)  # budget is a latency ratio; every other method's is a FLOPs ratio
-SEARCHED = ("ofb", "ofb-latency", "ofb-arch")
+SEARCHED = ("ofb", "ofb-latency", "ofb-arch", "ofb-restart")
 KEEPS_SEARCH_WEIGHTS = ("ofb", "ofb-latency")  # finetune the weights the search trained
+SEARCH_IS_TRAINING = ("ofb", "ofb-latency", "ofb-restart")  # the search's images count against their finetune
 TORCH_PRUNING_MISSING = "the torch-pruning method needs Torch-Pruning: pip install 'ofbdeploy[bench]'"
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
@@ -356,7 +359,7 @@ def widths(model: nn.Module) -> dict[str, Any]:
 def finetune_epochs(method: str, bench: Bench, made: Compressed) -> int:
     """Equal training images for all: OFB's finetune plus the search epochs it did not run; the others get the
     search epochs as finetune."""
-    if method in KEEPS_SEARCH_WEIGHTS:
+    if method in SEARCH_IS_TRAINING:
         return bench.finetune.epochs + bench.search.epochs - made.extra["search_epochs_run"]
     return bench.finetune.epochs + bench.search.epochs
 
