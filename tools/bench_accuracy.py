@@ -435,24 +435,29 @@ def summary_table(summary: list[dict[str, Any]], dense_top1: float, dense_params
     teachers = sorted({t for e in summary for t in e["top1_dense"]}) or [dense_top1]
     rows = [("dense", "", "-", "100.0", params, "-", " / ".join(f"{t:.2f}" for t in teachers), "-", "-", "1.00x")]
     for e in summary:
-        target = f"latency {100 * e['ratio']:.0f}%" if e["budget"] == "latency" else f"{100 * e['ratio']:.0f}%"
-        rows.append((e["method"], e["tag"], target, pm(e, "flops_ratio", ".1f", 100), f"{e['params'] / 1e6:.2f}",
+        rows.append((e["method"], e["tag"], target_label(e["budget"], e["ratio"]), pm(e, "flops_ratio", ".1f", 100),
+                     f"{e['params'] / 1e6:.2f}",
                      pm(e, "top1_before_finetune", ".2f"), pm(e, "top1", ".2f"), pm(e, "vs_dense", "+.2f"),
                      str(len(e["seeds"])), pm(e, "speedup_ort_cpu_b32", ".2f") + "x"))
     return format_table(("method", "tag", "target", "FLOPs % of dense", "params (M)", "top-1 before ft",
                          "top-1", "vs dense", "seeds", "ORT CPU b32 speedup"), rows, markdown=markdown)
 
 
+def target_label(budget: str, ratio: float) -> str:
+    """"30%" for a FLOPs budget, "latency 30%" for a latency one."""
+    return f"latency {100 * ratio:.0f}%" if budget == "latency" else f"{100 * ratio:.0f}%"
+
+
 def per_seed_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Top-1 after finetune of every seed, per (tag, method, budget): the raw numbers behind the means."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for row in rows:
         if "top1" in row:
-            groups.setdefault((row.get("tag", ""), row["method"], row["ratio"]), []).append(row)
-    return [f"- {method}{f' [{tag}]' if tag else ''} at {100 * ratio:.0f}%: "
+            groups.setdefault((row.get("tag", ""), row["method"], row["budget"], row["ratio"]), []).append(row)
+    return [f"- {method}{f' [{tag}]' if tag else ''} at {target_label(budget, ratio)}: "
             + " / ".join(f"{r['top1']:.2f}" for r in sorted(members, key=lambda r: r["seed"]))
             + f" (seeds {', '.join(str(r['seed']) for r in sorted(members, key=lambda r: r['seed']))})"
-            for (tag, method, ratio), members in groups.items()]
+            for (tag, method, budget, ratio), members in groups.items()]
 
 
 def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
@@ -462,17 +467,19 @@ def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(e["tag"], e["method"]) for e in summary}):
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = plt.get_cmap("tab20").colors  # one colour per line however many ablations there are
+    for i, key in enumerate(sorted({(e["tag"], e["method"]) for e in summary}, key=lambda k: (k[0] != "", k))):
         points = sorted((e for e in summary if (e["tag"], e["method"]) == key), key=lambda e: e["flops_ratio"])
         label = key[1] + (f" [{key[0]}]" if key[0] else "")
         ax.errorbar([100 * e["flops_ratio"] for e in points], [e["top1"] for e in points],
                     xerr=[100 * e["flops_ratio_std"] for e in points], yerr=[e["top1_std"] for e in points],
-                    marker="o", capsize=3, label=label)
+                    marker="s" if key[0] else "o", linestyle="--" if key[0] else "-", capsize=3, label=label,
+                    color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
     ax.axhline(dense_top1, color="grey", linestyle="--", label="dense")
-    ax.set_xlabel("FLOPs, % of dense")
+    ax.set_xlabel("FLOPs, % of dense (ofb-latency: whatever its latency budget gave)")
     ax.set_ylabel("top-1 % after finetune (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over a point
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
