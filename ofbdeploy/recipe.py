@@ -147,7 +147,7 @@ class SearchCfg(_Strict):
     )
     widest_logit: float = Field(
         0.0, ge=0, description="added to every group's widest-cell logit when a search starts: 0 is the method's "
-        "uniform start, whose soft masks scale most units down at step 0 (a pretrained model drops to chance); "
+        "start, whose soft masks scale most units down at step 0 (a pretrained model drops to chance); "
         "4 starts near the dense model's function where the mixing weight is low (no warm-up)"
     )
     mix_start: float = Field(0.99, ge=0, le=1)
