@@ -84,12 +84,29 @@ from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 from ofbdeploy.verify import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
-METHODS = ("ofb", "ofb-latency", "uniform", "l1", "random", "torch-pruning", "ofb-arch", "ofb-restart")
-DIAGNOSTIC = ("ofb-arch", "ofb-restart")  # run only when named
-LATENCY_METHODS = ("ofb-latency",)  # budget is a latency ratio; every other method's is a FLOPs ratio
-SEARCHED = ("ofb", "ofb-latency", "ofb-arch", "ofb-restart")
-KEEPS_SEARCH_WEIGHTS = ("ofb", "ofb-latency")  # finetune the weights the search trained
-SEARCH_IS_TRAINING = ("ofb", "ofb-latency", "ofb-restart")  # the search's images count against their finetune
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method makes its pruned model and how its training images are counted."""
+
+    searched: bool = False  # runs the OFB search
+    by_latency: bool = False  # its budget is a latency ratio; otherwise a FLOPs ratio
+    keeps_weights: bool = False  # finetunes the weights the search trained; otherwise cut from the teacher's
+    search_is_training: bool = False  # the search's images count against its finetune
+    diagnostic: bool = False  # run only when named
+
+
+METHODS = {
+    "ofb": Method(searched=True, keeps_weights=True, search_is_training=True),
+    "ofb-latency": Method(searched=True, by_latency=True, keeps_weights=True, search_is_training=True),
+    "uniform": Method(),
+    "l1": Method(),
+    "random": Method(),
+    "torch-pruning": Method(),
+    "ofb-arch": Method(searched=True, diagnostic=True),
+    "ofb-restart": Method(searched=True, search_is_training=True, diagnostic=True),
+}
 TORCH_PRUNING_MISSING = "the torch-pruning method needs Torch-Pruning: pip install 'ofbdeploy[bench]'"
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
@@ -341,9 +358,9 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
     if method == "torch-pruning":
         return prune_with_torch_pruning(bench.teacher, ratio, bench.img_size, bench.prune_step)
     model = SearchableViT(copy.deepcopy(bench.teacher), model_name=bench.model_name)
-    if method in SEARCHED:
-        extra = _search(model, bench, ratio, seed, by_latency=method in LATENCY_METHODS)
-        if method not in KEEPS_SEARCH_WEIGHTS:
+    if METHODS[method].searched:
+        extra = _search(model, bench, ratio, seed, by_latency=METHODS[method].by_latency)
+        if not METHODS[method].keeps_weights:
             model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
         return _materialized(model, extra)
     _decide_by_scores(method, model, ratio)
@@ -359,7 +376,7 @@ def widths(model: nn.Module) -> dict[str, Any]:
 def finetune_epochs(method: str, bench: Bench, made: Compressed) -> int:
     """Equal training images for all: OFB's finetune plus the search epochs it did not run; the others get the
     search epochs as finetune."""
-    if method in SEARCH_IS_TRAINING:
+    if METHODS[method].search_is_training:
         return bench.finetune.epochs + bench.search.epochs - made.extra["search_epochs_run"]
     return bench.finetune.epochs + bench.search.epochs
 
@@ -387,7 +404,7 @@ def finetune_and_measure(method: str, made: Compressed, bench: Bench, seed: int)
 def run_method(method: str, ratio: float, seed: int, bench: Bench) -> dict[str, Any]:
     """One JSON row: compress, then the shared finetune and measurements, and the widths reached. A budget
     the method cannot meet (e.g. a latency below the narrowest architecture's) is a row saying so."""
-    row = {"method": method, "budget": "latency" if method in LATENCY_METHODS else "flops", "ratio": ratio,
+    row = {"method": method, "budget": "latency" if METHODS[method].by_latency else "flops", "ratio": ratio,
            "seed": seed}
     try:
         made = compress(method, bench, ratio, seed)
@@ -475,7 +492,7 @@ def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
         ax.errorbar([100 * e["flops_ratio"] for e in points], [e["top1"] for e in points],
                     xerr=[100 * e["flops_ratio_std"] for e in points], yerr=[e["top1_std"] for e in points],
                     marker="s" if key[0] else "o", linestyle="--" if key[0] else "-", capsize=3, label=label,
-                    color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
+                    color=colours[(2 * i + i // 10) % 20])  # tab20's dark shades first, then its light ones
     ax.axhline(dense_top1, color="grey", linestyle="--", label="dense")
     ax.set_xlabel("FLOPs, % of dense (ofb-latency: whatever its latency budget gave)")
     ax.set_ylabel("top-1 % after finetune (mean ± std over seeds)")
@@ -498,7 +515,7 @@ def choose_methods(asked: list[str] | None) -> list[str]:
     if not has_tp:
         print("warning: Torch-Pruning is not installed, leaving out the torch-pruning method "
               "(pip install 'ofbdeploy[bench]')", file=sys.stderr)
-    return [m for m in METHODS if (has_tp or m != "torch-pruning") and m not in DIAGNOSTIC]
+    return [m for m, kind in METHODS.items() if (has_tp or m != "torch-pruning") and not kind.diagnostic]
 
 
 def _weights_digest(path: Path | None) -> str | None:
@@ -606,7 +623,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="pretrained weights to start the teacher from (its head is trained on the task)")
     parser.add_argument("--ratio", action="append", type=float, help="budget: FLOPs (latency for ofb-latency) ratio")
-    parser.add_argument("--method", action="append", choices=METHODS)
+    parser.add_argument("--method", action="append", choices=list(METHODS))
     parser.add_argument("--seed", action="append", type=int, help="compression/finetune seed (repeatable)")
     parser.add_argument("--data-seed", type=int, default=0, help="training subset and teacher: one for all rows")
     parser.add_argument("--teacher-epochs", type=int, default=30)
