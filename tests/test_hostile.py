@@ -223,7 +223,6 @@ def test_the_torchrun_launcher_keeps_the_exit_codes(tmp_path):
     assert "Traceback" not in proc.stderr and "recipe not found" in proc.stderr
 
 
-
 def test_a_sigterm_after_the_outcome_keeps_its_code_and_prints_no_traceback(tmp_path):
     """torchrun SIGTERMs the other workers once one failed; one already exiting keeps its code, quietly.
 

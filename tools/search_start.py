@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{float(model.expected_macs().detach()) / ArchSpec.dense(model.shape).macs():.1%} of dense")
     model.train()
     batches = iter(loader)
-    task = [logit_gradient_norm(model, search._micro_loss(*next(batches), keep)[2]) for _ in range(GRADIENT_BATCHES)]
+    task = [logit_gradient_norm(model, search.micro_loss(*next(batches), keep)[2]) for _ in range(GRADIENT_BATCHES)]
     onehot, budget = search.regulariser()
     print("gradient norm over the sparsity logits at step 0:")
     print(f"  task + PMIM loss  {min(task):.3g} - {max(task):.3g} ({GRADIENT_BATCHES} batches of {args.batch_size})")

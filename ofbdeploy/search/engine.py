@@ -202,7 +202,7 @@ class Search:
                 budget = budget + self.cfg.latency.weight * self.latency.loss(self.model)
         return onehot, budget
 
-    def _micro_loss(self, images: Tensor, labels: Tensor, keep: float) -> tuple[Tensor, Tensor, Tensor]:
+    def micro_loss(self, images: Tensor, labels: Tensor, keep: float) -> tuple[Tensor, Tensor, Tensor]:
         """Task loss, PMIM loss (zero when PMIM is off) and their weighted sum for one micro-batch."""
         device = self.ctx.device
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -229,7 +229,7 @@ class Search:
         for k, (images, labels) in enumerate(batches):
             last = k == len(batches) - 1
             with contextlib.nullcontext() if last else self.replica.no_sync():
-                task, pmim, loss = self._micro_loss(images, labels, keep)
+                task, pmim, loss = self.micro_loss(images, labels, keep)
                 loss = loss / len(batches)
                 if last:  # the regularisers once per optimiser step, in the backward that all-reduces
                     onehot, budget = self.regulariser()
