@@ -327,8 +327,8 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
         raise click.BadParameter("expected min,opt,max with min <= opt <= max", param_hint="--batch-range")
     _check_free_dir(path / "export", "export", force)
 
+    from ofbdeploy.deploy.config import ExportCfg
     from ofbdeploy.deploy.workflow import export_models
-    from ofbdeploy.recipe import ExportCfg
 
     with _Target(path) as target:
         # a run keeps its recipe's other export settings (calibration sample size, simplification, ...)
@@ -387,8 +387,8 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     cannot run here is an error (exit 2) naming it, and the last profile.json is left as it was.
     """
     from ofbdeploy.arch import ArchSpec
+    from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
-    from ofbdeploy.recipe import ExportCfg, ProfileCfg
     from ofbdeploy.report.render import format_skip, latency_table
     from ofbdeploy.rundir import to_json
 

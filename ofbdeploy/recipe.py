@@ -13,21 +13,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ofbdeploy.config import Strict
+from ofbdeploy.deploy.config import Backend, ExportCfg, Precision, ProfileCfg
 from ofbdeploy.errors import OfbError, one_line
 from ofbdeploy.io import atomic_write_text, read_text
+from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.report.config import BudgetCfg, LatencyLimit, SpeedupLimit
+
+__all__ = [  # sections declared by the layers that read them, re-exported for recipe users
+    "Backend", "BudgetCfg", "ExportCfg", "LatencyLimit", "LatencyTargetCfg", "Precision", "ProfileCfg", "Recipe",
+    "RecipeError", "SearchCfg", "SpeedupLimit", "load_recipe",
+]
 
 
 class RecipeError(OfbError, ValueError):
     """A recipe that cannot be run as written."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class ModelCfg(_Strict):
+class ModelCfg(Strict):
     """The dense model the run starts from."""
 
     name: str = Field(description="timm model name, e.g. deit_small_patch16_224, or an ofb_vit_* test config")
@@ -37,14 +42,14 @@ class ModelCfg(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
 
 
-class AugmentCfg(_Strict):
+class AugmentCfg(Strict):
     hflip: float = Field(0.0, ge=0, le=1)
     crop_padding: int = Field(0, ge=0)
     random_erasing: float = Field(0.0, ge=0, le=1)
     randaugment: str | None = Field(None, description="timm RandAugment string (ImageFolder data only)")
 
 
-class DataCfg(_Strict):
+class DataCfg(Strict):
     kind: Literal["digits", "fashion_mnist", "imagefolder", "synthetic"]
     root: str | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
@@ -62,7 +67,7 @@ class DataCfg(_Strict):
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
 
-class PretrainCfg(_Strict):
+class PretrainCfg(Strict):
     """Training of the dense model before the search, for users without pretrained weights."""
 
     epochs: int = Field(0, ge=0, description="0: use the dense model as built/loaded")
@@ -75,14 +80,14 @@ class PretrainCfg(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
-class LossWeights(_Strict):
+class LossWeights(Strict):
     head: float = Field(0.5, ge=0)
     mlp: float = Field(0.5, ge=0)
     embedding: float = Field(0.5, ge=0)
     flops: float = Field(5.0, ge=0)
 
 
-class PMIMCfg(_Strict):
+class PMIMCfg(Strict):
     enabled: bool = True
     keep_start: float = Field(0.95, gt=0, le=1)
     keep_end: float = Field(0.75, gt=0, le=1)
@@ -91,34 +96,7 @@ class PMIMCfg(_Strict):
                              "authors' code) or per patch")
 
 
-Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
-
-
-class LatencyTargetCfg(_Strict):
-    """A latency budget on a target device, steered by a measured lookup table (LUT)."""
-
-    target_ms: float | None = Field(None, gt=0, description="predicted latency budget in milliseconds")
-    target_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of the dense latency")
-    backend: Backend = "ort-cpu"
-    batch: int = Field(1, ge=1)
-    precision: Precision = "fp32"
-    weight: float = Field(5.0, ge=0, description="weight of the latency loss (like loss_weights.flops)")
-    lut: str | None = Field(None, description="a LUT file from `ofbdeploy lut build`; default: cache, else build")
-    cache_dir: str | None = Field(None, description="LUT cache directory (default ~/.cache/ofbdeploy/lut)")
-    embed_points: int = Field(4, ge=1, description="embedding widths measured when building the LUT")
-    width_points: int = Field(3, ge=1, description="head widths and MLP widths measured per embedding width")
-    random_points: int = Field(16, ge=0, description="random uneven models measured when building the LUT")
-    repeats: int = Field(20, ge=5)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> LatencyTargetCfg:
-        if (self.target_ms is None) == (self.target_ratio is None):
-            raise ValueError("give exactly one of target_ms and target_ratio")
-        return self
-
-
-class SearchCfg(_Strict):
+class SearchCfg(Strict):
     target_flops_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of dense MACs")
     target_gflops: float | None = Field(None, gt=0, description="budget in G multiply-accumulates")
     epochs: int = Field(100, ge=1)
@@ -170,13 +148,13 @@ class SearchCfg(_Strict):
         return self
 
 
-class DistillCfg(_Strict):
+class DistillCfg(Strict):
     enabled: bool = True
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha on labels)")
 
 
-class FinetuneCfg(_Strict):
+class FinetuneCfg(Strict):
     epochs: int = Field(300, ge=0)
     lr: float = Field(1.5e-4, gt=0, description="per 256 images (6e-4 at batch 1024, the authors' setting)")
     min_lr: float = Field(1e-5, ge=0)
@@ -191,92 +169,7 @@ class FinetuneCfg(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
-class ExportCfg(_Strict):
-    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines built from it.
-
-    Every precision is decided in the ONNX graph: fp32, fp16 (LayerNorm kept in fp32) and int8 as an explicitly
-    quantised Q/DQ graph. TensorRT builds strongly typed engines from those files, so one int8 artifact runs on
-    ONNX Runtime CPU (where its accuracy is measured) and on TensorRT alike.
-    """
-
-    enabled: bool = True
-    opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
-    fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
-    int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
-    simplify: bool = True
-    check_images: int = Field(64, ge=1, description="validation images for the parity checks")
-    trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
-    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
-        default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
-    batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
-    calibration_images: int = Field(
-        512, ge=1, description="int8 calibration: a seeded, class-balanced sample of the training split through the "
-                               "eval transform")
-    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
-        "minmax", description="how int8 activation ranges are taken from the calibration images")
-    accuracy_images: int | None = Field(
-        None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
-                                "of every exported file; default: the whole validation split")
-
-    def onnx_precisions(self) -> list[str]:
-        """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
-        wanted = {"fp32"} | {p for p, on in (("fp16", self.fp16), ("int8", self.int8)) if on}
-        wanted |= set(self.trt_precisions) if self.trt else set()
-        return [p for p in ("fp32", "fp16", "int8") if p in wanted]
-
-
-class ProfileCfg(_Strict):
-    """Latency of dense and pruned, measured alternately in one process on each backend and precision."""
-
-    enabled: bool = True
-    backends: list[Backend] = Field(default_factory=lambda: ["ort-cpu"])
-    precisions: list[Precision] = Field(
-        default_factory=lambda: ["fp32"], description="each measured on every backend that runs it (int8: the Q/DQ "
-                                                      "ONNX or engine); `precision: x` is read as [x]")
-    batches: list[int] = Field(default_factory=lambda: [1, 32])
-    warmup: int = Field(10, ge=0)
-    repeats: int = Field(50, ge=5)
-    threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
-    tf32: bool = Field(True, description="one TF32 policy for every GPU backend: torch matmul/cuDNN, ORT CUDA's "
-                                         "use_tf32 and TensorRT's TF32 builder flag (engines are built with it)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_precision(cls, data: Any) -> Any:
-        """``precision: fp16`` (one precision, as recipes and callers wrote it before) means ``precisions: [fp16]``."""
-        if isinstance(data, dict) and "precision" in data:
-            if "precisions" in data:
-                raise ValueError("give one of precision and precisions, not both")
-            data = {**data, "precisions": [data["precision"]]}
-            del data["precision"]
-        return data
-
-
-class LatencyLimit(_Strict):
-    backend: Backend
-    batch: int = Field(ge=1)
-    precision: Precision = "fp32"
-    max_ms: float = Field(gt=0)
-
-
-class SpeedupLimit(_Strict):
-    backend: Backend
-    batch: int = Field(ge=1)
-    precision: Precision = "fp32"
-    min: float = Field(gt=0, description="dense median latency / pruned median latency, measured in one run")
-
-
-class BudgetCfg(_Strict):
-    """Limits the run must meet; `ofbdeploy run` and `ofbdeploy check` exit 1 when any is missed."""
-
-    max_gflops: float | None = Field(None, gt=0, description="G multiply-accumulates of the pruned model")
-    max_params_m: float | None = Field(None, gt=0, description="millions of parameters of the pruned model")
-    min_top1: float | None = Field(None, ge=0, le=100, description="top-1 %% of the finetuned model")
-    latency: list[LatencyLimit] = Field(default_factory=list)
-    speedup: list[SpeedupLimit] = Field(default_factory=list)
-
-
-class Recipe(_Strict):
+class Recipe(Strict):
     """A whole run: model -> data -> (pretrain) -> search -> materialise -> finetune -> export -> profile."""
 
     name: str = "run"

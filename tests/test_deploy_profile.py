@@ -113,7 +113,7 @@ def test_profile_precision_is_read_as_a_list() -> None:
 
 
 def test_export_cfg_writes_the_graph_each_engine_needs() -> None:
-    from ofbdeploy.recipe import ExportCfg
+    from ofbdeploy.deploy.config import ExportCfg
 
     assert ExportCfg().onnx_precisions() == ["fp32"]
     assert ExportCfg(int8=True).onnx_precisions() == ["fp32", "int8"]
@@ -194,7 +194,7 @@ def test_engines_are_built_from_the_graph_of_their_precision(monkeypatch: pytest
 
     import ofbdeploy.deploy.tensorrt_engine as engine_module
     from ofbdeploy.deploy import parity
-    from ofbdeploy.recipe import ExportCfg
+    from ofbdeploy.deploy.config import ExportCfg
 
     built: list[tuple[str, str, bool]] = []
 

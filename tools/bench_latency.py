@@ -29,11 +29,11 @@ import torch
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.workflow import export_models, profile_models
 from ofbdeploy.grids import space_for
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.materialize import materialize
-from ofbdeploy.recipe import ExportCfg, ProfileCfg
 from ofbdeploy.search.budget import enforce_budget, spec_cost
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table

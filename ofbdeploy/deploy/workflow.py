@@ -23,13 +23,13 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.backends import BackendError, BackendUnavailable, Runner, create_runner, unavailable_reason
+from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.measure import LatencyStats, measure_group
 from ofbdeploy.deploy.onnx_export import check_against_torch, export_onnx
 from ofbdeploy.deploy.parity import Parity
 from ofbdeploy.deploy.quantize import quantize_int8
 from ofbdeploy.io import atomic_write_text
 from ofbdeploy.models.pruned import build_plain
-from ofbdeploy.recipe import ExportCfg, ProfileCfg
 
 log = logging.getLogger("ofbdeploy.deploy")
 

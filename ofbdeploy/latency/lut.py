@@ -263,8 +263,8 @@ def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.ra
 def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None):
     """A runner of a model of ``spec`` with random weights on the backend (exported and checked like any
     deployed model)."""
+    from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
-    from ofbdeploy.recipe import ExportCfg, ProfileCfg
 
     model = with_random_weights(spec)
     artifacts = DeployArtifacts()

@@ -14,8 +14,8 @@ from torch import Tensor
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.families import family_of
 from ofbdeploy.grids import SearchSpace
+from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
-from ofbdeploy.recipe import LatencyTargetCfg
 from ofbdeploy.search.searchable import SearchableViT
 
 

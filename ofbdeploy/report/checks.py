@@ -15,8 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ofbdeploy.deploy.config import Backend, Precision
 from ofbdeploy.errors import InputError, one_line
-from ofbdeploy.recipe import Backend, BudgetCfg, LatencyTargetCfg, Precision, Recipe
+from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.recipe import Recipe
+from ofbdeploy.report.config import BudgetCfg
 from ofbdeploy.table import format_table
 
 

@@ -1,0 +1,73 @@
+"""The export and profile sections of a recipe, and the backend and precision names they accept."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ofbdeploy.config import Strict
+
+Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class ExportCfg(Strict):
+    """ONNX (always checked in ONNX Runtime against torch) and, optionally, TensorRT engines built from it.
+
+    Every precision is decided in the ONNX graph: fp32, fp16 (LayerNorm kept in fp32) and int8 as an explicitly
+    quantised Q/DQ graph. TensorRT builds strongly typed engines from those files, so one int8 artifact runs on
+    ONNX Runtime CPU (where its accuracy is measured) and on TensorRT alike.
+    """
+
+    enabled: bool = True
+    opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
+    fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
+    int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
+    simplify: bool = True
+    check_images: int = Field(64, ge=1, description="validation images for the parity checks")
+    trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
+    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+        default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
+    batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
+    calibration_images: int = Field(
+        512, ge=1, description="int8 calibration: a seeded, class-balanced sample of the training split through the "
+                               "eval transform")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="how int8 activation ranges are taken from the calibration images")
+    accuracy_images: int | None = Field(
+        None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
+                                "of every exported file; default: the whole validation split")
+
+    def onnx_precisions(self) -> list[str]:
+        """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
+        wanted = {"fp32"} | {p for p, on in (("fp16", self.fp16), ("int8", self.int8)) if on}
+        wanted |= set(self.trt_precisions) if self.trt else set()
+        return [p for p in ("fp32", "fp16", "int8") if p in wanted]
+
+
+class ProfileCfg(Strict):
+    """Latency of dense and pruned, measured alternately in one process on each backend and precision."""
+
+    enabled: bool = True
+    backends: list[Backend] = Field(default_factory=lambda: ["ort-cpu"])
+    precisions: list[Precision] = Field(
+        default_factory=lambda: ["fp32"], description="each measured on every backend that runs it (int8: the Q/DQ "
+                                                      "ONNX or engine); `precision: x` is read as [x]")
+    batches: list[int] = Field(default_factory=lambda: [1, 32])
+    warmup: int = Field(10, ge=0)
+    repeats: int = Field(50, ge=5)
+    threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
+    tf32: bool = Field(True, description="one TF32 policy for every GPU backend: torch matmul/cuDNN, ORT CUDA's "
+                                         "use_tf32 and TensorRT's TF32 builder flag (engines are built with it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_precision(cls, data: Any) -> Any:
+        """``precision: fp16`` (one precision, as recipes and callers wrote it before) means ``precisions: [fp16]``."""
+        if isinstance(data, dict) and "precision" in data:
+            if "precisions" in data:
+                raise ValueError("give one of precision and precisions, not both")
+            data = {**data, "precisions": [data["precision"]]}
+            del data["precision"]
+        return data
