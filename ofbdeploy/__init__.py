@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 # Imported on first use (PEP 562), so that `ofbdeploy --help` and a refused input answer without first
 # loading torch and timm.
-_LAZY = {"ArchSpec": "ofbdeploy.arch", "ViTShape": "ofbdeploy.arch", "load_pruned": "ofbdeploy.models.pruned",
-         "save_pruned": "ofbdeploy.models.pruned"}
+_LAZY = {"ArchSpec": "ofbdeploy.arch", "ViTShape": "ofbdeploy.families.vit.shape",
+         "load_pruned": "ofbdeploy.models.pruned", "save_pruned": "ofbdeploy.models.pruned"}
 
 
 def __getattr__(name: str) -> Any:

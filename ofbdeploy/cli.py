@@ -237,7 +237,7 @@ class _Target:
     """
 
     def __init__(self, path: Path) -> None:
-        from ofbdeploy.arch import ArchSpec
+        from ofbdeploy.families import load_arch
         from ofbdeploy.models.pruned import ARCH_FILE
 
         self.path = path
@@ -257,12 +257,12 @@ class _Target:
             try:
                 for stage in ("dense", "finetune"):
                     self.run.book.verify(stage, self.run.sections(stage))
-                self.spec = ArchSpec.load(path / "finetuned" / ARCH_FILE)
+                self.spec = load_arch(path / "finetuned" / ARCH_FILE)
             except BaseException:
                 self.lock.release()
                 raise
         elif (path / ARCH_FILE).is_file():
-            self.spec = ArchSpec.load(path / ARCH_FILE)
+            self.spec = load_arch(path / ARCH_FILE)
         else:
             raise InputError(f"{path}: expected a run directory (recipe.yaml) or a pruned model directory "
                              f"({ARCH_FILE})")
@@ -539,12 +539,12 @@ def info(path: Path) -> None:
     lists per block the kept heads x head width and the MLP width; the totals give params and FLOPs
     (multiply-accumulates) next to the dense model's, and widths that are not multiples of 8 are named.
     """
-    from ofbdeploy.arch import ArchSpec
     from ofbdeploy.describe import describe
+    from ofbdeploy.families import load_arch
     from ofbdeploy.models.pruned import ARCH_FILE
 
     arch = path / ARCH_FILE if path.is_dir() else path
-    click.echo(describe(ArchSpec.load(arch), title=f"pruned model: {path}"))
+    click.echo(describe(load_arch(arch), title=f"pruned model: {path}"))
 
 
 @main.command()
@@ -573,10 +573,10 @@ def selfcheck(model_name: str, img_size: int | None, trials: int, align: str | N
     own counter. Exits 1 if any check misses its tolerance.
     """
     from ofbdeploy.io import check_output_dir
-    from ofbdeploy.materialize import materialize
+    from ofbdeploy.models.materialize import materialize
     from ofbdeploy.models.pruned import save_pruned
     from ofbdeploy.table import format_table
-    from ofbdeploy.verify import selfcheck_model
+    from ofbdeploy.verify.exactness import selfcheck_model
 
     if save is not None:
         _check_free_dir(save, "--save", force)

@@ -21,16 +21,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ofbdeploy.arch import ArchSpec, ModelShape
+from ofbdeploy.arch import ArchSpec, ModelShape, arch_to_dict
 from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import InputError, OfbError, note_traceback
-from ofbdeploy.families import family_of, read_shape
+from ofbdeploy.families import arch_from_dict, family_of, load_arch, read_shape
 from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective, build_objective
-from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.materialize import TOLERANCE as MATERIALIZE_TOLERANCE
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
 from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import Recipe
@@ -82,7 +83,6 @@ _DEPENDS = {
     "profile": ("profile",),
     "report": ("budget",),
 }
-MATERIALIZE_TOLERANCE = 1e-4
 
 
 def stage_sections(recipe: Recipe, stage: str) -> dict[str, str]:
@@ -346,9 +346,9 @@ class Run:
                             amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
                             progress=self.progress, latency=latency, accum_steps=self.batch.accum)
         if self.ctx.is_main:
-            save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
+            save_checkpoint(self.paths.search_final, {"arch": arch_to_dict(result.spec), "model": model.state_dict()})
             summary = asdict(result)
-            summary["spec"] = result.spec.to_dict()
+            summary["spec"] = arch_to_dict(result.spec)
             summary["fp32_matmul"] = self.fp32_matmul
             write_json(self.paths.search_result, summary)
 
@@ -361,7 +361,7 @@ class Run:
             return
         final = load_checkpoint(self.paths.search_final)
         model = self.searchable(self.build_dense_model())
-        model.apply_arch(ArchSpec.from_dict(final["arch"], str(self.paths.search_final)))
+        model.apply_arch(arch_from_dict(final["arch"], str(self.paths.search_final)))
         model.load_state_dict(final["model"])
         model.eval()
         pruned, spec = materialize(model)
@@ -390,7 +390,7 @@ class Run:
                                   seed=self.recipe.seed, checkpoint_path=self.paths.finetune_ckpt,
                                   resume=self.resume, log=log, progress=self.progress, stage="finetune")
         if self.ctx.is_main:
-            save_pruned(student, ArchSpec.load(self.paths.pruned / "arch.json"), self.paths.finetuned)
+            save_pruned(student, load_arch(self.paths.pruned / "arch.json"), self.paths.finetuned)
             write_json(self.paths.finetuned / "train.json", asdict(result))
 
     def stage_evaluate(self) -> None:
@@ -455,7 +455,7 @@ class Run:
         rows: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
         if self.recipe.profile.enabled:
-            spec = ArchSpec.load(self.paths.finetuned / "arch.json")
+            spec = load_arch(self.paths.finetuned / "arch.json")
             ratio = spec.macs() / ArchSpec.dense(spec.base).macs()
             rows, skipped = profile_models(self.deploy_models(), DeployArtifacts.load(self.paths.export),
                                            self.recipe.profile, ratio)
@@ -564,7 +564,7 @@ class Run:
 def build_report(paths: RunPaths) -> dict[str, Any]:
     """The run's headline numbers, from the artifacts the stages wrote."""
     search = read_json(paths.search_result)
-    spec = ArchSpec.load(paths.pruned / "arch.json")
+    spec = load_arch(paths.pruned / "arch.json")
     dense_spec = ArchSpec.dense(spec.base)
     metrics = read_json(paths.metrics)
     finetune = read_json(paths.finetuned / "train.json")

@@ -4,10 +4,10 @@ import timm
 from click.testing import CliRunner
 
 from ofbdeploy.cli import main
-from ofbdeploy.materialize import materialize
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
-from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.verify import decide_randomly
+from ofbdeploy.verify.exactness import decide_randomly
 
 
 def test_help_lists_the_verbs():

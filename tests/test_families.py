@@ -11,13 +11,13 @@ import pytest
 import timm
 from click.testing import CliRunner
 
-from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch import ArchSpec, arch_to_dict
 from ofbdeploy.cli import main
 from ofbdeploy.errors import ModelError
-from ofbdeploy.families import family_of, family_of_model, get_family, read_shape
-from ofbdeploy.families.census import census, check_exactness, representatives
-from ofbdeploy.materialize import materialize
-from ofbdeploy.verify import check_agreement, decide_randomly
+from ofbdeploy.families import arch_from_dict, family_of, family_of_model, get_family, read_shape
+from ofbdeploy.models.materialize import materialize
+from ofbdeploy.verify.census import census, check_exactness, representatives
+from ofbdeploy.verify.exactness import check_agreement, decide_randomly
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_vit_options_agree(kwargs):
     result = check_agreement(searchable)
     assert result.ok, result
     spec = searchable.arch_spec()
-    assert ArchSpec.from_dict(spec.to_dict()) == spec
+    assert arch_from_dict(arch_to_dict(spec)) == spec
     plain, _ = materialize(searchable)
     assert type(plain) is type(model)
 
@@ -176,7 +176,7 @@ def test_selfcheck_refuses_in_one_line(name, reason):
 
 def test_census_reports_a_traceback_as_a_crash(monkeypatch):
     """The registry test can fail: an exception other than a one-line refusal is counted as a crash."""
-    import ofbdeploy.families.census as census_module
+    import ofbdeploy.verify.census as census_module
 
     def broken(model, name=""):
         raise AttributeError("'HybridEmbed' object has no attribute 'norm'")

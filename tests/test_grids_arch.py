@@ -3,11 +3,13 @@ import json
 import pytest
 import timm
 
-from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
-from ofbdeploy.cost import count_params, measure_macs, vit_macs
+from ofbdeploy.arch import ArchSpec, BlockSpec, arch_to_dict, save_arch
+from ofbdeploy.arch.cost import count_params, measure_macs
+from ofbdeploy.arch.grids import SearchSpace, embed_grid, head_grid, head_width_grid, mlp_grid, width_grid
 from ofbdeploy.describe import unaligned_widths
 from ofbdeploy.errors import ArchError, ModelError
-from ofbdeploy.grids import SearchSpace, embed_grid, head_grid, head_width_grid, mlp_grid, width_grid
+from ofbdeploy.families import load_arch
+from ofbdeploy.families.vit.support import read_vit_shape
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
@@ -45,25 +47,25 @@ def test_width_grid_rejects_bad_alignment():
 @pytest.mark.parametrize("name", DEIT)
 def test_dense_cost_matches_torch_counter(name):
     model = timm.create_model(name)
-    spec = ArchSpec.dense(ViTShape.from_model(model, name))
+    spec = ArchSpec.dense(read_vit_shape(model, name))
     counted = measure_macs(model, 224)
     assert abs(spec.macs() - counted) <= 0.01 * counted
     assert spec.params() == count_params(model)
 
 
 def test_deit_s_headline_numbers():
-    spec = ArchSpec.dense(ViTShape.from_model(timm.create_model("deit_small_patch16_224")))
+    spec = ArchSpec.dense(read_vit_shape(timm.create_model("deit_small_patch16_224")))
     assert round(spec.macs() / 1e9, 1) == 4.6
     assert round(spec.params() / 1e6, 1) == 22.1
 
 
 def test_unsupported_vit_is_refused_with_reason():
     with pytest.raises(ModelError, match="q/k norm"):
-        ViTShape.from_model(timm.create_model("vit_small_patch16_224", qk_norm=True, num_classes=10, img_size=32))
+        read_vit_shape(timm.create_model("vit_small_patch16_224", qk_norm=True, num_classes=10, img_size=32))
 
 
 def _small_spec() -> ArchSpec:
-    base = ViTShape.from_model(timm.create_model("ofb_vit_pico_patch4_32"))
+    base = read_vit_shape(timm.create_model("ofb_vit_pico_patch4_32"))
     blocks = tuple(BlockSpec(2, 12, 96, (0, 3), ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11), tuple(range(4, 16))),
                              tuple(range(96))) for _ in range(4))
     return ArchSpec(base, 40, blocks, tuple(range(40)))
@@ -71,8 +73,8 @@ def _small_spec() -> ArchSpec:
 
 def test_arch_json_round_trip(tmp_path):
     spec = _small_spec()
-    spec.save(tmp_path / "arch.json")
-    again = ArchSpec.load(tmp_path / "arch.json")
+    save_arch(spec, tmp_path / "arch.json")
+    again = load_arch(tmp_path / "arch.json")
     assert again == spec
     data = json.loads((tmp_path / "arch.json").read_text())
     assert data["macs"] == spec.macs() and data["params"] == spec.params()
@@ -91,20 +93,20 @@ def test_arch_json_round_trip(tmp_path):
     ],
 )
 def test_arch_validation_names_the_field(tmp_path, edit, message):
-    data = _small_spec().to_dict()
+    data = arch_to_dict(_small_spec())
     edit(data)
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ArchError, match=message):
-        ArchSpec.load(path)
+        load_arch(path)
 
 
 def test_arch_load_errors_name_the_file(tmp_path):
     with pytest.raises(ArchError, match="not found"):
-        ArchSpec.load(tmp_path / "missing.json")
+        load_arch(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ArchError, match=r"bad\.json: not valid JSON"):
-        ArchSpec.load(tmp_path / "bad.json")
+        load_arch(tmp_path / "bad.json")
 
 
 def test_unaligned_widths_are_named():
@@ -113,23 +115,23 @@ def test_unaligned_widths_are_named():
 
 
 def test_narrowest_architecture_takes_the_smallest_cell_of_every_group():
-    shape = ViTShape.from_model(timm.create_model("deit_small_patch16_224"))
+    shape = read_vit_shape(timm.create_model("deit_small_patch16_224"))
     space = SearchSpace.for_model(384, 6, 64, 1536)
     spec = ArchSpec.narrowest(shape, space)
     assert spec.embed_dim == 192 and all((b.heads, b.head_dim, b.mlp_dim) == (2, 16, 384) for b in spec.blocks)
-    assert spec.macs() == vit_macs(shape, 192, [32] * 12, [384] * 12)
+    assert spec.macs() == shape.macs_at([192], [32] * 12, [384] * 12)
 
 
 def test_format_1_records_still_load_as_vit(tmp_path):
     """arch.json files written before model families (format 1: one embed_dim, no family) keep loading."""
     spec = _small_spec()
-    data = spec.to_dict()
+    data = arch_to_dict(spec)
     old = {"format": "ofbdeploy.arch/1", "base": data["base"], "embed_dim": data["embed_dims"][0],
            "kept_embed": data["kept_embeds"][0], "blocks": data["blocks"], "macs": data["macs"],
            "params": data["params"], "notes": {}}
     for key in ("reg_tokens", "distilled", "pre_norm", "act", "norm_eps", "block", "pool_heads"):  # newer fields
         old["base"].pop(key)
     (tmp_path / "arch.json").write_text(json.dumps(old))
-    again = ArchSpec.load(tmp_path / "arch.json")
+    again = load_arch(tmp_path / "arch.json")
     assert again == spec and again.family == "vit" and again.kept_embed == spec.kept_embed
-    assert again.to_dict()["format"] == "ofbdeploy.arch/2" and again.to_dict()["family"] == "vit"
+    assert arch_to_dict(again)["format"] == "ofbdeploy.arch/2" and arch_to_dict(again)["family"] == "vit"

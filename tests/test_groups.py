@@ -3,8 +3,8 @@ import timm
 import torch
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.search.groups import HeadGroup, VectorGroup, ranks
-from ofbdeploy.search.searchable import SearchableViT
 
 
 def _vector(size=16, widths=(4, 8, 12, 16)) -> VectorGroup:

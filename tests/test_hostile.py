@@ -17,9 +17,10 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cli import main
 from ofbdeploy.errors import ArchError
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.models.pruned import build_plain, load_pruned, save_pruned
 from ofbdeploy.pipeline import stage_sections
 from ofbdeploy.recipe import load_recipe
@@ -318,7 +319,7 @@ def test_a_limit_without_a_measurement_is_exit_1_naming_it(checked_run):
 # -- export / profile / selfcheck outputs -------------------------------------------------------------
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    shape = ViTShape.from_model(timm.create_model("ofb_vit_pico_patch4_32", img_size=16), "ofb_vit_pico_patch4_32")
+    shape = read_vit_shape(timm.create_model("ofb_vit_pico_patch4_32", img_size=16), "ofb_vit_pico_patch4_32")
     spec = ArchSpec.uniform(shape, 64, 4, 8, 128)  # 4 heads of 8: the same qkv shape as 2 heads of 16
     model = build_plain(spec)
     model.init_weights()

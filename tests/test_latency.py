@@ -9,9 +9,11 @@ import timm
 import torch
 from conftest import SYNTHETIC_COEFFICIENTS
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
-from ofbdeploy.grids import space_for
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import (
     LatencyLUT,
     arch_features,
@@ -23,16 +25,15 @@ from ofbdeploy.latency.lut import (
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.engine import run_search
-from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
-from ofbdeploy.verify import decide_randomly
+from ofbdeploy.verify.exactness import decide_randomly
 
 NAME = "ofb_vit_pico_patch4_32"
 
 
 def _shape_space():
-    shape = ViTShape.from_model(timm.create_model(NAME, img_size=16), NAME)
+    shape = read_vit_shape(timm.create_model(NAME, img_size=16), NAME)
     return shape, space_for(shape)
 
 
@@ -149,7 +150,7 @@ def test_latency_table_of_a_vit_variant(tmp_path):
     pruned models; the table steers its search."""
     model = timm.create_model(NAME, img_size=16, class_token=False, reg_tokens=2, pre_norm=True, init_values=0.1,
                               global_pool="map")
-    shape = ViTShape.from_model(model, NAME)
+    shape = read_vit_shape(model, NAME)
     space = space_for(shape)
     table = load_or_build(shape, space, backend="torch", precision="fp32", batch=1, cache_dir=tmp_path,
                           embed_points=1, width_points=2, random_points=2, repeats=5, progress=False)

@@ -9,21 +9,23 @@ from safetensors.torch import load_file
 from timm.layers import Attention, Mlp
 
 from ofbdeploy import load_pruned
-from ofbdeploy.arch import ArchSpec, ViTShape
-from ofbdeploy.cost import count_params, measure_macs
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.errors import ArchError, CheckpointError
-from ofbdeploy.grids import space_for
-from ofbdeploy.materialize import materialize
+from ofbdeploy.families import load_arch
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families.vit.support import read_vit_shape
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
-from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.verify import check_agreement, decide_randomly
+from ofbdeploy.verify.exactness import check_agreement, decide_randomly
 
 TOL = 1e-4
 
 
 def _searchable(name: str, align: int | None = None, **kwargs) -> SearchableViT:
     vit = timm.create_model(name, **kwargs)
-    shape = ViTShape.from_model(vit)
+    shape = read_vit_shape(vit)
     space = space_for(shape, align)
     return SearchableViT(vit, space, name)
 
@@ -121,7 +123,7 @@ def test_save_and_load_pruned_round_trip(tmp_path):
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(images), loaded(images))
-    assert ArchSpec.load(tmp_path / "pruned" / "arch.json") == spec
+    assert load_arch(tmp_path / "pruned" / "arch.json") == spec
 
 
 def test_load_pruned_errors_name_the_path(tmp_path):

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from ofbdeploy.cost import measure_macs
+from ofbdeploy.arch.cost import measure_macs
 from ofbdeploy.deploy.backends import (
     BackendError,
     BackendUnavailable,

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ofbdeploy.deploy.onnx_export import ExportError, export_onnx, ort_session
-from ofbdeploy.materialize import materialize
-from ofbdeploy.search.searchable import SearchableViT
-from ofbdeploy.verify import decide_randomly, set_fused_attention
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.models.materialize import materialize
+from ofbdeploy.verify.exactness import decide_randomly, set_fused_attention
 
 TOL = 1e-4
 PICO = "ofb_vit_pico_patch4_32"

@@ -9,15 +9,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, arch_to_dict
 from ofbdeploy.errors import OfbError
+from ofbdeploy.families import arch_from_dict
+from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.latency.lut import LatencyLUT, LutKey
 from ofbdeploy.recipe import Recipe, load_recipe, parse_recipe
 from ofbdeploy.report.checks import BASELINE_FORMAT, parse_baseline
 
 SHAPE = ViTShape(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=2, num_heads=4,
                  head_dim=16, mlp_dim=256, model_name="ofb_vit_pico_patch4_32")
-ARCH = ArchSpec.dense(SHAPE).to_dict()
+ARCH = arch_to_dict(ArchSpec.dense(SHAPE))
 RECIPE = {
     "name": "p", "model": {"name": "ofb_vit_pico_patch4_32", "img_size": 16},
     "data": {"kind": "synthetic", "batch_size": 8},
@@ -89,7 +91,7 @@ def test_recipes(data):
 @FAST
 @given(st.one_of(mutated(ARCH), values))
 def test_arch_records(data):
-    _parses_or_refuses(ArchSpec.from_dict, data)
+    _parses_or_refuses(arch_from_dict, data)
 
 
 @FAST
@@ -118,7 +120,7 @@ def test_recipe_files(tmp_path, raw):
 
 def test_the_unmutated_documents_are_valid(tmp_path):
     assert isinstance(parse_recipe(RECIPE), Recipe)
-    assert ArchSpec.from_dict(ARCH) == ArchSpec.dense(SHAPE)
+    assert arch_from_dict(ARCH) == ArchSpec.dense(SHAPE)
     assert parse_baseline(BASELINE).rows[0].speedup == 1.5
     (tmp_path / "lut.json").write_text(json.dumps(LUT))
     assert LatencyLUT.load(tmp_path / "lut.json").dense_ms == 3.0

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 import ofbdeploy.pipeline as pipeline
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
-from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cli import main
+from ofbdeploy.families import load_arch
 from ofbdeploy.pipeline import Run
 from ofbdeploy.recipe import load_recipe
 
@@ -227,7 +227,7 @@ def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tm
     result = _invoke(str(recipe))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     prediction = report["latency_prediction"]
-    spec = ArchSpec.load(tmp_path / "run" / "finetuned" / "arch.json")
+    spec = load_arch(tmp_path / "run" / "finetuned" / "arch.json")
     assert prediction["predicted_ms_pruned"] == pytest.approx(table.predict(spec))
     assert prediction["predicted_ms_pruned"] <= 0.6 * dense_ms + 1e-9  # the search met its budget on the table
     row = next(r for r in report["latency"] if r["batch"] == 1)

@@ -126,11 +126,12 @@ def test_int8_session_at_a_fixed_batch_keeps_the_integer_matmuls(calibration, tm
     into dequantise + fp32 Gemm first (what made int8 slower than fp32). Models as the pipeline builds them."""
     import onnxruntime as ort
 
-    from ofbdeploy.arch import ArchSpec, ViTShape
+    from ofbdeploy.arch import ArchSpec
     from ofbdeploy.deploy.backends import disabled_optimizers
     from ofbdeploy.deploy.workflow import with_random_weights
+    from ofbdeploy.families.vit.support import read_vit_shape
 
-    shape = ViTShape.from_model(timm.create_model(PICO), PICO)
+    shape = read_vit_shape(timm.create_model(PICO), PICO)
     fp32 = export_onnx(with_random_weights(ArchSpec.dense(shape)), tmp_path / "plain.onnx", img_size=32).path
     int8 = quantize_int8(fp32, tmp_path / "plain-int8.onnx", calibration).path
 

@@ -13,16 +13,17 @@ import torch
 import torch.multiprocessing as mp
 
 import ofbdeploy.models.zoo  # noqa: F401  (spawned DDP workers need the registry too)
-from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch import ArchSpec, arch_to_dict
 from ofbdeploy.errors import OfbError
-from ofbdeploy.materialize import materialize
+from ofbdeploy.families import arch_from_dict
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.budget import _next_wider, enforce_budget, fill_budget, macs_cost
 from ofbdeploy.search.engine import Search, run_search
 from ofbdeploy.search.groups import VectorGroup
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import LOCAL_WINDOW, local_normalise, random_token_mask, reconstruction_loss
-from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.amp import AMP_DTYPES
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist, init_distributed
@@ -337,7 +338,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         straight = _model()
         result = run_search(straight, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
                             checkpoint_path=Path(out) / "straight.ckpt")
-        found["straight"] = {"arch": straight.arch_spec().to_dict(), "state": straight.state_dict(),
+        found["straight"] = {"arch": arch_to_dict(straight.arch_spec()), "state": straight.state_dict(),
                              "cut_steps": result.cut_steps, "steps_run": result.steps_run,
                              "ddp_builds": result.ddp_builds, "global_batch": result.global_batch}
         try:
@@ -348,7 +349,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         resumed = _model()
         result = run_search(resumed, _loader(distributed=True, batch=8, images=128), cfg, ctx, **DDP_RUN,
                             checkpoint_path=Path(out) / "stopped.ckpt", resume=True)
-        found["resumed"] = {"arch": resumed.arch_spec().to_dict(), "state": resumed.state_dict(),
+        found["resumed"] = {"arch": arch_to_dict(resumed.arch_spec()), "state": resumed.state_dict(),
                             "resumed_from": result.resumed_from}
         torch.save(found, f"{out}/rank{rank}.pt")
     finally:
@@ -373,13 +374,13 @@ def test_ddp_search_cuts_layers_mid_training_and_ranks_stay_identical(ddp_runs):
     assert r0["ddp_builds"] > 1 and r0["global_batch"] == 32  # rebuilt around the cut model; accumulating
     assert r0["steps_run"] > 4  # more than one epoch of 4 steps: the search went on training after its cuts
     assert r0["arch"] == r1["arch"] and _same_state(r0["state"], r1["state"])
-    spec = ArchSpec.from_dict(r0["arch"])
+    spec = arch_from_dict(r0["arch"])
     assert spec.macs() <= 0.5 * ArchSpec.dense(spec.base).macs()
 
 
 def test_ddp_search_killed_after_a_cut_resumes_to_the_uninterrupted_result(ddp_runs):
     for rank in ddp_runs:
-        stopped = ArchSpec.from_dict(rank["stopped_arch"])
+        stopped = arch_from_dict(rank["stopped_arch"])
         assert stopped != ArchSpec.dense(stopped.base)  # the checkpoint it resumed from was already cut
         assert rank["resumed"]["resumed_from"] == 2
         assert rank["resumed"]["arch"] == rank["straight"]["arch"]

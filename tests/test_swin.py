@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.cli import main
-from ofbdeploy.cost import count_params, measure_macs
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families import family_of, read_shape
-from ofbdeploy.materialize import materialize
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
 from ofbdeploy.recipe import SearchCfg, load_recipe
 from ofbdeploy.search.budget import enforce_budget
@@ -25,7 +25,7 @@ from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
-from ofbdeploy.verify import check_agreement, decide_randomly
+from ofbdeploy.verify.exactness import check_agreement, decide_randomly
 
 PICO = "ofb_swin_pico_patch2_32"
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -156,7 +156,7 @@ def test_latency_budget_is_refused_for_swin_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(("recipe", "gflops"), [("ofb_swin_a", 1.0), ("ofb_swin_b", 2.6), ("ofb_swin_c", 3.1)])
 def test_paper_swin_recipes_fit_the_search_space(recipe, gflops):
-    from ofbdeploy.families.census import meta_device
+    from ofbdeploy.verify.exactness import meta_device
 
     loaded = load_recipe(RECIPES / f"{recipe}.yaml")
     assert loaded.model.name == "swin_tiny_patch4_window7_224" and loaded.search.target_gflops == gflops

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.models.dense import build_dense
-from ofbdeploy.search.searchable import SearchableViT
 
 TOOLS = Path(__file__).parent.parent / "tools"
 PICO = "ofb_vit_pico_patch4_32"

@@ -64,24 +64,24 @@ from torch.utils.data import DataLoader
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.cost import count_params, measure_macs
+from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import OfbError
+from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.io import atomic_write_text
 from ofbdeploy.latency.objective import build_objective
-from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense, load_weights
+from ofbdeploy.models.materialize import TOLERANCE as MATERIALIZE_TOLERANCE
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_weights
-from ofbdeploy.pipeline import MATERIALIZE_TOLERANCE
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
 from ofbdeploy.search.budget import enforce_budget
 from ofbdeploy.search.engine import run_search
-from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
-from ofbdeploy.verify import set_fused_attention
+from ofbdeploy.verify.exactness import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
 

@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, BlockSpec
 from ofbdeploy.deploy.backends import create_runner
 from ofbdeploy.deploy.measure import measure_group
 from ofbdeploy.deploy.onnx_export import export_onnx
 from ofbdeploy.deploy.quantize import QUANTISED_OPS, CalibrationReader, quantize_int8, weight_products
 from ofbdeploy.deploy.workflow import with_random_weights
+from ofbdeploy.families.vit.shape import ViTShape
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.table import format_table
 
@@ -76,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dense_model = build_dense(args.model)
-    shape = ViTShape.from_model(dense_model, args.model)
+    shape = read_vit_shape(dense_model, args.model)
     specs = {"dense": ArchSpec.dense(shape), "pruned": pruned_spec(shape, args.arch)}
     size = shape.img_size
     calibration = np.random.default_rng(0).standard_normal(

@@ -28,14 +28,15 @@ import timm
 import torch
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.workflow import export_models, profile_models
-from ofbdeploy.grids import space_for
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
-from ofbdeploy.materialize import materialize
+from ofbdeploy.models.materialize import materialize
 from ofbdeploy.search.budget import enforce_budget, spec_cost
-from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
 
 
@@ -45,7 +46,7 @@ def pruned_pair(name: str, ratio: float, align: int | None, img_size: int, metho
     at ``ratio`` of dense FLOPs (``method`` flops) or of the table's dense latency (``method`` latency)."""
     torch.manual_seed(seed)
     dense = timm.create_model(name, img_size=img_size).eval()
-    shape = ViTShape.from_model(dense, name)
+    shape = read_vit_shape(dense, name)
     space = space_for(shape, align)
     searchable = SearchableViT(copy.deepcopy(dense), space, name)
     searchable.decide_widest()

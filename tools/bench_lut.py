@@ -26,9 +26,10 @@ import timm
 import torch
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.measure import measure_pair
-from ofbdeploy.grids import space_for
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build, sample_arch, spec_runner
 from ofbdeploy.table import format_table
 
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows here")
     args = parser.parse_args()
 
-    shape = ViTShape.from_model(timm.create_model(args.model, img_size=args.img_size, pretrained=False), args.model)
+    shape = read_vit_shape(timm.create_model(args.model, img_size=args.img_size, pretrained=False), args.model)
     space = space_for(shape, args.align)
     if args.lut is not None:
         lut = LatencyLUT.load(args.lut)

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from ofbdeploy.families.census import MAX_PARAMS, MODULES, census, check_exactness, registry_names, representatives
+from ofbdeploy.verify.census import MAX_PARAMS, MODULES, census, check_exactness, registry_names, representatives
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,17 +50,18 @@ from bench_latency import pruned_pair
 from bench_search_cost import IMAGENET_TRAIN, PAPER_EPOCHS
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.backends import create_runner, device_name
 from ofbdeploy.deploy.measure import measure_group
 from ofbdeploy.families import family_of, read_shape
-from ofbdeploy.grids import space_for
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.io import atomic_write_text
 from ofbdeploy.latency.lut import build_lut
-from ofbdeploy.materialize import materialize
+from ofbdeploy.models.materialize import TOLERANCE, materialize
 from ofbdeploy.numerics import set_tf32
 from ofbdeploy.table import format_table
-from ofbdeploy.verify import TOLERANCE, decide_randomly, set_fused_attention
+from ofbdeploy.verify.exactness import decide_randomly, set_fused_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_GPU_HOURS = 24.0  # the paper's search: "one GPU day"
@@ -420,7 +421,7 @@ def part_latency(setup: Setup, part: Part) -> None:
     for name in sizes.models:
         part.check(f"latency table of {name}")
         size = {"img_size": sizes.img_size} if sizes.img_size else {}
-        shape = ViTShape.from_model(timm.create_model(name, pretrained=False, **size), name)
+        shape = read_vit_shape(timm.create_model(name, pretrained=False, **size), name)
         img = shape.img_size
         lut = build_lut(shape, space_for(shape), backend="torch", precision=lut_precision, batch=1, progress=False,
                         **sizes.lut)

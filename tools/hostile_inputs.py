@@ -550,10 +550,11 @@ def _check_not_run(ws):
 def lut_case(ws: Workspace, name: str, make: Callable[[dict], object]) -> tuple[Proc, bool, str]:
     import timm
 
-    from ofbdeploy.arch import ArchSpec, ViTShape
+    from ofbdeploy.arch import ArchSpec
+    from ofbdeploy.families.vit.support import read_vit_shape
     from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
 
-    shape = ViTShape.from_model(timm.create_model(PICO, img_size=16), PICO)
+    shape = read_vit_shape(timm.create_model(PICO, img_size=16), PICO)
     coefficients = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]
     dense = float(arch_features(ArchSpec.dense(shape)) @ coefficients)
     good = LatencyLUT(LutKey("cpu", "ort-cpu", "fp32", 1, 16, PICO), shape, coefficients, dense).to_dict()

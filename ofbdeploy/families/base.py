@@ -3,25 +3,21 @@ family-agnostic.
 
 A family adapter knows one kind of timm model (the plain ViT and its variants, Swin, ...): how to read a
 dense model's shape (refusing, in one line, what the search has no unit for), which groups a search has and
-how they attach (its searchable model), how to rebuild a plain timm model from an :class:`ArchSpec`, what a
-spec costs in MACs and parameters, and whether the latency table models it.
+how they attach (its searchable model), how to rebuild a plain timm model from an :class:`ArchSpec`, and
+whether the latency table models it. What a spec costs and which specs are consistent, the family's dense
+*shape* answers (see :class:`~ofbdeploy.arch.ModelShape`). The refusals every family shares live here too.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ofbdeploy.errors import OfbError
-
-if TYPE_CHECKING:
-    from ofbdeploy.arch import ArchSpec
-    from ofbdeploy.search.searchable import SearchableModel
-
-Widths = Mapping[str, tuple[int, ...]]
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.errors import ModelError, OfbError
+from ofbdeploy.search.searchable import SearchableModel
 
 
 class Family(ABC):
@@ -49,27 +45,8 @@ class Family(ABC):
         """``model`` with the family's bi-mask groups attached (the search's model)."""
 
     @abstractmethod
-    def narrowest(self, shape: Any, space: Any) -> ArchSpec:
-        """The smallest architecture the grids of ``space`` allow."""
-
-    @abstractmethod
-    def spec_from_widths(self, shape: Any, widths: Widths) -> ArchSpec:
-        """The architecture (no kept indices) that group widths, keyed by group name, describe: for costing."""
-
-    @abstractmethod
-    def macs(self, spec: ArchSpec) -> float | Tensor:
-        """Multiply-accumulates of one image (the FLOPs loss, the budget and every report use this)."""
-
-    @abstractmethod
-    def params(self, spec: ArchSpec) -> int:
-        """Parameters of the model :meth:`build_plain` builds for ``spec``."""
-
-    @abstractmethod
     def build_plain(self, spec: ArchSpec) -> nn.Module:
         """A plain timm model of the family's own class with the widths of ``spec`` (weights uninitialised)."""
-
-    def validate(self, spec: ArchSpec) -> None:  # noqa: B027  (a hook: most families need no extra checks)
-        """Family-specific consistency checks of a spec, beyond the generic ones (none by default)."""
 
     def checkpoint_filter(self, state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         """Adapt a checkpoint's state dict to ``model`` the way timm adapts hub weights (identity by default)."""
@@ -91,3 +68,28 @@ class Family(ABC):
         """Refuse a latency budget for a family the latency table does not model."""
         if self.latency_refusal is not None:
             raise OfbError(f"latency budgets are not available for {self.name} models: {self.latency_refusal}")
+
+
+def kind(module: object) -> str:
+    """The class name of ``module``: how a refusal names a part (never an ``AttributeError``)."""
+    return type(module).__name__
+
+
+def norm_problems(model: nn.Module) -> list[str]:
+    """What every family needs of its norms: affine LayerNorms, one eps (the records keep one)."""
+    problems = []
+    norms = [m for m in model.modules() if "Norm" in kind(m) and not isinstance(m, nn.LayerNorm)]
+    if norms:
+        problems.append(f"norm layer {kind(norms[0])} (supported: LayerNorm)")
+    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    if any(m.weight is None or m.bias is None for m in layer_norms):
+        problems.append("layer norm without affine weight and bias")
+    if len({m.eps for m in layer_norms}) > 1:
+        problems.append("layer norms with different eps")
+    return problems
+
+
+def refuse(problems: list[str], what: str) -> None:
+    """One line for the first problem (``what`` names the family's model); nothing when there is none."""
+    if problems:
+        raise ModelError(f"this {what} cannot be pruned by ofbdeploy: {problems[0]}")

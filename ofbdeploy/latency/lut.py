@@ -31,9 +31,10 @@ from scipy.optimize import nnls
 from torch import Tensor
 from tqdm import tqdm
 
-from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, BlockSpec
+from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.errors import OfbError
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.io import atomic_write_text, read_json
 
 log = logging.getLogger("ofbdeploy.lut")

@@ -12,11 +12,11 @@ from pathlib import Path
 from torch import Tensor
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.families import family_of
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
-from ofbdeploy.search.searchable import SearchableViT
 
 
 class LatencyObjective:

@@ -16,14 +16,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch import ArchSpec, arch_digest, save_arch
 from ofbdeploy.errors import ArchError, CheckpointError
-from ofbdeploy.families import family_of
+from ofbdeploy.families import family_of, load_arch
 from ofbdeploy.io import atomic_write
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "arch.json"
-ARCH_DIGEST_KEY = "arch_sha256"  # safetensors metadata: ArchSpec.digest() of the record saved beside
+ARCH_DIGEST_KEY = "arch_sha256"  # safetensors metadata: arch_digest() of the record saved beside
 
 log = logging.getLogger("ofbdeploy.models")
 
@@ -43,8 +43,8 @@ def save_pruned(model: nn.Module, spec: ArchSpec, directory: str | Path) -> Path
     """Write the weights (carrying the digest of their record), then the record (its presence marks a
     complete directory)."""
     directory = Path(directory)
-    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE, ARCH_DIGEST_KEY: spec.digest()})
-    spec.save(directory / ARCH_FILE)
+    save_weights(model, directory / WEIGHTS_FILE, {"arch": ARCH_FILE, ARCH_DIGEST_KEY: arch_digest(spec)})
+    save_arch(spec, directory / ARCH_FILE)
     return directory
 
 
@@ -60,7 +60,7 @@ def _check_pair(weights: Path, spec: ArchSpec, arch: Path) -> None:
     if recorded is None:
         log.warning("%s: saved without the digest of its %s (an older ofbdeploy): the pair is not verified",
                     weights, ARCH_FILE)
-    elif recorded != spec.digest():
+    elif recorded != arch_digest(spec):
         raise ArchError(f"{weights}: was saved with another {ARCH_FILE} than {arch} (digest mismatch); keep each "
                         f"model's weights and record together")
 
@@ -72,7 +72,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         directory = directory.parent
     if not directory.is_dir():
         raise CheckpointError(f"pruned model directory not found: {directory}")
-    spec = ArchSpec.load(directory / ARCH_FILE)
+    spec = load_arch(directory / ARCH_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a pruned model directory holds {WEIGHTS_FILE} and {ARCH_FILE})")

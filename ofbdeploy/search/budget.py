@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from ofbdeploy.arch import ArchSpec, ModelShape
-from ofbdeploy.families import family_of
 from ofbdeploy.search.groups import MaskGroup
 from ofbdeploy.search.searchable import SearchableModel
 
@@ -45,7 +44,7 @@ def _widths(model: SearchableModel, override: tuple[str, tuple[int, ...]] | None
 
 def as_spec(shape: ModelShape, widths: Widths) -> ArchSpec:
     """The architecture the widths describe (no kept indices: for costing only)."""
-    return family_of(shape).spec_from_widths(shape, widths)
+    return shape.spec_from_widths(widths)
 
 
 def spec_cost(shape: ModelShape, predict: Callable[[ArchSpec], float]) -> Cost:

@@ -21,15 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ofbdeploy.arch import ArchSpec, ViTShape
+from ofbdeploy.arch import ArchSpec, arch_to_dict
+from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.errors import OfbError
-from ofbdeploy.grids import SearchSpace
+from ofbdeploy.families import arch_from_dict
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
 from ofbdeploy.search.budget import enforce_budget, fill_budget, macs_cost, spec_cost
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
-from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.amp import amp_dtype, amp_name, autocast, full_precision, grad_scaler, step_all
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint, seed_epoch
 from ofbdeploy.train.distributed import Dist, Replicated, all_reduce_sum, barrier, broadcast_all_
@@ -151,7 +153,7 @@ class Search:
     def state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
-            "arch": self.model.arch_spec().to_dict(),
+            "arch": arch_to_dict(self.model.arch_spec()),
             "model": self.model.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
@@ -161,7 +163,7 @@ class Search:
     def restore(self, ckpt: dict) -> int:
         """Cut the model to the checkpoint's architecture and load it (before any DDP wrapper exists)."""
         self.replica.release()
-        self.model.apply_arch(ArchSpec.from_dict(ckpt["arch"], "search checkpoint"))
+        self.model.apply_arch(arch_from_dict(ckpt["arch"], "search checkpoint"))
         self.model.load_state_dict(ckpt["model"])
         for _, group in self.model.groups():
             if group.is_decided:

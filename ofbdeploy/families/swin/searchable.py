@@ -13,7 +13,9 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from ofbdeploy.families.swin import SwinShape, SwinSpace, read_swin_shape, swin_macs, swin_space
+from ofbdeploy.families.swin.shape import SwinShape, SwinSpace
+from ofbdeploy.families.swin.space import swin_space
+from ofbdeploy.families.swin.support import read_swin_shape
 from ofbdeploy.search.groups import HeadGroup, VectorGroup
 from ofbdeploy.search.searchable import (
     L1_ATTENTION,
@@ -93,9 +95,6 @@ class SearchableSwin(SearchableModel):
         b, h, w, c = x.shape
         size = images.shape[-2:]
         return logits, self.decoder(x.reshape(b, h * w, c))[..., : size[0], : size[1]]
-
-    def _macs(self, embeds: list, attn_dims: list, mlp_dims: list) -> Tensor | float:
-        return swin_macs(self.shape, embeds, attn_dims, mlp_dims)
 
     # -- physical slicing -----------------------------------------------------------------------
     def _slice_layers(self, name: str, keep: Tensor, optimizers: list) -> None:

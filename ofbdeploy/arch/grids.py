@@ -6,11 +6,7 @@ such as 204 or 228 waste tensor-core tiles on every GPU and most CPU GEMM kernel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ofbdeploy.arch import ViTShape
+from dataclasses import dataclass
 
 ALIGNMENTS = (8, 16, 32, 64)
 
@@ -59,7 +55,7 @@ def embed_grid(embed_dim: int, align: int | None = None) -> list[int]:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The cells of every group of one ViT: attention cells are (heads, head width) pairs."""
+    """The cells of the groups of one ViT-style stack of blocks: attention cells are (heads, head width) pairs."""
 
     attention: tuple[tuple[int, int], ...]
     mlp: tuple[int, ...]
@@ -72,13 +68,6 @@ class SearchSpace:
         """Build the joint grids of a ViT with the given dense sizes."""
         attention = tuple((n, c) for n in head_grid(num_heads) for c in head_width_grid(head_dim, align))
         return cls(attention, tuple(mlp_grid(mlp_dim, align)), tuple(embed_grid(embed_dim, align)))
-
-
-def space_for(shape: ViTShape, align: int | None = None) -> SearchSpace:
-    """The search space of a dense ViT of ``shape``; with an attention-pool head the embedding keeps its
-    width (see :mod:`ofbdeploy.families.vit`)."""
-    space = SearchSpace.for_model(shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_dim, align)
-    return replace(space, embedding=(shape.embed_dim,)) if shape.global_pool == "map" else space
 
 
 def unaligned(widths: list[int], multiple: int = 8) -> list[int]:

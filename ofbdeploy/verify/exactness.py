@@ -7,25 +7,42 @@ are compared with PyTorch's own counter.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import timm.layers.weight_init as timm_init
 import torch
 from torch import nn
 
-from ofbdeploy.cost import count_params, measure_macs
+from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.families import family_of, read_shape
-from ofbdeploy.families.census import meta_device
-from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.materialize import TOLERANCE, materialize
 from ofbdeploy.search.searchable import SearchableModel
 
-# Masked vs materialised outputs may differ by float rounding only: relative to the outputs' size (at least 1e-2,
-# so that near-zero outputs of randomly initialised models do not ask for more than float32 can give).
-TOLERANCE = 1e-4
 # The analytic MACs must equal PyTorch's count up to float summation.
 MACS_TOLERANCE = 1e-6
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build on the meta device; timm's truncated-normal init (slow on meta tensors, and meaningless there)
+    is skipped for meta tensors only."""
+    original = timm_init._trunc_normal_
+
+    def trunc_normal(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+    timm_init._trunc_normal_ = trunc_normal
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        timm_init._trunc_normal_ = original
 
 
 def decide_randomly(searchable: SearchableModel, rng: random.Random, extreme: str | None = None) -> None:
@@ -64,6 +81,8 @@ class Agreement:
     @property
     def ok(self) -> bool:
         """Outputs agree to float rounding, params exactly, MACs to float summation."""
+        # relative to the outputs' size (at least 1e-2, so that near-zero outputs of randomly initialised models
+        # do not ask for more than float32 can give)
         return (self.max_abs_diff <= TOLERANCE * max(1e-2, self.output_scale)
                 and self.params_counted == self.params_spec
                 and abs(self.macs_counted - self.macs_spec) <= MACS_TOLERANCE * self.macs_spec)

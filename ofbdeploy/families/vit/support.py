@@ -1,6 +1,6 @@
-"""Which timm ViTs ofbdeploy can prune: blocks of timm's own Attention and Mlp, and the variants around them
-that the ViT family models (prefix tokens, position embeddings with or without a class slot, pre-norms,
-LayerScale, GELU variants, pooling heads).
+"""Which timm ViTs ofbdeploy can prune, and reading the :class:`ViTShape` of one: blocks of timm's own
+Attention and Mlp, and the variants around them that the ViT family models (prefix tokens, position
+embeddings with or without a class slot, pre-norms, LayerScale, GELU variants, pooling heads).
 
 Whatever the search has no unit for (hybrid CNN stems, parallel blocks, gated or SwiGLU MLPs, rotary or
 differential attention, q/k norms, norms other than LayerNorm, ...) is named in one line, never a traceback:
@@ -12,13 +12,15 @@ from __future__ import annotations
 from timm.layers import GELU, GELUTanh, LayerScale, Mlp, PatchEmbed, QuickGELU
 from timm.layers.attention import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
-from timm.models.vision_transformer import Block, ResPostBlock
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
-from ofbdeploy.errors import ModelError
+from ofbdeploy.families.base import kind, norm_problems, refuse
+from ofbdeploy.families.vit.shape import VIT_POOLS, ViTShape
 
+MODEL_TYPES = (VisionTransformer, VisionTransformerDistilled)  # exact types: subclasses differ
 BLOCKS = {"Block": Block, "ResPostBlock": ResPostBlock}
-POOLS = ("token", "avg", "max", "avgmax", "map")
 # What timm's ViT blocks use that has a name here; an MLP in the registry's SwiGLU/GLU classes is refused.
 _GATED_MLPS = ("SwiGLU", "SwiGLUPacked", "GluMlp", "GatedMlp")
 _PARALLEL_BLOCKS = ("ParallelScalingBlock", "ParallelThingsBlock", "DiffParallelScalingBlock")
@@ -31,50 +33,32 @@ def activation_name(act: nn.Module) -> str | None:
     return {GELU: "gelu", GELUTanh: "gelu_tanh", QuickGELU: "quick_gelu"}.get(type(act))
 
 
-def _kind(module: object) -> str:
-    return type(module).__name__
-
-
-def norm_problems(model: nn.Module) -> list[str]:
-    """What every family needs of its norms: affine LayerNorms, one eps (the records keep one)."""
-    problems = []
-    norms = [m for m in model.modules() if "Norm" in _kind(m) and not isinstance(m, nn.LayerNorm)]
-    if norms:
-        problems.append(f"norm layer {_kind(norms[0])} (supported: LayerNorm)")
-    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    if any(m.weight is None or m.bias is None for m in layer_norms):
-        problems.append("layer norm without affine weight and bias")
-    if len({m.eps for m in layer_norms}) > 1:
-        problems.append("layer norms with different eps")
-    return problems
-
-
 def _block_problems(i: int, block: nn.Module) -> list[str]:
-    kind = _kind(block)
-    if kind in _PARALLEL_BLOCKS:
-        return [f"parallel attention and MLP branches ({kind})"]
+    name = kind(block)
+    if name in _PARALLEL_BLOCKS:
+        return [f"parallel attention and MLP branches ({name})"]
     if type(block) not in BLOCKS.values():
-        return [f"block {i}: {kind} is not timm's Block or ResPostBlock"]
+        return [f"block {i}: {name} is not timm's Block or ResPostBlock"]
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
     problems = []
     if type(attn) is not Attention:
-        problems.append(f"rotary position embedding ({_kind(attn)})" if "Rope" in _kind(attn)
-                        else f"attention {_kind(attn)} is not timm's Attention")
+        problems.append(f"rotary position embedding ({kind(attn)})" if "Rope" in kind(attn)
+                        else f"attention {kind(attn)} is not timm's Attention")
     else:
         problems += [reason for reason, bad in (
             ("q/k norm", not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity)),
             ("attention output norm (scale_attn_norm)", not isinstance(attn.norm, nn.Identity)),
             ("gated attention", getattr(attn, "gate", None) is not None),
         ) if bad]
-    if _kind(mlp) in _GATED_MLPS:
-        problems.append(f"gated MLP ({_kind(mlp)})")
+    if kind(mlp) in _GATED_MLPS:
+        problems.append(f"gated MLP ({kind(mlp)})")
     elif type(mlp) is not Mlp:
-        problems.append(f"MLP {_kind(mlp)} is not timm's Mlp")
+        problems.append(f"MLP {kind(mlp)} is not timm's Mlp")
     else:
         act = activation_name(mlp.act)
         problems += [reason for reason, bad in (
             ("MLP hidden norm (scale_mlp_norm)", not isinstance(mlp.norm, nn.Identity)),
-            (f"MLP activation {_kind(mlp.act)} (supported: GELU, tanh GELU, QuickGELU)", act is None),
+            (f"MLP activation {kind(mlp.act)} (supported: GELU, tanh GELU, QuickGELU)", act is None),
             ("MLP as 1x1 convolutions", not isinstance(mlp.fc1, nn.Linear)),
         ) if bad]
     scales = [getattr(block, name, nn.Identity()) for name in ("ls1", "ls2")]
@@ -88,7 +72,7 @@ def _pool_problems(model: nn.Module) -> list[str]:
     if pool is None:
         return []
     if type(pool) is not AttentionPoolLatent:
-        return [f"attention pooling {_kind(pool)} (supported: AttentionPoolLatent, SigLIP's 'map')"]
+        return [f"attention pooling {kind(pool)} (supported: AttentionPoolLatent, SigLIP's 'map')"]
     return [reason for reason, bad in (
         ("attention pool with several latents", pool.latent_len != 1),
         ("attention pool with its own position embedding", pool.pos_embed is not None),
@@ -103,7 +87,7 @@ def vit_problems(model: nn.Module) -> list[str]:
     """Every feature of a timm ViT that the ViT family cannot prune, most telling first (empty: prunable)."""
     embed = getattr(model, "patch_embed", None)
     if type(embed) is not PatchEmbed:
-        name = _kind(embed)
+        name = kind(embed)
         return [f"hybrid CNN stem ({name})" if "Hybrid" in name else f"patch embedding {name} is not timm's PatchEmbed"]
     if len(model.blocks) == 0:
         return ["it has no transformer blocks (depth 0)"]
@@ -114,7 +98,7 @@ def vit_problems(model: nn.Module) -> list[str]:
             return problems  # one block's reason is enough; the rest would repeat it
     pool = model.global_pool
     problems += [reason for reason, bad in (
-        (f"global_pool {pool!r} (supported: {', '.join(POOLS)})", pool not in POOLS),
+        (f"global_pool {pool!r} (supported: {', '.join(VIT_POOLS)})", pool not in VIT_POOLS),
         ("dynamic image padding", getattr(embed, "dynamic_img_pad", False)),
         ("patch embedding that is not a convolution", not isinstance(getattr(embed, "proj", None), nn.Conv2d)),
         ("classifier that is not a Linear layer", not isinstance(model.head, nn.Linear | nn.Identity)),
@@ -141,14 +125,46 @@ def vit_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`ModelError` naming the first feature of ``model`` that cannot be pruned (any family)."""
-    from ofbdeploy.families import read_shape
-
-    read_shape(model)
-
-
-def refuse(problems: list[str], what: str = "ViT") -> None:
-    """One line for the first problem; nothing when there is none."""
-    if problems:
-        raise ModelError(f"this {what} cannot be pruned by ofbdeploy: {problems[0]}")
+def read_vit_shape(model: nn.Module, model_name: str = "") -> ViTShape:
+    """The shape of a timm ViT, or a one-line :class:`ModelError` naming what the search cannot prune."""
+    if type(model) not in MODEL_TYPES:
+        refuse([f"expected a timm VisionTransformer, got {type(model).__name__}"], "ViT")
+    refuse(vit_problems(model), "ViT")
+    block = model.blocks[0]
+    img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
+    if img[0] != img[1] or patch[0] != patch[1]:
+        refuse([f"only square images and patches are supported, got img {img} patch {patch}"], "ViT")
+    pool = model.attn_pool
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return ViTShape(
+        img_size=int(img[0]),
+        patch_size=int(patch[0]),
+        in_chans=int(model.patch_embed.proj.in_channels),
+        num_classes=int(model.num_classes),
+        embed_dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_heads=int(block.attn.num_heads),
+        head_dim=int(block.attn.head_dim),
+        mlp_dim=int(block.mlp.fc1.out_features),
+        qkv_bias=block.attn.qkv.bias is not None,
+        class_token=model.cls_token is not None,
+        global_pool=str(model.global_pool),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        layer_scale=not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity),
+        model_name=model_name,
+        reg_tokens=int(model.num_reg_tokens),
+        distilled=type(model) is VisionTransformerDistilled,
+        pos_embed=model.pos_embed is not None,
+        no_embed_class=bool(model.no_embed_class),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        patch_norm=not isinstance(model.patch_embed.norm, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        act=activation_name(block.mlp.act) or "",
+        norm_eps=float(norms[0].eps) if norms else 1e-6,
+        proj_bias=block.attn.proj.bias is not None,
+        block=type(block).__name__,
+        pool_include_prefix=bool(model.pool_include_prefix),
+        dynamic_img_size=bool(model.dynamic_img_size),
+        pool_heads=int(pool.num_heads) if pool is not None else 0,
+        pool_mlp_dim=int(pool.mlp.fc1.out_features) if pool is not None else 0,
+    )

@@ -9,19 +9,18 @@ blocks, narrow) at a small image size, or on the real widths by the opt-in sweep
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import timm
-import timm.layers.weight_init as timm_init
 import torch
 
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families import family_of, read_shape
+from ofbdeploy.models.dense import build_dense
+from ofbdeploy.verify.exactness import Agreement, check_agreement, decide_randomly, meta_device
 
 MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "swin_transformer")
 MAX_PARAMS = 400_000_000
@@ -53,23 +52,6 @@ class Verdict:
 
 def registry_names(modules: tuple[str, ...] = MODULES) -> list[str]:
     return [name for module in modules for name in timm.list_models(module=module)]
-
-
-@contextlib.contextmanager
-def meta_device() -> Iterator[None]:
-    """Build on the meta device; timm's truncated-normal init (slow on meta tensors, and meaningless there)
-    is skipped for meta tensors only."""
-    original = timm_init._trunc_normal_
-
-    def trunc_normal(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
-
-    timm_init._trunc_normal_ = trunc_normal
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        timm_init._trunc_normal_ = original
 
 
 def variant(shape: Any) -> tuple:
@@ -108,12 +90,9 @@ def representatives(verdicts: list[Verdict]) -> list[Verdict]:
     return sorted(best.values(), key=lambda v: v.name)
 
 
-def check_exactness(name: str, *, shrink: bool = True, seed: int = 0):
+def check_exactness(name: str, *, shrink: bool = True, seed: int = 0) -> Agreement:
     """One random architecture of ``name`` (shrunken to a few narrow blocks unless ``shrink`` is off), at a small
-    image size, materialised and compared with the masked model: an :class:`~ofbdeploy.verify.Agreement`."""
-    from ofbdeploy.models.dense import build_dense
-    from ofbdeploy.verify import check_agreement, decide_randomly
-
+    image size, materialised and compared with the masked model."""
     with meta_device():
         probe = read_shape(timm.create_model(name), name)
     kwargs = dict(_SHRINK[probe.family]) if shrink else {}
