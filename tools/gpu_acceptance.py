@@ -51,8 +51,9 @@ from bench_search_cost import IMAGENET_TRAIN, PAPER_EPOCHS
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec, ViTShape
-from ofbdeploy.deploy.backends import create_runner, device_name
 from ofbdeploy.deploy.measure import measure_group
+from ofbdeploy.deploy.runtimes.base import device_name
+from ofbdeploy.deploy.runtimes.registry import create_runner
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.grids import space_for
 from ofbdeploy.io import atomic_write_text
