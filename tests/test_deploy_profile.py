@@ -160,17 +160,22 @@ def test_ort_trt_keeps_engine_and_timing_caches(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_one_tf32_policy_sets_matmul_and_cudnn() -> None:
-    """Training (the recipe's strict_fp32) and deployment (profile.tf32) flip the same switches, in one spelling:
-    torch refuses to read its cuDNN flag once the legacy and the new spelling were both used."""
+    """Training (the recipe's strict_fp32) and deployment (profile.tf32) flip the same switches, and torch can still
+    read its cuDNN flags afterwards: torch.export and inductor call ``allow_tf32``, ``flags()`` and ``set_flags()``,
+    which raise once the legacy and the newer spelling disagree (issue 23, defect 5; reproduced on CPU)."""
     cudnn = torch.backends.cudnn
     before = torch.get_float32_matmul_precision()
     try:
-        assert set_tf32(True) == "tf32"
-        assert torch.get_float32_matmul_precision() == "high"
-        assert (cudnn.fp32_precision == "tf32") if hasattr(cudnn, "fp32_precision") else cudnn.allow_tf32
-        assert set_tf32(False) == "ieee"
-        assert torch.get_float32_matmul_precision() == "highest"
-        assert (cudnn.fp32_precision == "ieee") if hasattr(cudnn, "fp32_precision") else not cudnn.allow_tf32
+        if hasattr(cudnn, "fp32_precision"):
+            cudnn.fp32_precision = "ieee"  # someone used the newer spelling first
+        for enabled in (False, True, False):
+            assert set_tf32(enabled) == ("tf32" if enabled else "ieee")
+            assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+            assert cudnn.allow_tf32 is enabled
+            with cudnn.flags(enabled=cudnn.enabled, allow_tf32=enabled):
+                pass
+            assert cudnn.allow_tf32 is enabled
+            cudnn.set_flags(_enabled=cudnn.enabled)
     finally:
         set_tf32(before != "highest")
 
