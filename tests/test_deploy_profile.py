@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -157,6 +158,22 @@ def test_ort_trt_keeps_engine_and_timing_caches(monkeypatch: pytest.MonkeyPatch,
     assert trt["trt_int8_enable"] == "True" and trt["trt_fp16_enable"] == "False"
     assert trt["user_compute_stream"] == cuda["user_compute_stream"] == "123456"
     assert seen["tf32"] is True  # the provider has no TF32 switch: recorded as it runs
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_every_provider_option_key_is_one_the_gpu_wheel_knows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               backend: str, precision: str, tf32: bool) -> None:
+    """Every key the runtimes hand the CUDA and TensorRT providers is in that provider's table read from the
+    onnxruntime-gpu wheel (tools/ort_provider_keys.py): the binding throws on any other, and the session is then
+    reported as a skip (issue 23, defect 1: ``has_user_compute_stream`` given to TensorRT)."""
+    tables = json.loads((Path(__file__).parent / "data" / "ort_provider_keys.json").read_text())
+    factory = {"ort-cuda": ort_runtime._ort_cuda, "ort-trt": ort_runtime._ort_trt}[backend]
+    providers, _ = _capture_providers(monkeypatch, factory, precision=precision, tf32=tf32, cache_dir=tmp_path)
+    for name, options in providers:
+        unknown = sorted(set(options) - set(tables[name]))
+        assert not unknown, f"{backend}: {name} does not know {unknown} ({tables['wheel']})"
 
 
 def test_one_tf32_policy_sets_matmul_and_cudnn() -> None:
