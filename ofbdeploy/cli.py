@@ -401,7 +401,7 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     with _Target(path) as target:
         artifacts = DeployArtifacts.load(target.export_dir)
         models = target.models()
-        if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
+        if any(registry.get(b).artifact == "onnx" for b in cfg.backends) and "pruned" not in artifacts.onnx:
             artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
                                       img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
                                       check_images=target.check_images(16))

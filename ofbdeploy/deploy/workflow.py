@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy import tensorrt_engine
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.measure import LatencyStats, measure_group
 from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16, check_against_torch, export_onnx
@@ -79,9 +80,7 @@ def export_models(
     ``calibration`` (N, C, H, W) calibrates the int8 graphs; ``tf32`` is the TF32 flag engines are built with.
     """
     if cfg.trt:
-        from ofbdeploy.deploy.tensorrt_engine import require_tensorrt
-
-        require_tensorrt()  # say so before exporting anything
+        tensorrt_engine.require_tensorrt()  # say so before exporting anything
     directory.mkdir(parents=True, exist_ok=True)
     artifacts = DeployArtifacts()
     for name, model in models.items():
@@ -154,19 +153,17 @@ def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img
 def _build_engines(name: str, directory: Path, cfg: ExportCfg, artifacts: DeployArtifacts, *, img_size: int,
                    in_chans: int, check_images: Tensor | None, tf32: bool) -> None:
     """One strongly typed engine per precision, each from the ONNX file of that precision, each checked."""
-    from ofbdeploy.deploy.tensorrt_engine import EngineSpec, build_engine, check_engine_parity
-
     low, opt, high = cfg.batch_range
     images = check_images if check_images is not None else torch.randn(
         low, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
     tensorrt = registry.get("tensorrt")
     for precision in cfg.trt_precisions:
         onnx_path = Path(artifacts.onnx[onnx_key(name, tensorrt.file_precision(precision))])
-        spec = EngineSpec(precision=precision, min_batch=low, opt_batch=opt, max_batch=high, img_size=img_size,
-                          in_chans=in_chans, tf32=tf32)
-        engine = build_engine(onnx_path, spec, directory / "engines", log=log)
-        parity = check_engine_parity(engine, onnx_path, images.numpy().astype(np.float32), precision=precision,
-                                     batch_range=(low, high), tf32=tf32)
+        spec = tensorrt_engine.EngineSpec(precision=precision, min_batch=low, opt_batch=opt, max_batch=high,
+                                          img_size=img_size, in_chans=in_chans, tf32=tf32)
+        engine = tensorrt_engine.build_engine(onnx_path, spec, directory / "engines", log=log)
+        parity = tensorrt_engine.check_engine_parity(engine, onnx_path, images.numpy().astype(np.float32),
+                                                     precision=precision, batch_range=(low, high), tf32=tf32)
         engine_key = f"{name}-{precision}"
         artifacts.engines[engine_key] = str(engine)
         artifacts.engine_tf32[engine_key] = tf32

@@ -271,9 +271,11 @@ def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: P
     model = with_random_weights(spec, build_plain)
     artifacts = DeployArtifacts()
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # its own file: ONNX Runtime sessions open the file in prepare()
-    if not backend.startswith("torch"):
-        cfg = ExportCfg(fp16=precision == "fp16", trt=backend == "tensorrt", check_images=2,
-                        trt_precisions=[precision] if backend == "tensorrt" else ["fp16"],
+    artifact = registry.get(backend).artifact
+    if artifact != "module":
+        engine = artifact == "engine"
+        cfg = ExportCfg(fp16=precision == "fp16", trt=engine, check_images=2,
+                        trt_precisions=[precision] if engine else ["fp16"],
                         batch_range=(batch, batch, batch))
         artifacts = export_models({"probe": model}, tmp, cfg, img_size=spec.base.img_size,
                                   in_chans=spec.base.in_chans, check_images=torch.randn(2, spec.base.in_chans,
