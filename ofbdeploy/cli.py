@@ -29,6 +29,7 @@ from ofbdeploy.errors import (
     one_line,
     traceback_note,
 )
+from ofbdeploy.grids import ALIGNMENTS
 
 
 def _traceback_file(error: BaseException) -> str:
@@ -491,7 +492,7 @@ def lut() -> None:
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096),
               help="Batch size the table is measured at.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(registry.PRECISIONS))
-@click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
+@click.option("--align", type=click.Choice([str(a) for a in ALIGNMENTS]), default=None,
               help="Build for the aligned search grids.")
 @click.option("--embed-points", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Embedding widths measured.")
@@ -556,7 +557,7 @@ def info(path: Path) -> None:
               help="Image size to build the model at (default: the model's own, reduced for large token grids).")
 @click.option("--trials", type=click.IntRange(0, 1000), default=5, show_default=True,
               help="Random architectures to try.")
-@click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
+@click.option("--align", type=click.Choice([str(a) for a in ALIGNMENTS]), default=None,
               help="Build the width grids from multiples of this only.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
               help="Seed for weights and architectures.")
