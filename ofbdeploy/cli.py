@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from ofbdeploy.arch.grids import ALIGNMENTS
+from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.errors import (
     EXIT_CODE_HELP,
     ExitCode,
@@ -156,7 +158,7 @@ def _config(kind: type, option_names: dict[str, str], **values: Any) -> Any:
 
 def _check_backends(backends: list[str], option: str = "--backend") -> None:
     """Refuse, before any work, a backend this machine cannot run (naming it and why)."""
-    from ofbdeploy.deploy.backends import BackendUnavailable, available_backends, create_runner
+    from ofbdeploy.deploy.runtimes.registry import BackendUnavailable, available_backends, create_runner
 
     here = available_backends()
     for backend in backends:
@@ -278,11 +280,11 @@ class _Target:
     def models(self):
         """Dense and pruned; outside a run the dense model has random weights (fine for latency)."""
         from ofbdeploy.deploy.workflow import dense_like
-        from ofbdeploy.models.pruned import load_pruned
+        from ofbdeploy.models.pruned import build_plain, load_pruned
 
         if self.run is not None:
             return self.run.deploy_models()
-        return {"dense": dense_like(self.spec), "pruned": load_pruned(self.path)}
+        return {"dense": dense_like(self.spec, build_plain), "pruned": load_pruned(self.path)}
 
     def check_images(self, count: int):
         """Validation images of the run's data; seeded random images for a bare model directory."""
@@ -300,7 +302,7 @@ class _Target:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs TensorRT: see the Dockerfile).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(registry.ONNX_PRECISIONS),
               help="Precision to write (repeatable): an ONNX graph of it, and with --trt an engine built from that "
                    "graph (default with --trt: fp16). fp32 ONNX is always written. int8 is a Q/DQ graph calibrated "
                    "on the run's training split, so it needs a run directory.")
@@ -360,7 +362,7 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
                    f"top-1 agreement {check['top1_agreement']:.1%}")
 
 
-BACKENDS = ["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+BACKENDS = registry.names()
 
 
 @main.command()
@@ -369,7 +371,7 @@ BACKENDS = ["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorr
               help="Latency backend (repeatable; default: ort-cpu).")
 @click.option("--batch", "batches", default="1,64", show_default=True, callback=_comma_ints,
               help="Comma-separated batch sizes.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(registry.PRECISIONS),
               help="Precision to measure in (fp16 ORT needs an --fp16-onnx export; tensorrt needs that engine).")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0, 100_000),
               help="Untimed calls before measuring.")
@@ -400,7 +402,7 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     with _Target(path) as target:
         artifacts = DeployArtifacts.load(target.export_dir)
         models = target.models()
-        if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
+        if any(registry.get(b).artifact == "onnx" for b in cfg.backends) and "pruned" not in artifacts.onnx:
             artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
                                       img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
                                       check_images=target.check_images(16))
@@ -489,8 +491,8 @@ def lut() -> None:
 @click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(BACKENDS))
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 4096),
               help="Batch size the table is measured at.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]))
-@click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(registry.PRECISIONS))
+@click.option("--align", type=click.Choice([str(a) for a in ALIGNMENTS]), default=None,
               help="Build for the aligned search grids.")
 @click.option("--embed-points", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Embedding widths measured.")
@@ -555,7 +557,7 @@ def info(path: Path) -> None:
               help="Image size to build the model at (default: the model's own, reduced for large token grids).")
 @click.option("--trials", type=click.IntRange(0, 1000), default=5, show_default=True,
               help="Random architectures to try.")
-@click.option("--align", type=click.Choice(["8", "16", "32", "64"]), default=None,
+@click.option("--align", type=click.Choice([str(a) for a in ALIGNMENTS]), default=None,
               help="Build the width grids from multiples of this only.")
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
               help="Seed for weights and architectures.")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ofbdeploy.arch.grids import ALIGNMENTS
 from ofbdeploy.config import Strict
 from ofbdeploy.deploy.config import Backend, ExportCfg, Precision, ProfileCfg
 from ofbdeploy.errors import OfbError, one_line
@@ -103,7 +104,7 @@ class SearchCfg(Strict):
     warmup_epochs: int | None = Field(
         None, ge=0, description="warm-up of lr, mixing weight and PMIM ratio; default: a fifth of epochs (20 of 100)"
     )
-    align: Literal[8, 16, 32, 64] | None = None
+    align: Literal[ALIGNMENTS] | None = None
     lr: float = Field(2.5e-4, gt=0, description="weights and importance scores, per 256 images")
     arch_lr: float = Field(2.5e-4, gt=0, description="sparsity logits, per 256 images")
     decoder_lr: float = Field(2.5e-4, gt=0, description="PMIM decoder, per 256 images")

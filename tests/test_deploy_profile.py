@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import ofbdeploy.deploy.backends as backends
+import ofbdeploy.deploy.runtimes.ort as ort_runtime
+import ofbdeploy.deploy.runtimes.tensorrt as tensorrt_runtime
 import ofbdeploy.deploy.workflow as workflow
-from ofbdeploy.deploy.backends import BackendUnavailable, Runner, Timer
 from ofbdeploy.deploy.measure import measure_group
 from ofbdeploy.deploy.provider_check import main as provider_check
+from ofbdeploy.deploy.runtimes.base import Request, Runner, Timer
+from ofbdeploy.deploy.runtimes.errors import BackendUnavailable
 from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import ProfileCfg, RecipeError, parse_recipe
 from ofbdeploy.report.render import accuracy_table, latency_table, skipped_lines
@@ -129,15 +133,15 @@ def _capture_providers(monkeypatch: pytest.MonkeyPatch, factory, **request: Any)
         seen.update(tf32=tf32, cuda_graph=cuda_graph)
         return providers(SimpleNamespace(cuda_stream=123456))
 
-    monkeypatch.setattr(backends, "OrtRunner", fake_runner)
-    monkeypatch.setattr(backends, "_device", lambda req, allowed: torch.device("cuda", 0))
+    monkeypatch.setattr(ort_runtime, "OrtRunner", fake_runner)
+    monkeypatch.setattr(ort_runtime, "resolve_device", lambda req, allowed: torch.device("cuda", 0))
     defaults = {"backend": "x", "model": None, "onnx_path": None, "engine_path": None, "precision": "fp32",
                 "device": "auto", "threads": None}
-    return factory(backends._Request(**{**defaults, **request})), seen
+    return factory(Request(**{**defaults, **request})), seen
 
 
 def test_ort_cuda_runs_on_the_runner_stream_with_the_tf32_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    providers, seen = _capture_providers(monkeypatch, backends._ort_cuda, tf32=False)
+    providers, seen = _capture_providers(monkeypatch, ort_runtime._ort_cuda, tf32=False)
     [(name, options)] = providers
     assert name == "CUDAExecutionProvider" and options["use_tf32"] == "0" and options["enable_cuda_graph"] == "1"
     assert options["has_user_compute_stream"] == "1" and options["user_compute_stream"] == "123456"
@@ -145,7 +149,8 @@ def test_ort_cuda_runs_on_the_runner_stream_with_the_tf32_policy(monkeypatch: py
 
 
 def test_ort_trt_keeps_engine_and_timing_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    providers, seen = _capture_providers(monkeypatch, backends._ort_trt, precision="int8", cache_dir=tmp_path)
+    providers, seen = _capture_providers(monkeypatch, ort_runtime._ort_trt, precision="int8",
+                                         cache_dir=tmp_path)
     (trt_name, trt), (cuda_name, cuda) = providers
     assert (trt_name, cuda_name) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
@@ -155,18 +160,39 @@ def test_ort_trt_keeps_engine_and_timing_caches(monkeypatch: pytest.MonkeyPatch,
     assert seen["tf32"] is True  # the provider has no TF32 switch: recorded as it runs
 
 
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_every_provider_option_key_is_one_the_gpu_wheel_knows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               backend: str, precision: str, tf32: bool) -> None:
+    """Every key the runtimes hand the CUDA and TensorRT providers is in that provider's table read from the
+    onnxruntime-gpu wheel (tools/ort_provider_keys.py): the binding throws on any other, and the session is then
+    reported as a skip (issue 23, defect 1: ``has_user_compute_stream`` given to TensorRT)."""
+    tables = json.loads((Path(__file__).parent / "data" / "ort_provider_keys.json").read_text())
+    factory = {"ort-cuda": ort_runtime._ort_cuda, "ort-trt": ort_runtime._ort_trt}[backend]
+    providers, _ = _capture_providers(monkeypatch, factory, precision=precision, tf32=tf32, cache_dir=tmp_path)
+    for name, options in providers:
+        unknown = sorted(set(options) - set(tables[name]))
+        assert not unknown, f"{backend}: {name} does not know {unknown} ({tables['wheel']})"
+
+
 def test_one_tf32_policy_sets_matmul_and_cudnn() -> None:
-    """Training (the recipe's strict_fp32) and deployment (profile.tf32) flip the same switches, in one spelling:
-    torch refuses to read its cuDNN flag once the legacy and the new spelling were both used."""
+    """Training (the recipe's strict_fp32) and deployment (profile.tf32) flip the same switches, and torch can still
+    read its cuDNN flags afterwards: torch.export and inductor call ``allow_tf32``, ``flags()`` and ``set_flags()``,
+    which raise once the legacy and the newer spelling disagree (issue 23, defect 5; reproduced on CPU)."""
     cudnn = torch.backends.cudnn
     before = torch.get_float32_matmul_precision()
     try:
-        assert set_tf32(True) == "tf32"
-        assert torch.get_float32_matmul_precision() == "high"
-        assert (cudnn.fp32_precision == "tf32") if hasattr(cudnn, "fp32_precision") else cudnn.allow_tf32
-        assert set_tf32(False) == "ieee"
-        assert torch.get_float32_matmul_precision() == "highest"
-        assert (cudnn.fp32_precision == "ieee") if hasattr(cudnn, "fp32_precision") else not cudnn.allow_tf32
+        if hasattr(cudnn, "fp32_precision"):
+            cudnn.fp32_precision = "ieee"  # someone used the newer spelling first
+        for enabled in (False, True, False):
+            assert set_tf32(enabled) == ("tf32" if enabled else "ieee")
+            assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+            assert cudnn.allow_tf32 is enabled
+            with cudnn.flags(enabled=cudnn.enabled, allow_tf32=enabled):
+                pass
+            assert cudnn.allow_tf32 is enabled
+            cudnn.set_flags(_enabled=cudnn.enabled)
     finally:
         set_tf32(before != "highest")
 
@@ -203,7 +229,8 @@ def test_engines_are_built_from_the_graph_of_their_precision(monkeypatch: pytest
         return Path(cache_dir) / f"{spec.precision}.engine"
 
     def fake_parity(engine, onnx_path, images, *, precision, batch_range, tf32):
-        assert batch_range == (2, 8) and Path(onnx_path).name.endswith(f"{precision}.onnx")
+        assert batch_range == (2, 8) and Path(onnx_path).name.endswith({"int8": "int8-fp16"}.get(precision, precision)
+                                                                      + ".onnx")
         return {"max_abs_diff": 0.0, "top1_agreement": 1.0, "tolerance": 1.0, "min_top1_agreement": 0.9,
                 "images": len(images)}
 
@@ -218,10 +245,11 @@ def test_engines_are_built_from_the_graph_of_their_precision(monkeypatch: pytest
     images = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32))
     artifacts = workflow.export_models({"pruned": model}, tmp_path, cfg, img_size=16, check_images=images,
                                        calibration=calibration, tf32=False)
-    assert built == [("pruned-fp16.onnx", "fp16", False), ("pruned-int8.onnx", "int8", False)]
-    assert set(artifacts.onnx) == {"pruned", "pruned-fp16", "pruned-int8"}
+    assert built == [("pruned-fp16.onnx", "fp16", False), ("pruned-int8-fp16.onnx", "int8", False)]
+    assert set(artifacts.onnx) == {"pruned", "pruned-fp16", "pruned-int8", "pruned-int8-fp16"}
     assert artifacts.engine_tf32 == {"pruned-fp16": False, "pruned-int8": False}
     cfg_on = ProfileCfg(backends=["tensorrt"], precisions=["int8"])
-    monkeypatch.setattr(workflow, "unavailable_reason", lambda backend: None)  # as if TensorRT and a GPU were here
+    runtime = tensorrt_runtime.RUNTIMES["tensorrt"]  # as if TensorRT and a GPU were here
+    monkeypatch.setitem(tensorrt_runtime.RUNTIMES, "tensorrt", dataclasses.replace(runtime, missing=lambda: None))
     with pytest.raises(BackendUnavailable, match="built with TF32 off, the profile's policy is on"):
         workflow.make_runner("tensorrt", "pruned", {}, artifacts, cfg_on, "int8")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "tools" / "gpu_acceptance.py"
@@ -106,3 +107,25 @@ def test_bad_parts_are_refused_in_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --parts: unknown part(s) warp; known: env, exactness, training, latency")
+
+
+def test_what_the_image_lacks_is_a_skip_with_its_reason(monkeypatch, tmp_path):
+    """No matplotlib: the quickstart (its report draws a plot) is skipped, not failed; no Triton on CUDA, or no
+    C compiler anywhere: torch.compile is skipped, each with the reason."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import gpu_acceptance as acceptance
+
+    found = acceptance.util.find_spec
+    monkeypatch.setattr(acceptance.util, "find_spec",
+                        lambda name: None if name in ("matplotlib", "triton") else found(name))
+    assert "no triton" in acceptance.compile_unavailable(torch.device("cuda"))
+    monkeypatch.setattr(acceptance.shutil, "which", lambda name: None)
+    assert "no C compiler" in acceptance.compile_unavailable(torch.device("cpu"))
+    part = acceptance.Part("training", deadline=float("inf"), save=lambda: None)
+    setup = acceptance.Setup(acceptance.SMOKE, torch.device("cpu"), True, tmp_path, tmp_path / "recipe.yaml")
+    setup.recipe.write_text("")
+    monkeypatch.setattr(acceptance, "_search_cost", lambda *args: None)
+    acceptance.part_training(setup, part)
+    assert part.record["skipped"] == [{"item": "the quickstart",
+                                       "reason": "no matplotlib on this machine: its report stage draws the report's "
+                                                 "plot"}]

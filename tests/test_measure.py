@@ -18,17 +18,10 @@ import torch
 from torch import nn
 
 from ofbdeploy.arch.cost import measure_macs
-from ofbdeploy.deploy.backends import (
-    BackendError,
-    BackendUnavailable,
-    CudaEventTimer,
-    Runner,
-    Timer,
-    available_backends,
-    create_runner,
-)
 from ofbdeploy.deploy.measure import measure, measure_pair, speedup
 from ofbdeploy.deploy.onnx_export import export_onnx
+from ofbdeploy.deploy.runtimes.base import Runner, StreamTimer, Timer
+from ofbdeploy.deploy.runtimes.registry import BackendError, BackendUnavailable, available_backends, create_runner
 
 PICO = "ofb_vit_pico_patch4_32"
 SMALLER_PICO = {"embed_dim": 32, "num_heads": 2}
@@ -247,7 +240,7 @@ def test_cuda_backends_match_cpu(tmp_path: Path, backend: str) -> None:
     stats = measure(runner, 4, warmup=3, repeats=10)
     assert stats.device.startswith("cuda: ") and stats.median_ms > 0
     if backend.startswith("torch"):
-        assert isinstance(runner.timer(), CudaEventTimer)
+        assert isinstance(runner.timer(), StreamTimer)
         assert stats.peak_memory_mb is not None and stats.peak_memory_mb > 0
 
 

@@ -11,9 +11,9 @@ import timm
 import torch
 from onnx import numpy_helper
 
-from ofbdeploy.deploy.backends import create_runner
 from ofbdeploy.deploy.onnx_export import ExportError, check_against_torch, export_onnx, graph_precision
 from ofbdeploy.deploy.quantize import QuantizeError, quantize_int8, weight_products
+from ofbdeploy.deploy.runtimes.registry import create_runner
 from ofbdeploy.train.data import DataSpec, balanced_indices, build_datasets, calibration_batch
 
 PICO = "ofb_vit_pico_patch4_32"
@@ -127,12 +127,14 @@ def test_int8_session_at_a_fixed_batch_keeps_the_integer_matmuls(calibration, tm
     import onnxruntime as ort
 
     from ofbdeploy.arch import ArchSpec
-    from ofbdeploy.deploy.backends import disabled_optimizers
+    from ofbdeploy.deploy.runtimes.ort import disabled_optimizers
     from ofbdeploy.deploy.workflow import with_random_weights
     from ofbdeploy.families.vit.support import read_vit_shape
+    from ofbdeploy.models.pruned import build_plain
 
     shape = read_vit_shape(timm.create_model(PICO), PICO)
-    fp32 = export_onnx(with_random_weights(ArchSpec.dense(shape)), tmp_path / "plain.onnx", img_size=32).path
+    dense = with_random_weights(ArchSpec.dense(shape), build_plain)
+    fp32 = export_onnx(dense, tmp_path / "plain.onnx", img_size=32).path
     int8 = quantize_int8(fp32, tmp_path / "plain-int8.onnx", calibration).path
 
     def fused(disabled: list[str]) -> set[str]:

@@ -28,14 +28,15 @@ import numpy as np
 import torch
 
 from ofbdeploy.arch import ArchSpec, BlockSpec
-from ofbdeploy.deploy.backends import create_runner
 from ofbdeploy.deploy.measure import measure_group
 from ofbdeploy.deploy.onnx_export import export_onnx
 from ofbdeploy.deploy.quantize import QUANTISED_OPS, CalibrationReader, quantize_int8, weight_products
+from ofbdeploy.deploy.runtimes.registry import create_runner
 from ofbdeploy.deploy.workflow import with_random_weights
 from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.models.dense import build_dense
+from ofbdeploy.models.pruned import build_plain
 from ofbdeploy.table import format_table
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         files: dict[tuple[str, str], Path] = {}
         for name, spec in specs.items():
-            fp32 = export_onnx(with_random_weights(spec), Path(tmp) / f"{name}.onnx", img_size=size,
+            fp32 = export_onnx(with_random_weights(spec, build_plain), Path(tmp) / f"{name}.onnx", img_size=size,
                                check_inputs=torch.randn(2, shape.in_chans, size, size)).path
             files[(name, "fp32")] = fp32
             files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration).path

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ofbdeploy.deploy.backends import device_name
+from ofbdeploy.deploy.runtimes.base import device_name
 from ofbdeploy.train.checkpoint import seed_epoch
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 

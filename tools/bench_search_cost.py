@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
-from ofbdeploy.deploy.backends import device_name
+from ofbdeploy.deploy.runtimes.base import device_name
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective

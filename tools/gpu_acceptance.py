@@ -2,8 +2,11 @@
 
 Parts, in order (``--parts`` picks some):
   env         GPU, driver, torch/CUDA/cuDNN/timm/ONNX Runtime versions, the TF32 policy, torch's SDPA kernels
-  exactness   masked vs materialised model (fp32 IEEE and TF32, timm's fused attention on and off) and the
-              fp16/bf16 model against fp32 (max |diff|, top-1 agreement)
+  exactness   masked vs materialised model (fp32 IEEE and TF32, timm's fused attention on and off), the
+              fp16/bf16 model against fp32 (max |diff|, top-1 agreement), and the exported ONNX graphs (fp32,
+              fp16, int8 for ONNX Runtime, int8 for TensorRT): each file on ONNX Runtime CPU against torch on the
+              device in the file's arithmetic precision, and on every GPU runtime this machine has (ort-cuda,
+              ort-trt; TensorRT needs an engine build, which `ofbdeploy export --trt` covers) against the CPU
   training    the quickstart pipeline with ``amp=bf16`` end to end; the OFB search step against a dense training
               step (tools/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the paper's
               100-epoch ImageNet search
@@ -15,7 +18,9 @@ Parts, in order (``--parts`` picks some):
 Every part records what it has when its budget runs out ("cut by budget"); a part that raises records its
 one-line error and traceback and the next part runs. ``acceptance.json`` and ``acceptance.md`` in ``--out``
 are rewritten (atomically) after every step, so a killed run still leaves its results; the latency tables
-are saved beside them. Items that need CUDA are recorded as skipped, with the reason, where there is none.
+are saved beside them. Items that need CUDA are recorded as skipped, with the reason, where there is none; so are
+the quickstart where matplotlib is missing (its report stage draws a plot) and torch.compile where Triton (CUDA)
+or a C compiler is missing. What the script needs beyond the GPU image is in tools/device_wheels.txt (3 MiB).
 Exit code: 0 every part done, 1 a part cut by budget, 3 a part failed (its traceback is in acceptance.json),
 130 interrupted.
 
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +46,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,13 @@ from bench_search_cost import IMAGENET_TRAIN, PAPER_EPOCHS
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.deploy.backends import create_runner, device_name
+from ofbdeploy.deploy import workflow
+from ofbdeploy.deploy.config import ExportCfg
 from ofbdeploy.deploy.measure import measure_group
+from ofbdeploy.deploy.onnx_export import ort_session
+from ofbdeploy.deploy.quantize import INT8_TENSORRT
+from ofbdeploy.deploy.runtimes.base import device_name
+from ofbdeploy.deploy.runtimes.registry import create_runner, unavailable_reason
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.families.vit.space import space_for
 from ofbdeploy.families.vit.support import read_vit_shape
@@ -257,7 +268,58 @@ def part_exactness(setup: Setup, part: Part) -> None:
                 "images": sizes.precision_batch})
             del half
     set_tf32(True)
+    _onnx_graphs(setup, part, model, shape.img_size, shape.in_chans)
     _free(device)
+
+
+ONNX_FILES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32, INT8_TENSORRT: torch.float16}
+GPU_ONNX_RUNTIMES = ("ort-cuda", "ort-trt")
+
+
+@torch.no_grad()
+def _onnx_graphs(setup: Setup, part: Part, model: torch.nn.Module, img: int, chans: int) -> None:
+    """Export ``model`` as users do (fp32, fp16, int8 and the int8 file for TensorRT), then check each file: on
+    ONNX Runtime CPU against torch on the device in the file's arithmetic precision (fp16 where the file computes
+    in fp16: the GPU's half-precision arithmetic the file will meet), and on each GPU runtime here."""
+    part.check("ONNX export")
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(setup.sizes.exact_batch, chans, img, img, generator=generator)
+    calibration = torch.randn(4 * setup.sizes.exact_batch, chans, img, img, generator=generator).numpy()
+    cfg = ExportCfg(fp16=True, int8=True, check_images=len(images))
+    model = model.float().cpu()
+    with tempfile.TemporaryDirectory(prefix="ofb-acceptance-onnx-") as tmp:
+        artifacts = workflow.export_models({"m": model}, Path(tmp), cfg, img_size=img, in_chans=chans,
+                                           check_images=images, calibration=calibration)
+        for label, dtype in ONNX_FILES.items():
+            part.check(f"ONNX {label} graph")
+            path = Path(artifacts.onnx[workflow.onnx_key("m", label)])
+            session = ort_session(path, ["CPUExecutionProvider"])
+            cpu = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]).float()
+            ours = copy.deepcopy(model).to(setup.device, dtype)(images.to(setup.device, dtype)).float().cpu()
+            part.add("onnx_graphs", {"file": label, "runtime": "ort-cpu", "against": f"torch {setup.device.type} "
+                                     f"{str(dtype).removeprefix('torch.')}", **_agreement(cpu, ours)})
+            for backend in GPU_ONNX_RUNTIMES:
+                _onnx_on_gpu(part, backend, label, path, images, cpu)
+
+
+def _onnx_on_gpu(part: Part, backend: str, label: str, path: Path, images: torch.Tensor, cpu: torch.Tensor) -> None:
+    """One file on a GPU runtime against ONNX Runtime CPU on the same file; a skip, with its reason, without one."""
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        part.skip(f"ONNX {label} on {backend}", f"{reason} (checked in torch on the device instead)")
+        return
+    try:
+        runner = create_runner(backend, onnx_path=path, precision=label.split("-")[0])
+        out = torch.from_numpy(runner.run_on(images.numpy())).float()
+    except Exception as err:  # a provider that refuses the file is a finding, not a reason to stop the part
+        part.fail(f"ONNX {label} on {backend}", _one_line(err))
+        return
+    part.add("onnx_graphs", {"file": label, "runtime": backend, "against": "ort-cpu", **_agreement(cpu, out)})
+
+
+def _agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    return {"max_abs_diff": float((other - reference).abs().max()), "output_max_abs": float(reference.abs().max()),
+            "top1_agreement": _top1_agreement(other, reference)}
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -351,7 +413,28 @@ def part_training(setup: Setup, part: Part) -> None:
         for amp in ("off", "bf16"):
             _search_cost(setup, part, Path(tmp), amp)
         part.check("the quickstart")
+        missing = _missing_modules("matplotlib")
+        if missing:
+            part.skip("the quickstart", f"{missing}: its report stage draws the report's plot")
+            return
         _quickstart(setup, part, Path(tmp), timeout=part.left())
+
+
+def _missing_modules(*names: str) -> str | None:
+    """Which of ``names`` this Python cannot import (None: all there), found without importing them."""
+    missing = [name for name in names if util.find_spec(name) is None]
+    return f"no {', '.join(missing)} on this machine" if missing else None
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here: inductor needs Triton for CUDA kernels and a C compiler for its
+    launchers and CPU kernels (None: both there)."""
+    missing = _missing_modules("triton") if device.type == "cuda" else None
+    if missing:
+        return f"{missing} (inductor's CUDA kernels)"
+    if not any(shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c):
+        return "no C compiler (cc, gcc or clang) on this machine (inductor builds its kernels' wrappers with one)"
+    return None
 
 
 # -- latency -------------------------------------------------------------------------------------------------------
@@ -441,8 +524,11 @@ def part_latency(setup: Setup, part: Part) -> None:
                 _measure_models(setup, part, name, archs, lut, "torch", graph, precision, sizes.batches)
         del archs
         _free(device)
+    cannot_compile = compile_unavailable(device)
     if sizes.compile_after_s is None:
         part.skip("torch.compile", "smoke run: compiling takes minutes on CPU; measured on the GPU run only")
+    elif cannot_compile:
+        part.skip("torch.compile", cannot_compile)
     elif part.left() < sizes.compile_after_s:
         part.skip("torch.compile", f"{part.left():.0f} s of the part left, under {sizes.compile_after_s:.0f} s")
     else:
@@ -486,6 +572,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append(format_table(("model", "precision", "max abs diff", "output max abs", "top-1 agreement"), [
             (r["model"], r["precision"], f"{r['max_abs_diff']:.2e}", _fmt(r["output_max_abs"]),
              f"{r['top1_agreement']:.1%}") for r in exact["half_vs_fp32"]], markdown=True))
+    if exact.get("onnx_graphs"):
+        lines += ["", "Exported ONNX graphs (int8-fp16: the int8 file for TensorRT, fp16 but its weight products):",
+                  ""]
+        lines.append(format_table(("file", "runtime", "against", "max abs diff", "output max abs",
+                                   "top-1 agreement"), [
+            (r["file"], r["runtime"], r["against"], f"{r['max_abs_diff']:.2e}", _fmt(r["output_max_abs"]),
+             f"{r['top1_agreement']:.1%}") for r in exact["onnx_graphs"]], markdown=True))
     train = parts.get("training", {})
     if train.get("quickstart", {}).get("status") == "ok":
         q = train["quickstart"]

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
 from ofbdeploy.config import Strict
+from ofbdeploy.deploy.runtimes import registry
 
-Backend = Literal["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+def _registered(name: str) -> str:
+    """A runtime name the registry knows, refused with pydantic's own one-line listing of the names otherwise."""
+    if name not in registry.names():
+        *first, last = (repr(n) for n in registry.names())
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": f"{', '.join(first)} or {last}"})
+    return name
+
+
+Backend = Annotated[str, AfterValidator(_registered), WithJsonSchema({"enum": registry.names(), "type": "string"})]
+Precision = Literal[registry.PRECISIONS]
+OnnxPrecision = Literal[registry.ONNX_PRECISIONS]
 
 
 class ExportCfg(Strict):
@@ -27,7 +40,7 @@ class ExportCfg(Strict):
     simplify: bool = True
     check_images: int = Field(64, ge=1, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
-    trt_precisions: list[Literal["fp32", "fp16", "int8"]] = Field(
+    trt_precisions: list[OnnxPrecision] = Field(
         default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
     batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
     calibration_images: int = Field(
@@ -43,7 +56,7 @@ class ExportCfg(Strict):
         """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
         wanted = {"fp32"} | {p for p, on in (("fp16", self.fp16), ("int8", self.int8)) if on}
         wanted |= set(self.trt_precisions) if self.trt else set()
-        return [p for p in ("fp32", "fp16", "int8") if p in wanted]
+        return [p for p in registry.ONNX_PRECISIONS if p in wanted]
 
 
 class ProfileCfg(Strict):

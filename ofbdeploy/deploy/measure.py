@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ofbdeploy.deploy.backends import Runner, Timer
+from ofbdeploy.deploy.runtimes.base import Runner, Timer
 
 
 @dataclass(frozen=True)

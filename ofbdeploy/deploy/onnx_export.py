@@ -114,7 +114,7 @@ def export_onnx(
     if simplify:
         graph, simplified = _simplify(graph, path)
     if fp16:
-        graph = _to_fp16(graph)
+        graph = to_fp16(graph)
     measured: list[tuple[float, float]] = []
 
     def write_checked(tmp: Path) -> None:
@@ -256,13 +256,14 @@ def _simplify(graph: onnx.ModelProto, path: Path) -> tuple[onnx.ModelProto, bool
     return slim, True
 
 
-def _to_fp16(graph: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and activations but LayerNorm; the graph's input and output stay fp32 (one Cast each)."""
+def to_fp16(graph: onnx.ModelProto, keep: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """fp16 weights and activations but LayerNorm (and the ``keep`` ops, between Casts); the graph's input and
+    output stay fp32 (one Cast each). The fp16 export and the int8 file for TensorRT are both made by this."""
     # Imported here: importing onnxruntime.transformers appends its folder to sys.path.
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     return convert_float_to_float16(graph, keep_io_types=True,
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16])
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS_IN_FP16, *keep])
 
 
 def _opset_of(graph: onnx.ModelProto) -> int:

@@ -1,7 +1,16 @@
-"""Explicit int8: a Q/DQ ONNX graph made from the checked fp32 export by ONNX Runtime's ``quantize_static``.
+"""Explicit int8: Q/DQ ONNX graphs made from the checked fp32 export by ONNX Runtime's ``quantize_static``.
 
-The precision is decided here, in the graph, once: ONNX Runtime runs the file on the CPU (where its accuracy is
-measured) and TensorRT builds a strongly typed engine from the very same file, so no runtime calibrates again.
+The precision is decided here, in the graph, once, calibrated once, and written as two files named by what they
+hold, so no runtime calibrates again:
+
+* ``<model>-int8.onnx`` for ONNX Runtime (CPU, CUDA): int8 weight products, fp32 everywhere else (the CPU has no
+  fast fp16), and the Conv/Gemm biases quantised to int32 behind a ``DequantizeLinear``, which is the form ONNX
+  Runtime's CPU provider fuses into ``QLinearConv``/``QGemm`` (a float bias leaves the patch convolution as
+  dequantise + fp32 Conv).
+* ``<model>-int8-fp16.onnx`` for TensorRT (native and ONNX Runtime's provider): the same Q/DQ pairs with the same
+  scales, no Q/DQ on any bias (TensorRT's dequantize takes int8/fp8/int4 only, and its ONNX parser fails on the
+  int32 bias), and fp16 everywhere else but LayerNorm (kept fp32 as in the fp16 export): softmax, GELU and the
+  attention products run in fp16, as a deployed int8 ViT runs them.
 
 Choices, and why:
 
@@ -15,8 +24,8 @@ Choices, and why:
   fuses into ``MatMulIntegerToFloat`` (int8 products, float bias and output) without a dequantise/requantise
   pair between every two layers.
 * **Symmetric int8 activations** (zero point 0), as TensorRT requires. On this CPU the asymmetric uint8
-  activations that ONNX Runtime suggests for x86 measured no faster (docs/benchmarks.md), so there is one file,
-  not a CPU one and a GPU one.
+  activations that ONNX Runtime suggests for x86 measured no faster (docs/benchmarks.md), so both files share
+  one calibration.
 * **Calibration** on images the caller samples (the pipeline: a seeded, class-balanced sample of the training
   split through the eval transform); ``minmax`` by default, ``percentile``/``entropy`` on request.
 * **Cached by content**: the file's record (``<name>.quant.json``) holds a key over the fp32 ONNX bytes, the
@@ -38,7 +47,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ofbdeploy.deploy.onnx_export import INPUT_NAME
+from ofbdeploy.deploy.onnx_export import INPUT_NAME, to_fp16
 from ofbdeploy.deploy.parity import Parity
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write, atomic_write_text
@@ -46,6 +55,7 @@ from ofbdeploy.io import atomic_write, atomic_write_text
 log = logging.getLogger(__name__)
 
 QUANTISED_OPS = ("MatMul", "Gemm", "Conv")
+INT8_TENSORRT = "int8-fp16"  # the label of the int8 file made for TensorRT: int8 products, fp16 elsewhere
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 RECORD_SUFFIX = ".quant.json"
 _CALIBRATION_BATCH = 16
@@ -157,6 +167,36 @@ def _quantize(source: Path, target: Path, calibration: np.ndarray, nodes: list[s
             )
     except Exception as err:  # the quantiser raises many types
         raise QuantizeError(f"{name}: ONNX Runtime quantize_static failed: {type(err).__name__}: {err}") from err
+
+
+def tensorrt_int8(int8: Path, fp32: Path, path: Path, check: Callable[[Path], Parity] | None = None) -> Path:
+    """Write the int8 file for TensorRT (module docstring) from the ONNX Runtime one and its fp32 source.
+
+    Each ``DequantizeLinear`` of an int32 bias is replaced by the fp32 source's bias it stands for (exactly what
+    ``quantize_static`` writes with ``QuantizeBias=False``, without calibrating again), then everything but the
+    Q/DQ pairs and LayerNorm becomes fp16. ``check`` (raising on failure) runs on the file before it lands.
+    """
+    model = onnx.load(str(int8))
+    graph = model.graph
+    source = {init.name: init for init in onnx.load(str(fp32)).graph.initializer}
+    weights = {init.name: init for init in graph.initializer}
+    biases = [node for node in graph.node if node.op_type == "DequantizeLinear"
+              and weights.get(node.input[0], onnx.TensorProto()).data_type == onnx.TensorProto.INT32]
+    for node in biases:
+        graph.node.remove(node)
+        for name in node.input:
+            graph.initializer.remove(weights[name])
+        graph.initializer.append(source[node.output[0]])
+    half = to_fp16(model, keep=("QuantizeLinear", "DequantizeLinear"))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(half.SerializeToString())
+        if check is not None:
+            check(tmp)
+
+    atomic_write(path, write)
+    log.info("%s: int8 Q/DQ graph for TensorRT (%d biases back to float, fp16 but LayerNorm)", path, len(biases))
+    return path
 
 
 class CalibrationReader:

@@ -30,10 +30,11 @@ import onnx
 from ofbdeploy.deploy import trt_api
 from ofbdeploy.deploy.onnx_export import INPUT_NAME, graph_precision
 from ofbdeploy.deploy.parity import Tolerance, compare, tolerance_for
+from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.errors import OfbError
 from ofbdeploy.io import atomic_write
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = registry.ONNX_PRECISIONS
 TensorRTUnavailable = trt_api.TensorRTUnavailable
 require_tensorrt = trt_api.load
 _LOG = logging.getLogger("ofbdeploy.deploy.tensorrt")
@@ -167,11 +168,7 @@ def check_engine_parity(
     fail: an overflowing fp16 LayerNorm shows up as inf or NaN.
     """
     limits = tolerance or tolerance_for(precision, tf32=tf32)
-    if runner_factory is None:
-        from ofbdeploy.deploy.backends import create_runner
-
-        runner_factory = create_runner
-    runner = runner_factory("tensorrt", engine_path=Path(engine_path), precision=precision)
+    runner = (runner_factory or registry.create_runner)("tensorrt", engine_path=Path(engine_path), precision=precision)
     batches = parity_batches(np.ascontiguousarray(images, dtype=np.float32), *batch_range)
     logits = np.concatenate([np.asarray(runner.run_on(b), dtype=np.float32) for b in batches])
     reference = _onnxruntime_logits(Path(onnx_path), batches)

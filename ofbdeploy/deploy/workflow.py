@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.deploy.backends import BackendError, BackendUnavailable, Runner, create_runner, unavailable_reason
+from ofbdeploy.deploy import tensorrt_engine
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.measure import LatencyStats, measure_group
-from ofbdeploy.deploy.onnx_export import check_against_torch, export_onnx
+from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16, check_against_torch, export_onnx
 from ofbdeploy.deploy.parity import Parity
-from ofbdeploy.deploy.quantize import quantize_int8
+from ofbdeploy.deploy.quantize import INT8_TENSORRT, QUANTISED_OPS, quantize_int8, tensorrt_int8
+from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.deploy.runtimes.base import Runner
+from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
 from ofbdeploy.io import atomic_write_text
-from ofbdeploy.models.pruned import build_plain
 
 log = logging.getLogger("ofbdeploy.deploy")
 
@@ -61,19 +64,6 @@ class DeployArtifacts:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
 
-def with_random_weights(spec: ArchSpec) -> nn.Module:
-    """A plain model of ``spec`` with seeded random weights: enough for latency and export checks."""
-    torch.manual_seed(0)
-    model = build_plain(spec)
-    model.init_weights()  # build_plain leaves weights uninitialised (they are normally loaded)
-    return model.eval()
-
-
-def dense_like(spec: ArchSpec) -> nn.Module:
-    """The unpruned counterpart of ``spec``, with random weights."""
-    return with_random_weights(ArchSpec.dense(spec.base))
-
-
 def export_models(
     models: dict[str, nn.Module],
     directory: Path,
@@ -90,9 +80,7 @@ def export_models(
     ``calibration`` (N, C, H, W) calibrates the int8 graphs; ``tf32`` is the TF32 flag engines are built with.
     """
     if cfg.trt:
-        from ofbdeploy.deploy.tensorrt_engine import require_tensorrt
-
-        require_tensorrt()  # say so before exporting anything
+        tensorrt_engine.require_tensorrt()  # say so before exporting anything
     directory.mkdir(parents=True, exist_ok=True)
     artifacts = DeployArtifacts()
     for name, model in models.items():
@@ -106,15 +94,44 @@ def export_models(
                 result = export_onnx(model, path, img_size=img_size, in_chans=in_chans, opset=cfg.opset,
                                      fp16=precision == "fp16", simplify=cfg.simplify, check_inputs=check_images)
                 entry = result.to_dict()
-            artifacts.onnx[key] = str(path)
-            artifacts.checks.append({"model": key, "kind": "onnx", "precision": precision, **entry})
-            log.info("exported %s: max |ORT - torch| %.2e, top-1 agreement %.1f%%", path, entry["max_abs_diff"],
-                     100 * entry["top1_agreement"])
+            _record(artifacts, key, precision, path, entry)
+            if precision == "int8":
+                key = onnx_key(name, INT8_TENSORRT)
+                path = directory / f"{key}.onnx"
+                entry = _tensorrt_int8(model, Path(artifacts.onnx[onnx_key(name, "int8")]), Path(artifacts.onnx[name]),
+                                       path, img_size=img_size, in_chans=in_chans, check_images=check_images)
+                _record(artifacts, key, INT8_TENSORRT, path, entry)
         if cfg.trt:
             _build_engines(name, directory, cfg, artifacts, img_size=img_size, in_chans=in_chans,
                            check_images=check_images, tf32=tf32)
     artifacts.save(directory)
     return artifacts
+
+
+def _record(artifacts: DeployArtifacts, key: str, precision: str, path: Path, entry: dict[str, Any]) -> None:
+    """One exported file and its check in the artifacts (and the log)."""
+    artifacts.onnx[key] = str(path)
+    artifacts.checks.append({"model": key, "kind": "onnx", "precision": precision, **entry})
+    log.info("exported %s: max |ORT - torch| %.2e, top-1 agreement %.1f%%", path, entry["max_abs_diff"],
+             100 * entry["top1_agreement"])
+
+
+def _tensorrt_int8(model: nn.Module, int8: Path, fp32: Path, path: Path, *, img_size: int, in_chans: int,
+                   check_images: Tensor | None) -> dict[str, Any]:
+    """The int8 file for TensorRT (int8 products, fp16 elsewhere) from the checked int8 and fp32 files, itself
+    checked against torch before it lands."""
+    checked: list[Parity] = []
+
+    def check(candidate: Path) -> None:
+        checked.append(check_against_torch(model, candidate, "int8", img_size=img_size, in_chans=in_chans,
+                                           check_inputs=check_images, name=path))
+
+    tensorrt_int8(int8, fp32, path, check)
+    parity = checked[0]
+    return {"path": str(path), "max_abs_diff": parity.max_abs_diff, "top1_agreement": parity.top1_agreement,
+            "check_images": parity.images, "tolerance": parity.tolerance,
+            "min_top1_agreement": parity.min_top1_agreement, "fp32_ops": list(FP32_OPS_IN_FP16),
+            "int8_ops": list(QUANTISED_OPS)}
 
 
 def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img_size: int, in_chans: int,
@@ -136,19 +153,17 @@ def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img
 def _build_engines(name: str, directory: Path, cfg: ExportCfg, artifacts: DeployArtifacts, *, img_size: int,
                    in_chans: int, check_images: Tensor | None, tf32: bool) -> None:
     """One strongly typed engine per precision, each from the ONNX file of that precision, each checked."""
-    from ofbdeploy.deploy.tensorrt_engine import EngineSpec, build_engine, check_engine_parity
-
     low, opt, high = cfg.batch_range
     images = check_images if check_images is not None else torch.randn(
         low, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    tensorrt = registry.get("tensorrt")
     for precision in cfg.trt_precisions:
-        key = onnx_key(name, precision)
-        onnx_path = Path(artifacts.onnx[key])
-        spec = EngineSpec(precision=precision, min_batch=low, opt_batch=opt, max_batch=high, img_size=img_size,
-                          in_chans=in_chans, tf32=tf32)
-        engine = build_engine(onnx_path, spec, directory / "engines", log=log)
-        parity = check_engine_parity(engine, onnx_path, images.numpy().astype(np.float32), precision=precision,
-                                     batch_range=(low, high), tf32=tf32)
+        onnx_path = Path(artifacts.onnx[onnx_key(name, tensorrt.file_precision(precision))])
+        spec = tensorrt_engine.EngineSpec(precision=precision, min_batch=low, opt_batch=opt, max_batch=high,
+                                          img_size=img_size, in_chans=in_chans, tf32=tf32)
+        engine = tensorrt_engine.build_engine(onnx_path, spec, directory / "engines", log=log)
+        parity = tensorrt_engine.check_engine_parity(engine, onnx_path, images.numpy().astype(np.float32),
+                                                     precision=precision, batch_range=(low, high), tf32=tf32)
         engine_key = f"{name}-{precision}"
         artifacts.engines[engine_key] = str(engine)
         artifacts.engine_tf32[engine_key] = tf32
@@ -158,17 +173,33 @@ def _build_engines(name: str, directory: Path, cfg: ExportCfg, artifacts: Deploy
                  parity["max_abs_diff"], 100 * parity["top1_agreement"])
 
 
+def with_random_weights(spec: ArchSpec, build: Callable[[ArchSpec], nn.Module]) -> nn.Module:
+    """A plain model of ``spec`` made by the caller's ``build`` (which leaves weights uninitialised: they are
+    normally loaded), with seeded random weights: enough for latency and export checks."""
+    torch.manual_seed(0)
+    model = build(spec)
+    model.init_weights()
+    return model.eval()
+
+
+def dense_like(spec: ArchSpec, build: Callable[[ArchSpec], nn.Module]) -> nn.Module:
+    """The unpruned counterpart of ``spec``, with random weights."""
+    return with_random_weights(ArchSpec.dense(spec.base), build)
+
+
 def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg,
                 precision: str | None = None) -> Runner:
-    """The runner of model ``name`` in ``precision`` (default: the profile's first) on ``backend``: the module for
-    torch, the ONNX file of that precision for ONNX Runtime, the engine for TensorRT."""
+    """The runner of model ``name`` in ``precision`` (default: the profile's first) on ``backend``, on the artifact
+    its runtime runs: the module, the ONNX file it reads for that precision, or the engine."""
     precision = precision or cfg.precisions[0]
-    missing = unavailable_reason(backend)
+    runtime = registry.get(backend)
+    missing = runtime.missing()
     if missing is not None:  # say what the machine lacks before what the export lacks
         raise BackendUnavailable(f"{backend}: {missing}")
-    if backend in ("torch", "torch-compile"):
-        return create_runner(backend, model=models[name], precision=precision, threads=cfg.threads, tf32=cfg.tf32)
-    if backend == "tensorrt":
+    if runtime.artifact == "module":
+        return registry.create_runner(backend, model=models[name], precision=precision, threads=cfg.threads,
+                                      tf32=cfg.tf32)
+    if runtime.artifact == "engine":
         key = f"{name}-{precision}"
         engine = artifacts.engines.get(key)
         if engine is None:
@@ -179,13 +210,15 @@ def make_runner(backend: str, name: str, models: dict[str, nn.Module], artifacts
             raise BackendUnavailable(f"tensorrt: the {precision} engine of {name} was built with TF32 "
                                      f"{'on' if built_with else 'off'}, the profile's policy is "
                                      f"{'on' if cfg.tf32 else 'off'}; export again")
-        return create_runner(backend, engine_path=Path(engine), precision=precision, tf32=built_with)
-    graph = "fp32" if backend == "ort-trt" and precision == "fp16" else precision  # ort-trt: fp16 is its flag
+        return registry.create_runner(backend, engine_path=Path(engine), precision=precision, tf32=built_with)
+    graph = runtime.file_precision(precision)
     onnx = artifacts.onnx.get(onnx_key(name, graph))
     if onnx is None:
-        raise BackendUnavailable(f"{backend}: no {graph} ONNX export of {name}; set export.{graph} "
-                                 f"(or ofbdeploy export --precision {graph})")
-    return create_runner(backend, onnx_path=Path(onnx), precision=precision, threads=cfg.threads, tf32=cfg.tf32)
+        wanted = graph.split("-")[0]  # the int8 file made for TensorRT comes with the int8 export
+        raise BackendUnavailable(f"{backend}: no {graph} ONNX export of {name}; set export.{wanted} "
+                                 f"(or ofbdeploy export --precision {wanted})")
+    return registry.create_runner(backend, onnx_path=Path(onnx), precision=precision, threads=cfg.threads,
+                                  tf32=cfg.tf32)
 
 
 def skip_entry(backend: str, batch: int | None, precision: str, reason: Exception | str) -> dict[str, Any]:
@@ -220,9 +253,13 @@ def profile_models(
             stats = measure_group([r for pair in ready.values() for r in pair], batch, warmup=cfg.warmup,
                                   repeats=cfg.repeats, prepared=True)
             by = dict(zip([(p, n) for p in ready for n in MODELS], stats, strict=True))
+            runtime = registry.get(backend)
             for precision in ready:
-                rows.append(_row(by[(precision, "dense")], by[(precision, "pruned")], by.get(("fp32", "dense")),
-                                 backend, flops_ratio))
+                row = _row(by[(precision, "dense")], by[(precision, "pruned")], by.get(("fp32", "dense")), backend,
+                           flops_ratio)
+                # which file ran: "int8-fp16" is int8 products with fp16 elsewhere (LayerNorm fp32), "int8" fp32
+                row["graph"] = None if runtime.artifact == "module" else runtime.file_precision(precision)
+                rows.append(row)
     return rows, skipped
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ofbdeploy.arch import ArchSpec, BlockSpec
 from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.io import atomic_write_text, read_json
@@ -266,13 +267,16 @@ def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: P
     deployed model)."""
     from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
     from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
+    from ofbdeploy.models.pruned import build_plain
 
-    model = with_random_weights(spec)
+    model = with_random_weights(spec, build_plain)
     artifacts = DeployArtifacts()
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # its own file: ONNX Runtime sessions open the file in prepare()
-    if not backend.startswith("torch"):
-        cfg = ExportCfg(fp16=precision == "fp16", trt=backend == "tensorrt", check_images=2,
-                        trt_precisions=[precision] if backend == "tensorrt" else ["fp16"],
+    artifact = registry.get(backend).artifact
+    if artifact != "module":
+        engine = artifact == "engine"
+        cfg = ExportCfg(fp16=precision == "fp16", trt=engine, check_images=2,
+                        trt_precisions=[precision] if engine else ["fp16"],
                         batch_range=(batch, batch, batch))
         artifacts = export_models({"probe": model}, tmp, cfg, img_size=spec.base.img_size,
                                   in_chans=spec.base.in_chans, check_images=torch.randn(2, spec.base.in_chans,
@@ -364,8 +368,5 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
 
 
 def _this_device(backend: str) -> str:
-    from ofbdeploy.deploy.backends import device_name
-
-    wants_cuda = backend in ("ort-cuda", "ort-trt", "tensorrt") or (backend.startswith("torch")
-                                                                   and torch.cuda.is_available())
-    return device_name(torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu"))
+    """The machine a table measured on ``backend`` here describes."""
+    return registry.get(backend).device_name()

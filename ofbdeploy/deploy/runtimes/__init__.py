@@ -1,0 +1,1 @@
+"""Runtimes as plug-ins: one module per runtime, named in ``registry``."""
