@@ -1,5 +1,5 @@
-"""tools/gpu_acceptance.py in its smoke mode: every part runs its real code on tiny models and records numbers, so
-the one prepared GPU command cannot rot between the rare runs on a GPU."""
+"""tools/benchmarks/gpu_acceptance.py in its smoke mode: every part runs its real code on tiny models and records
+numbers, so the one prepared GPU command cannot rot between the rare runs on a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-SCRIPT = ROOT / "tools" / "gpu_acceptance.py"
+SCRIPT = ROOT / "tools" / "benchmarks" / "gpu_acceptance.py"
 
 
 def _acceptance(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

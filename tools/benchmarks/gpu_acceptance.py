@@ -5,8 +5,8 @@ Parts, in order (``--parts`` picks some):
   exactness   masked vs materialised model (fp32 IEEE and TF32, timm's fused attention on and off) and the
               fp16/bf16 model against fp32 (max |diff|, top-1 agreement)
   training    the quickstart pipeline with ``amp=bf16`` end to end; the OFB search step against a dense training
-              step (tools/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the paper's
-              100-epoch ImageNet search
+              step (tools/benchmarks/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the
+              paper's 100-epoch ImageNet search
   latency     per model: a latency table built here (torch, fp16 on CUDA, batch 1), then dense against a
               50%-FLOPs model, a 50%-latency model and the 50%-FLOPs model on grids aligned to 8 and 64, timed
               together (the deploy protocol's alternating blocks) with CUDA graphs and eager launches, per
@@ -19,8 +19,8 @@ are saved beside them. Items that need CUDA are recorded as skipped, with the re
 Exit code: 0 every part done, 1 a part cut by budget, 3 a part failed (its traceback is in acceptance.json),
 130 interrupted.
 
-    python tools/gpu_acceptance.py --out $OUT --budget-s 420       # the GPU run (docs/benchmarks.md)
-    python tools/gpu_acceptance.py --out /tmp/acc --smoke          # tiny models, CPU, well under a minute
+    python tools/benchmarks/gpu_acceptance.py --out $OUT --budget-s 420       # the GPU run (docs/benchmarks.md)
+    python tools/benchmarks/gpu_acceptance.py --out /tmp/acc --smoke          # tiny models, CPU, well under a minute
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from ofbdeploy.numerics import set_tf32
 from ofbdeploy.table import format_table
 from ofbdeploy.verify import TOLERANCE, decide_randomly, set_fused_attention
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAPER_GPU_HOURS = 24.0  # the paper's search: "one GPU day"
 GOAL_GPU_HOURS = 12.0  # this project's goal for the same search
 SHARES = {"env": 0.02, "exactness": 0.10, "training": 0.40, "latency": 0.48}  # of the budget left when a part starts
@@ -303,7 +303,7 @@ def _quickstart(setup: Setup, part: Part, tmp: Path, timeout: float) -> None:
 
 
 def _search_cost(setup: Setup, part: Part, tmp: Path, amp: str) -> None:
-    """tools/bench_search_cost.py in a child process (its own CUDA context, so an OOM leaves nothing behind);
+    """tools/benchmarks/bench_search_cost.py in a child process (its own CUDA context, so an OOM leaves nothing behind);
     on running out of memory, again at half the batch."""
     sizes = setup.sizes
     batch = sizes.train_batch
@@ -311,7 +311,7 @@ def _search_cost(setup: Setup, part: Part, tmp: Path, amp: str) -> None:
     while True:
         part.check(f"search step cost, amp {amp}, batch {batch}")
         result = tmp / f"search_cost_{amp}_{batch}.json"
-        command = [sys.executable, str(ROOT / "tools" / "bench_search_cost.py"), "--model", model, "--batch",
+        command = [sys.executable, str(Path(__file__).with_name("bench_search_cost.py")), "--model", model, "--batch",
                    str(batch), "--steps", str(sizes.train_steps), "--warmup", "2" if setup.device.type == "cuda"
                    else "1", "--amp", amp, "--device", setup.device.type, "--json", str(result)]
         if sizes.img_size:
@@ -356,8 +356,8 @@ def part_training(setup: Setup, part: Part) -> None:
 # -- latency -------------------------------------------------------------------------------------------------------
 def _archs(name: str, img: int, lut_path: Path) -> dict[str, tuple[torch.nn.Module, ArchSpec, float]]:
     """Dense, 50%-FLOPs, 50%-latency and the 50%-FLOPs model on grids aligned to 8 and 64, from the budget
-    enforcement of tools/bench_latency.py: every group from full width, narrowed one grid step at a time (least
-    important units first, by the searchable model's initial random scores: latency does not depend on which
+    enforcement of tools/benchmarks/bench_latency.py: every group from full width, narrowed one grid step at a time
+    (least important units first, by the searchable model's initial random scores: latency does not depend on which
     units go) until the budget holds."""
     archs: dict[str, tuple[torch.nn.Module, ArchSpec, float]] = {}
     for label, method, align in (("flops50", "flops", None), ("latency50", "latency", None),
@@ -493,7 +493,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                       f"(before finetuning {q['top1_pruned_before_finetune']:.2f}); search {q['search_seconds']:.1f} s "
                       f"at {q['search_images_per_second']:.0f} images/s, finetune {q['finetune_seconds']:.1f} s"]
     if train.get("search_step"):
-        lines += ["", "Search step against a dense training step (tools/bench_search_cost.py):", ""]
+        lines += ["", "Search step against a dense training step (tools/benchmarks/bench_search_cost.py):", ""]
         lines.append(format_table(("model", "amp", "fp32", "batch", "dense img/s", "search img/s", "ratio",
                                    "ImageNet 100-epoch search GPU-h", "of one GPU day", "of 12 GPU-h"), [
             (r["model"], r["amp"], r["fp32_matmul"], r["batch"], f"{r['dense_images_per_s']:.1f}",
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"meta": {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
         "smoke": args.smoke, "budget_s": args.budget_s, "parts": names,
-        "command": "python tools/gpu_acceptance.py " + " ".join(sys.argv[1:] if argv is None else argv)},
+        "command": "python tools/benchmarks/gpu_acceptance.py " + " ".join(sys.argv[1:] if argv is None else argv)},
         "parts": {}}
     start = time.perf_counter()
     try:
