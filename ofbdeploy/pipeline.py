@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ofbdeploy import threads
 from ofbdeploy.arch import ArchSpec, ModelShape
 from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
@@ -497,6 +498,7 @@ class Run:
             handler = _log_to_file(self.paths.log, self.ctx)
             log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, root, self.ctx.device,
                      self.ctx.world_size)
+            log.info("%s", threads.current().describe())
             self.log_precision_and_batch()
             for stage, reason in plan:
                 if reason is None:
