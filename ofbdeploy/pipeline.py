@@ -27,7 +27,7 @@ from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import InputError, OfbError, note_traceback
 from ofbdeploy.families import family_of, read_shape
-from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
+from ofbdeploy.io import AppendLogHandler, atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.materialize import materialize
@@ -655,7 +655,7 @@ def _log_to_file(path: Path, ctx: Dist) -> logging.Handler | None:
     if not ctx.is_main:
         return None
     root = logging.getLogger("ofbdeploy")
-    handler = logging.FileHandler(path)
+    handler = AppendLogHandler(path, "run log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
