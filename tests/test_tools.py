@@ -211,7 +211,7 @@ def test_hostile_suite_registers_every_category():
     rows = [line.split("\t") for line in listing.splitlines()]
     categories = {row[0] for row in rows}
     assert {"recipe", "options", "paths", "models", "checkpoints", "data", "baselines", "luts", "arch", "rundir",
-            "signals"} <= categories
+            "signals", "links"} <= categories
     assert len(rows) >= 129 and len({(row[0], row[1]) for row in rows}) == len(rows)  # no case registered twice
 
 

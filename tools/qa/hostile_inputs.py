@@ -5,7 +5,7 @@ the one the contract asks for (0 ok, 1 limit missed, 2 bad input, 3 internal err
 whether stderr ended with exactly one error line and no traceback, and whether the run directory it
 touched is intact (unchanged when the command was refused; consistent and complete when it ran).
 The cases live in ``hostile/``, one module per category (recipe and options, paths, models and
-checkpoints, data, baselines, luts, arch, rundir, signals), on the harness in ``hostile/harness.py``.
+checkpoints, data, baselines, luts, arch, rundir, signals, links), on the harness in ``hostile/harness.py``.
 
     python tools/qa/hostile_inputs.py --json hostile.json           # every case (about 10 minutes on 2 cores)
     python tools/qa/hostile_inputs.py --only recipe --only paths    # some categories

@@ -19,6 +19,8 @@ for _name, _content in [
     ("python object tag", b"model: !!python/object/apply:os.system ['touch /tmp/pwned']\n"),
     ("two YAML documents", b"name: a\n---\nname: b\n"),
     ("tab indentation", b"model:\n\tname: x\n"),
+    ("a duplicate key dropping a budget limit",
+     b"budget: {max_gflops: 1.0}\nmodel: {name: x}\nbudget: {}\n"),
 ]:
     case("recipe", _name, 2)(lambda ws, n=_name, c=_content: bad_recipe_file(ws, n.replace(" ", "-"), c))
 
