@@ -153,7 +153,7 @@ class RunLock:
 
     def acquire(self) -> None:
         while True:
-            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, f"{self.root}: its lock file", follow=False)
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file", follow=False)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
