@@ -30,6 +30,7 @@ from ofbdeploy.errors import (
     one_line,
     traceback_note,
 )
+from ofbdeploy.threads import configure as configure_threads
 
 
 def _traceback_file(error: BaseException) -> str:
@@ -138,9 +139,13 @@ def _settle_sigterm(code: int) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
-def main(verbose: bool) -> None:
+@click.option("--threads", type=click.IntRange(1, 4096), default=None,
+              help="CPU threads of this process (default: the CPUs it may use, shared among a DDP run's local "
+                   "processes; also OFBDEPLOY_THREADS).")
+def main(verbose: bool, threads: int | None) -> None:
     """ofbdeploy: compress timm Vision Transformers with OFB and check the result on real deployment numbers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_threads(threads)  # before any command loads torch: OpenMP reads its settings then
     _interrupt_on_sigterm()
 
 

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ofbdeploy import threads
 from ofbdeploy.arch import ArchSpec, ModelShape, arch_to_dict
 from ofbdeploy.deploy.accuracy import accuracy_entry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import InputError, OfbError, note_traceback
 from ofbdeploy.families import arch_from_dict, family_of, load_arch, read_shape
-from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
+from ofbdeploy.io import AppendLogHandler, atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.models.dense import build_dense
@@ -497,6 +498,7 @@ class Run:
             handler = _log_to_file(self.paths.log, self.ctx)
             log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, root, self.ctx.device,
                      self.ctx.world_size)
+            log.info("%s", threads.current().describe())
             self.log_precision_and_batch()
             for stage, reason in plan:
                 if reason is None:
@@ -653,7 +655,7 @@ def _log_to_file(path: Path, ctx: Dist) -> logging.Handler | None:
     if not ctx.is_main:
         return None
     root = logging.getLogger("ofbdeploy")
-    handler = logging.FileHandler(path)
+    handler = AppendLogHandler(path, "run log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))

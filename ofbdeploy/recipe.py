@@ -240,8 +240,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if len(seen) > MAX_EXTENDS:
         raise RecipeError(f"{path}: more than {MAX_EXTENDS} levels of 'extends'")
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: expected a recipe file")
     if path.resolve() in seen:
         raise RecipeError(f"{path}: extends itself through {' -> '.join(p.name for p in seen)}")
     try:
@@ -272,6 +270,7 @@ def safe_yaml(text: str, source: str) -> Any:
             if node is None:
                 return None
             _check_expansion(node, source)
+            _refuse_duplicate_keys(node, source)
             return loader.construct_document(node)
         finally:
             loader.dispose()
@@ -328,6 +327,29 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
                 raise RecipeError(f"{source}: a YAML alias refers to a value that contains it (recursive)")
             if id(child) not in sizes:
                 stack.append((child, False))
+
+
+def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
+    """PyYAML keeps the last of two equal keys in a mapping and drops the first without a word (a whole
+    section, or a budget limit); refuse that, naming the key and both lines. Runs after the expansion check,
+    so the walk is bounded; each node is visited once."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], yaml.Node] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                earlier = first.setdefault((key.tag, key.value), key)
+                if earlier is not key:
+                    raise RecipeError(f"{source}: line {key.start_mark.line + 1}: duplicate key "
+                                      f"{_short(key.value)} (first at line {earlier.start_mark.line + 1})")
+        stack.extend(_children(node))
 
 
 def _refuse_nul(data: Any) -> None:

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ofbdeploy.errors import RunDirError, one_line
-from ofbdeploy.io import atomic_write_text, file_digest, is_temporary
+from ofbdeploy.errors import InputError, RunDirError, one_line
+from ofbdeploy.io import atomic_write_text, file_digest, is_temporary, open_fd
 
 log = logging.getLogger("ofbdeploy.run")
 
@@ -153,10 +153,7 @@ class RunLock:
 
     def acquire(self) -> None:
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as err:
-                raise RunDirError(f"{self.root}: cannot create its lock file ({err.strerror or err})") from None
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, "lock file", follow=False)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -208,8 +205,8 @@ class RunLock:
         """The live holder of ``root``'s lock, or None; never takes or changes the lock (read-only dirs work)."""
         path = root / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+            fd = open_fd(path, os.O_RDONLY, "lock file", follow=False)
+        except InputError:  # none, or not a lock this project made (a link, a FIFO): no holder to name
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

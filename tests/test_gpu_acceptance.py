@@ -1,5 +1,5 @@
-"""tools/gpu_acceptance.py in its smoke mode: every part runs its real code on tiny models and records numbers, so
-the one prepared GPU command cannot rot between the rare runs on a GPU."""
+"""tools/gpu_acceptance.py in its smoke mode: every part runs its real code on tiny models and records
+numbers, so the one prepared GPU command cannot rot between the rare runs on a GPU."""
 
 from __future__ import annotations
 

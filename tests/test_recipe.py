@@ -5,7 +5,7 @@ import timm
 import yaml
 
 from ofbdeploy.families import family_of, read_shape
-from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
+from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe, safe_yaml
 from ofbdeploy.search.engine import check_budget, resolve_target
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
@@ -78,3 +78,19 @@ def test_resolved_recipe_round_trips(tmp_path):
     recipe = parse_recipe(BASE)
     recipe.save(tmp_path / "resolved.yaml")
     assert load_recipe(tmp_path / "resolved.yaml") == recipe
+
+
+def test_a_duplicate_key_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML would keep the second ``budget`` and silently drop the first, limit and all."""
+    (tmp_path / "base.yaml").write_text("model: {name: ofb_vit_pico_patch4_32}\n")
+    (tmp_path / "r.yaml").write_text("extends: base.yaml\nbudget:\n  max_gflops: 1.0\ndata: {kind: synthetic}\n"
+                                     "budget:\n  speedup: []\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: line 5: duplicate key 'budget' \(first at line 2\)"):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("extends: base.yaml\ndata: {kind: synthetic, kind: imagefolder}\n")
+    with pytest.raises(RecipeError, match="line 2: duplicate key 'kind'"):
+        load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(RecipeError, match="duplicate key 'a'"):
+        load_recipe(tmp_path / "base.yaml", ["model.overrides={a: 1, a: 2}"])
+    # a merge key and the keys beside it are not duplicates
+    assert safe_yaml("x: &x {a: 1, b: 1}\ny: {<<: *x, a: 2}\n", "s") == {"x": {"a": 1, "b": 1}, "y": {"a": 2, "b": 1}}

@@ -1,7 +1,7 @@
 """The TensorRT API the code uses exists in both supported majors, checked offline against the binding wheels.
 
 tests/data/tensorrt-<version>-names.txt are the identifier strings of tensorrt-cu12-bindings' compiled module
-(tools/trt_api_names.py); ofbdeploy/deploy/trt_api.py holds every TensorRT call the package makes.
+(tools/scripts/trt_api_names.py); ofbdeploy/deploy/trt_api.py holds every TensorRT call the package makes.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Parts, in order (``--parts`` picks some):
               device in the file's arithmetic precision, and on every GPU runtime this machine has (ort-cuda,
               ort-trt; TensorRT needs an engine build, which `ofbdeploy export --trt` covers) against the CPU
   training    the quickstart pipeline with ``amp=bf16`` end to end; the OFB search step against a dense training
-              step (tools/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the paper's
-              100-epoch ImageNet search
+              step (tools/benchmarks/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the
+              paper's 100-epoch ImageNet search
   latency     per model: a latency table built here (torch, fp16 on CUDA, batch 1), then dense against a
               50%-FLOPs model, a 50%-latency model and the 50%-FLOPs model on grids aligned to 8 and 64, timed
               together (the deploy protocol's alternating blocks) with CUDA graphs and eager launches, per
@@ -52,8 +52,8 @@ from typing import Any
 
 import timm
 import torch
-from bench_latency import pruned_pair
-from bench_search_cost import IMAGENET_TRAIN, PAPER_EPOCHS
+from benchmarks.bench_latency import pruned_pair
+from benchmarks.bench_search_cost import IMAGENET_TRAIN, PAPER_EPOCHS
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.arch import ArchSpec
@@ -74,7 +74,7 @@ from ofbdeploy.numerics import set_tf32
 from ofbdeploy.table import format_table
 from ofbdeploy.verify.exactness import decide_randomly, set_fused_attention
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 PAPER_GPU_HOURS = 24.0  # the paper's search: "one GPU day"
 GOAL_GPU_HOURS = 12.0  # this project's goal for the same search
 SHARES = {"env": 0.02, "exactness": 0.10, "training": 0.40, "latency": 0.48}  # of the budget left when a part starts
@@ -366,7 +366,7 @@ def _quickstart(setup: Setup, part: Part, tmp: Path, timeout: float) -> None:
 
 
 def _search_cost(setup: Setup, part: Part, tmp: Path, amp: str) -> None:
-    """tools/bench_search_cost.py in a child process (its own CUDA context, so an OOM leaves nothing behind);
+    """tools/benchmarks/bench_search_cost.py in a child process (its own CUDA context, so an OOM leaves nothing behind);
     on running out of memory, again at half the batch."""
     sizes = setup.sizes
     batch = sizes.train_batch
@@ -374,7 +374,8 @@ def _search_cost(setup: Setup, part: Part, tmp: Path, amp: str) -> None:
     while True:
         part.check(f"search step cost, amp {amp}, batch {batch}")
         result = tmp / f"search_cost_{amp}_{batch}.json"
-        command = [sys.executable, str(ROOT / "tools" / "bench_search_cost.py"), "--model", model, "--batch",
+        script = Path(__file__).parent / "benchmarks" / "bench_search_cost.py"
+        command = [sys.executable, str(script), "--model", model, "--batch",
                    str(batch), "--steps", str(sizes.train_steps), "--warmup", "2" if setup.device.type == "cuda"
                    else "1", "--amp", amp, "--device", setup.device.type, "--json", str(result)]
         if sizes.img_size:
@@ -440,8 +441,8 @@ def compile_unavailable(device: torch.device) -> str | None:
 # -- latency -------------------------------------------------------------------------------------------------------
 def _archs(name: str, img: int, lut_path: Path) -> dict[str, tuple[torch.nn.Module, ArchSpec, float]]:
     """Dense, 50%-FLOPs, 50%-latency and the 50%-FLOPs model on grids aligned to 8 and 64, from the budget
-    enforcement of tools/bench_latency.py: every group from full width, narrowed one grid step at a time (least
-    important units first, by the searchable model's initial random scores: latency does not depend on which
+    enforcement of tools/benchmarks/bench_latency.py: every group from full width, narrowed one grid step at a time
+    (least important units first, by the searchable model's initial random scores: latency does not depend on which
     units go) until the budget holds."""
     archs: dict[str, tuple[torch.nn.Module, ArchSpec, float]] = {}
     for label, method, align in (("flops50", "flops", None), ("latency50", "latency", None),
@@ -587,7 +588,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                       f"(before finetuning {q['top1_pruned_before_finetune']:.2f}); search {q['search_seconds']:.1f} s "
                       f"at {q['search_images_per_second']:.0f} images/s, finetune {q['finetune_seconds']:.1f} s"]
     if train.get("search_step"):
-        lines += ["", "Search step against a dense training step (tools/bench_search_cost.py):", ""]
+        lines += ["", "Search step against a dense training step (tools/benchmarks/bench_search_cost.py):", ""]
         lines.append(format_table(("model", "amp", "fp32", "batch", "dense img/s", "search img/s", "ratio",
                                    "ImageNet 100-epoch search GPU-h", "of one GPU day", "of 12 GPU-h"), [
             (r["model"], r["amp"], r["fp32_matmul"], r["batch"], f"{r['dense_images_per_s']:.1f}",

@@ -8,7 +8,7 @@ both majors keep.
 
 Keeping the calls here makes the attribute names the code uses discoverable: tests/test_trt_api.py reads this
 file's syntax tree and checks every name against the names compiled into TensorRT 10.11's and 11.4's binding
-modules (tests/data, made by tools/trt_api_names.py). Only TensorRT objects are used through attributes in this
+modules (tests/data, made by tools/scripts/trt_api_names.py). Only TensorRT objects are used through attributes in this
 module (names rooted at an import, such as ``importlib``, are not TensorRT's and are not checked).
 """
 

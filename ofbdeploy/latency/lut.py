@@ -321,7 +321,7 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
     fractions, dense_ms, device = [], [], ""
     with tempfile.TemporaryDirectory() as tmp:
         dense_runner = spec_runner(dense, backend, precision, batch, Path(tmp), threads)
-        for spec in tqdm(specs, desc="lut", disable=not progress):
+        for spec in tqdm(specs, desc="lut", disable=None if progress else True):  # None: only on a terminal
             runner = spec_runner(spec, backend, precision, batch, Path(tmp), threads)
             d, p = measure_pair(dense_runner, runner, batch, warmup=max(3, repeats // 5), repeats=repeats)
             fractions.append(p.median_ms / d.median_ms)

@@ -321,7 +321,7 @@ def run_search(
         model.train()
         totals = torch.zeros(4, device=ctx.device)  # task, pmim, onehot, budget: read once per epoch
         bar = tqdm(search.batches(epoch), total=search.steps, desc=f"search {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and ctx.is_main), leave=False)
+                   disable=None if progress and ctx.is_main else True, leave=False)  # None: only on a terminal
         for i, batches in bar:
             keep = search.schedules(epoch * search.steps + i)
             losses = search.step(batches, keep)

@@ -303,7 +303,8 @@ def train_classifier(
         seed_epoch(seed, epoch, train_loader, ctx.rank)  # also numpy's global RNG, which timm's Mixup draws from
         epoch_began = time.perf_counter()
         show = progress and ctx.is_main
-        with tqdm(total=steps, desc=f"{stage} {epoch + 1}/{settings.epochs}", disable=not show, leave=False) as bar:
+        hide = None if show else True  # None: tqdm draws only on a terminal; a log without one gets no bar
+        with tqdm(total=steps, desc=f"{stage} {epoch + 1}/{settings.epochs}", disable=hide, leave=False) as bar:
             last_loss, epoch_images = _run_epoch(loop, train_loader, ctx, epoch * steps, steps, lr_at, bar)
         rate = epoch_images / max(time.perf_counter() - epoch_began, 1e-9)
         lr = lr_at((epoch + 1) * steps - 1)

@@ -2,7 +2,7 @@
 
 Each model is built on the meta device (no weights are made), so the whole registry is judged in seconds,
 the way timm's own tests cap their model sweeps. A refusal is a one-line :class:`ModelError`; any other
-exception is a crash, which is a bug of ofbdeploy (``tools/family_census.py`` prints the counts; the tests
+exception is a crash, which is a bug of ofbdeploy (``tools/scripts/family_census.py`` prints the counts; the tests
 fail on a crash). Exactness is checked on real weights separately: per variant on a shrunken copy (few
 blocks, narrow) at a small image size, or on the real widths by the opt-in sweep.
 """

@@ -10,7 +10,7 @@ alike. The CUDA provider takes the TF32 policy (``use_tf32``); the TensorRT prov
 with TensorRT's default (on), which its rows record.
 
 Provider option keys are checked against the tables read from the onnxruntime-gpu wheel's binding
-(tools/ort_provider_keys.py, tests/data/ort_provider_keys.json): the binding throws on any key it does not know.
+(tools/scripts/ort_provider_keys.py, tests/data/ort_provider_keys.json): the binding throws on any key it does not know.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Accuracy and latency of OFB against structured-pruning baselines at equal budgets, same finetune, same data.
 
 A dense teacher is made once (cached by its settings): trained from scratch, or, with ``--checkpoint``, from
-pretrained weights (e.g. the DINOv2 ViT-S/14 backbone of tools/convert_dinov2.py) with a fresh head trained
+pretrained weights (e.g. the DINOv2 ViT-S/14 backbone of tools/scripts/convert_dinov2.py) with a fresh head trained
 together with the backbone on the task. It is then compressed to each budget ratio, once per seed, by:
   ofb            the OFB search (this project) to the ratio of the teacher's FLOPs, from the teacher's weights
   ofb-latency    the OFB search to the ratio of the teacher's latency on ONNX Runtime CPU at batch 32, steered
@@ -29,11 +29,11 @@ Rows are keyed by (tag, method, ratio, seed) and written to --json as each finis
 --json skips the rows it already has, so a stopped run resumes (settings must match: they are recorded).
 ``--search-set key=value`` changes the OFB search settings (ablations; give them a --tag).
 
-    python tools/convert_dinov2.py --img-size 56 --out weights/dinov2_vits14_56.safetensors
-    python tools/bench_accuracy.py --model vit_small_patch14_dinov2 --img-size 56 \\
+    python tools/scripts/convert_dinov2.py --img-size 56 --out weights/dinov2_vits14_56.safetensors
+    python tools/benchmarks/bench_accuracy.py --model vit_small_patch14_dinov2 --img-size 56 \\
         --checkpoint weights/dinov2_vits14_56.safetensors --limit-train 10000 --ratio 0.5 --ratio 0.3 \\
         --seed 0 --seed 1 --seed 2 --json docs/benchmarks/acc_dinov2.json --plot docs/benchmarks/acc_dinov2.png
-    python tools/bench_accuracy.py --smoke          # a minute, on digits: what the test runs
+    python tools/benchmarks/bench_accuracy.py --smoke          # a minute, on digits: what the test runs
 """
 
 from __future__ import annotations
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     settings = settings_record(args)
     rows, commands = read_rows(args.json, settings)
-    command = "python tools/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python tools/benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     commands = [*commands, command] if command not in commands else commands
     done = {(r.get("tag", ""), r["method"], r["ratio"], r["seed"]) for r in rows}
     loader, val_loader, classes = load_data(args)

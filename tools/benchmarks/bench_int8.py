@@ -1,6 +1,6 @@
 """int8 against fp32, dense against pruned, on ONNX Runtime CPU: the latency side of explicit quantisation.
 
-    python tools/bench_int8.py --arch docs/benchmarks/deit_s_cpu_flops_target_report_run5.json \\
+    python tools/benchmarks/bench_int8.py --arch docs/benchmarks/deit_s_cpu_flops_target_report_run5.json \\
         --batch 1 --batch 32 --json docs/benchmarks/int8_deit_s_ort_cpu.json
 
 The pruned architecture is read from a run's report.json (``arch``: the widths an OFB search ended with); both

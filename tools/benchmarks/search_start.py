@@ -8,7 +8,7 @@ first ``--ratio``, it prints
     and the FLOPs loss. Adam divides each logit's step by its own gradient RMS, so the loss with by far
     the largest gradient sets the direction of the decisions.
 
-    python tools/search_start.py --model vit_small_patch14_dinov2 --img-size 56 \\
+    python tools/benchmarks/search_start.py --model vit_small_patch14_dinov2 --img-size 56 \\
         --checkpoint weights/dinov2_vits14_56.safetensors --limit-train 10000 --teacher-epochs 2 \\
         --teacher-lr 2e-4 --search-epochs 1 --search-lr 2e-4 --ratio 0.3 --limit-val 2000
 """

@@ -1,7 +1,7 @@
 """List the names TensorRT's Python bindings define, from the official binding wheels, for an offline API test.
 
-    python tools/trt_api_names.py                       # 10.11.0.33 and 11.4.0.106 into tests/data/
-    python tools/trt_api_names.py --version 11.5.0.1    # another release
+    python tools/scripts/trt_api_names.py                       # 10.11.0.33 and 11.4.0.106 into tests/data/
+    python tools/scripts/trt_api_names.py --version 11.5.0.1    # another release
 
 The wheels (``tensorrt-cu12-bindings`` on PyPI) hold the compiled module but not NVIDIA's libraries, so the module
 cannot be imported without a GPU install. Every attribute, method, enum value and keyword a pybind11 module
@@ -29,7 +29,7 @@ from pathlib import Path
 
 VERSIONS = ("10.11.0.33", "11.4.0.106")
 PACKAGE = "tensorrt-cu12-bindings"
-OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
+OUT = Path(__file__).resolve().parents[2] / "tests" / "data"
 _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 _MODULE = re.compile(r"tensorrt[^/]*/tensorrt(\.[^/]*)?\.so$")
 

@@ -5,8 +5,8 @@ supported (by the ViT or the Swin family), refused (with the one-line reason) or
 exception: a bug). ``--exactness`` also materialises one random architecture of a shrunken copy of each
 variant (or, with ``--real-widths``, of every supported model at its own widths) at a small image size.
 
-    python tools/family_census.py                      # counts, refusal reasons, variants
-    python tools/family_census.py --exactness --json census.json
+    python tools/scripts/family_census.py                      # counts, refusal reasons, variants
+    python tools/scripts/family_census.py --exactness --json census.json
 """
 
 from __future__ import annotations

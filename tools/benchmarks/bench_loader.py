@@ -6,7 +6,7 @@ No model runs: this is the CPU budget a training process needs from its loader w
 the 20 ImageNet photos that foolbox ships (random crops re-encoded at ImageNet's typical size and JPEG
 quality) when foolbox is installed, else smooth synthetic pictures; the figure is only as good as that.
 
-    python tools/bench_loader.py --images 512 --workers 0,1,2 --json docs/benchmarks/loader_cpu.json
+    python tools/benchmarks/bench_loader.py --images 512 --workers 0,1,2 --json docs/benchmarks/loader_cpu.json
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.json is not None:
         result["date"] = date.today().isoformat()
-        result["command"] = "python tools/bench_loader.py " + " ".join(sys.argv[1:])
+        result["command"] = "python tools/benchmarks/bench_loader.py " + " ".join(sys.argv[1:])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

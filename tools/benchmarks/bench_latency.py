@@ -9,7 +9,7 @@ widths a real search produces. Two budgets, one per method:
            cached) at most ``ratio`` of the dense latency measured while building it
 With --align the grids hold multiples of N only.
 
-    python tools/bench_latency.py --model deit_small_patch16_224 --ratio 0.5 --align none --align 8 \
+    python tools/benchmarks/bench_latency.py --model deit_small_patch16_224 --ratio 0.5 --align none --align 8 \
         --backend ort-cpu --batch 1,8 --json docs/benchmarks/latency_cpu.json
 """
 
@@ -118,7 +118,7 @@ def main() -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-                "command": "python tools/bench_latency.py " + " ".join(sys.argv[1:])}
+                "command": "python tools/benchmarks/bench_latency.py " + " ".join(sys.argv[1:])}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 

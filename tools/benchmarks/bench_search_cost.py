@@ -6,9 +6,10 @@ GPU-hours of a DeiT-S ImageNet search with the paper's schedule.
 Under torchrun both steps run under DDP (the dense one as the trainer wraps it, the search as the search
 does), so the ratio includes the gradient all-reduce; --batch is per process.
 
-    python tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5 \
+    python tools/benchmarks/bench_search_cost.py --model deit_small_patch16_224 --batch 8 --steps 5 \
         --latency-lut docs/benchmarks/lut_deit_s_ort_cpu_b1.json
-    torchrun --standalone --nproc_per_node 2 tools/bench_search_cost.py --model deit_small_patch16_224 --batch 8
+    torchrun --standalone --nproc_per_node 2 tools/benchmarks/bench_search_cost.py --model deit_small_patch16_224 \
+        --batch 8
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def main() -> None:
     if args.json is not None and ctx.is_main:
         launcher = f"torchrun --standalone --nproc_per_node {world}" if ctx.enabled else "python"
         result["date"] = date.today().isoformat()
-        result["command"] = f"{launcher} tools/bench_search_cost.py " + " ".join(sys.argv[1:])
+        result["command"] = f"{launcher} tools/benchmarks/bench_search_cost.py " + " ".join(sys.argv[1:])
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if ctx.enabled:

@@ -7,7 +7,7 @@ compared with the table's prediction. Two errors are reported per model: of the 
 (what a ``target_ratio`` budget relies on; immune to the machine being faster or slower than when the
 table was built).
 
-    python tools/bench_lut.py --model deit_small_patch16_224 --backend ort-cpu --batch 1 --samples 8 \\
+    python tools/benchmarks/bench_lut.py --model deit_small_patch16_224 --backend ort-cpu --batch 1 --samples 8 \\
         --json docs/benchmarks/lut_accuracy_deit_s_ort_cpu.json
 """
 
@@ -90,7 +90,7 @@ def main() -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"date": date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-                "device": lut.key.device, "command": "python tools/bench_lut.py " + " ".join(sys.argv[1:]),
+                "device": lut.key.device, "command": "python tools/benchmarks/bench_lut.py " + " ".join(sys.argv[1:]),
                 "lut": lut.to_dict()}
         args.json.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
 
