@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -24,6 +25,7 @@ from ofbdeploy.deploy import parity, workflow
 from ofbdeploy.deploy.config import ExportCfg
 from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16
 from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.deploy.runtimes.ort import disabled_optimizers
 
 QUANTISED_TYPES = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.INT4}
 TENSORRT_OPSETS = range(13, 21)  # per-channel Q/DQ (13) up to the newest opset both TensorRT 10.x and 11 parse
@@ -129,8 +131,14 @@ def test_the_int8_file_for_tensorrt_is_fp16_but_products_and_layernorm(exported:
 
 def test_the_onnx_runtime_int8_file_keeps_its_int32_biases_and_fails_the_contract(
         exported: workflow.DeployArtifacts) -> None:
-    """The file ONNX Runtime's CPU kernels fuse (QLinearConv/QGemm read the int32 bias) is named apart and never
-    handed to TensorRT; it is also what TensorRT was given before, and the contract catches it."""
+    """The file whose head ONNX Runtime's CPU provider fuses into QGemm (which reads the int32 bias) is named apart
+    and never handed to TensorRT; it is also what TensorRT was given before, and the contract catches it."""
     path = Path(exported.onnx["pruned-int8"])
     assert any("not int8/fp8/int4" in problem for problem in tensorrt_contract(path))
     assert all(registry.get(b).file_precision("int8") != "int8" for b in ("tensorrt", "ort-trt"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".cpu-optimised.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=disabled_optimizers("int8"))
+    fused = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    assert {"QGemm", "MatMulIntegerToFloat"} <= fused  # the head's int8 Gemm needs its int32 bias

@@ -5,8 +5,8 @@ hold, so no runtime calibrates again:
 
 * ``<model>-int8.onnx`` for ONNX Runtime (CPU, CUDA): int8 weight products, fp32 everywhere else (the CPU has no
   fast fp16), and the Conv/Gemm biases quantised to int32 behind a ``DequantizeLinear``, which is the form ONNX
-  Runtime's CPU provider fuses into ``QLinearConv``/``QGemm`` (a float bias leaves the patch convolution as
-  dequantise + fp32 Conv).
+  Runtime's CPU provider fuses into an int8 ``QGemm`` for the head (with a float bias the head runs as dequantise
+  + fp32 Gemm; the patch convolution, whose output is not quantised, runs as dequantise + Conv either way).
 * ``<model>-int8-fp16.onnx`` for TensorRT (native and ONNX Runtime's provider): the same Q/DQ pairs with the same
   scales, no Q/DQ on any bias (TensorRT's dequantize takes int8/fp8/int4 only, and its ONNX parser fails on the
   int32 bias), and fp16 everywhere else but LayerNorm (kept fp32 as in the fp16 export): softmax, GELU and the
