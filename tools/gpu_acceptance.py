@@ -20,7 +20,7 @@ one-line error and traceback and the next part runs. ``acceptance.json`` and ``a
 are rewritten (atomically) after every step, so a killed run still leaves its results; the latency tables
 are saved beside them. Items that need CUDA are recorded as skipped, with the reason, where there is none; so are
 the quickstart where matplotlib is missing (its report stage draws a plot) and torch.compile where Triton (CUDA)
-or a C compiler is missing. What the script needs beyond the GPU image is in tools/device_wheels.txt (3 MiB).
+or a C compiler is missing. What the script needs beyond the GPU image is in tools/scripts/device_wheels.txt (3 MiB).
 Exit code: 0 every part done, 1 a part cut by budget, 3 a part failed (its traceback is in acceptance.json),
 130 interrupted.
 

@@ -3,7 +3,7 @@ wheel's own binaries, into tests/data/ort_provider_keys.json (the table tests/te
 the code passes against).
 
     pip download --no-deps onnxruntime-gpu==1.26.0 -d /tmp/ortgpu
-    python tools/ort_provider_keys.py /tmp/ortgpu/onnxruntime_gpu-1.26.0-*.whl
+    python tools/scripts/ort_provider_keys.py /tmp/ortgpu/onnxruntime_gpu-1.26.0-*.whl
 
 Where the keys live:
 
