@@ -60,9 +60,10 @@ def latency_table(report: dict[str, Any], markdown: bool = False) -> str:
 
 def accuracy_table(report: dict[str, Any], markdown: bool = False) -> str:
     """Top-1/top-5 of each exported file on its runtime, with top-1 against the same model in fp32."""
-    fp32 = {e["model"]: e["top1"] for e in report.get("accuracy", []) if e["precision"] == "fp32"}
+    fp32 = {(e["model"], e["runtime"]): e["top1"] for e in report.get("accuracy", []) if e["precision"] == "fp32"}
     rows = [(e["model"], e["precision"], e["runtime"], f"{e['top1']:.2f}", f"{e['top5']:.2f}",
-             "-" if e["model"] not in fp32 or e["precision"] == "fp32" else f"{e['top1'] - fp32[e['model']]:+.2f}")
+             "-" if (e["model"], e["runtime"]) not in fp32 or e["precision"] == "fp32"
+             else f"{e['top1'] - fp32[(e['model'], e['runtime'])]:+.2f}")
             for e in report.get("accuracy", [])]
     return format_table(("model", "precision", "runtime", "top-1 %", "top-5 %", "top-1 vs fp32"), rows,
                         markdown=markdown)

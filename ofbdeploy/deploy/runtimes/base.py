@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
+from ofbdeploy.deploy.onnx_export import graph_precision
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -176,6 +178,9 @@ class Request:
             raise BackendError(f"{self.backend} {context} supports {', '.join(sorted(allowed))}, not {self.precision}")
 
 
+Classifier = Callable[[np.ndarray], np.ndarray]  # float32 images (N, C, H, W) -> float32 logits (N, classes)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """One registered runtime: how to build its runner and what the rest of the package needs to know of it.
@@ -183,7 +188,8 @@ class Runtime:
     ``devices`` are the device kinds it runs on, preferred first; ``artifact`` the file it runs; ``precisions``
     those it can run; ``files`` the file it reads for a precision where that is not the file of the precision
     itself (ONNX Runtime's TensorRT fp16 flag on the fp32 file; the int8 file made for TensorRT); ``eager_option``
-    whether ``cuda_graph=False`` means anything.
+    whether ``cuda_graph=False`` means anything; ``classifier`` opens a file for evaluation at any batch (the
+    exported files' accuracy), for the CPU runtimes.
     """
 
     build: Callable[[Request], Runner]
@@ -193,6 +199,13 @@ class Runtime:
     precisions: tuple[str, ...]
     files: dict[str, str] = field(default_factory=dict)
     eager_option: bool = False
+    classifier: Callable[[Path], Classifier] | None = None
+
+    def open_classifier(self, path: Path) -> Classifier:
+        """``path`` loaded for evaluation at any batch size (the files' accuracy); refused where unsupported."""
+        if self.classifier is None:
+            raise BackendError("this runtime does not evaluate files; measure accuracy on ort-cpu or openvino")
+        return self.classifier(path)
 
     def device(self) -> torch.device:
         """The device kind it runs on here when asked for ``auto`` (CUDA where it can use it and there is one)."""
@@ -292,3 +305,33 @@ def capture(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) ->
 
     return replay
 
+
+@dataclass(frozen=True)
+class OnnxInput:
+    """The one graph input (name, free batch axis if any, sample shape, dtype) and the weights' precision."""
+
+    name: str
+    batch_axis: str | None
+    chw: tuple[int, ...]
+    dtype: np.dtype
+    precision: str
+
+
+def onnx_input(path: Path) -> OnnxInput:
+    """Read the signature without external weights, so the session can be built for a fixed batch.
+
+    The precision comes from the graph (:func:`graph_precision`), not the input: every export keeps fp32
+    inputs and outputs.
+    """
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    if len(inputs) != 1:
+        raise BackendError(f"{path} has {len(inputs)} inputs; latency runners expect one image input")
+    tensor = inputs[0].type.tensor_type
+    dims = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
+    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise BackendError(f"{path}: input {inputs[0].name} needs a static C, H, W, got {dims}")
+    batch_axis = dims[0] if isinstance(dims[0], str) else None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    return OnnxInput(inputs[0].name, batch_axis, tuple(dims[1:]), dtype, graph_precision(graph))

@@ -17,26 +17,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
-from ofbdeploy.deploy.onnx_export import graph_precision
+from ofbdeploy import threads
+from ofbdeploy.deploy.onnx_export import ort_session
 from ofbdeploy.deploy.quantize import INT8_TENSORRT
 from ofbdeploy.deploy.runtimes.base import (
     NO_CUDA,
-    BackendError,
     BackendUnavailable,
+    Classifier,
     Request,
     Runner,
     Runtime,
     device_name,
+    onnx_input,
     resolve_device,
     seeded_input,
 )
@@ -48,35 +48,6 @@ _LOG = logging.getLogger("ofbdeploy.deploy.runtimes.ort")
 Providers = list[tuple[str, dict[str, Any]]]
 
 
-@dataclass(frozen=True)
-class _OnnxInput:
-    """The one graph input (name, free batch axis if any, sample shape, dtype) and the weights' precision."""
-
-    name: str
-    batch_axis: str | None
-    chw: tuple[int, ...]
-    dtype: np.dtype
-    precision: str
-
-
-def _onnx_input(path: Path) -> _OnnxInput:
-    """Read the signature without external weights, so the session can be built for a fixed batch.
-
-    The precision comes from the graph (:func:`graph_precision`), not the input: every export keeps fp32
-    inputs and outputs.
-    """
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    inputs = [value for value in graph.input if value.name not in weights]
-    if len(inputs) != 1:
-        raise BackendError(f"{path} has {len(inputs)} inputs; latency runners expect one image input")
-    tensor = inputs[0].type.tensor_type
-    dims = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
-    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
-        raise BackendError(f"{path}: input {inputs[0].name} needs a static C, H, W, got {dims}")
-    batch_axis = dims[0] if isinstance(dims[0], str) else None
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    return _OnnxInput(inputs[0].name, batch_axis, tuple(dims[1:]), dtype, graph_precision(graph))
 
 
 class OrtRunner(Runner):
@@ -101,13 +72,13 @@ class OrtRunner(Runner):
         self.precision = request.precision
         self.tf32, self.cuda_graph = tf32, cuda_graph
         self._path = request.file("onnx_path")
-        self._input = _onnx_input(self._path)
+        self._input = onnx_input(self._path)
         context = f"with {self._path.name} (a {self._input.precision} graph)"
         request.check_precision((self._input.precision, *provider_precisions), context)
         self._device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._providers = providers(self.stream)
-        self._threads = request.threads or 0  # 0 lets ONNX Runtime use one thread per physical core
+        self._threads = request.threads or threads.current().intra_op  # this process's share of the CPUs
         self._run_options = ort.RunOptions()
         if self.stream is not None:
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -249,8 +220,16 @@ def _ort_missing(provider: str) -> str | None:
     return None
 
 
+def _cpu_classifier(path: Path) -> Classifier:
+    """A CPU session of ``path`` for evaluation: logits of any batch of float32 images."""
+    session = ort_session(path, ["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: images})[0].astype(np.float32)
+
+
 RUNTIMES = {
-    "ort-cpu": Runtime(_ort_cpu, partial(_ort_missing, "CPUExecutionProvider"), ("cpu",), "onnx", _GRAPH_PRECISIONS),
+    "ort-cpu": Runtime(_ort_cpu, partial(_ort_missing, "CPUExecutionProvider"), ("cpu",), "onnx", _GRAPH_PRECISIONS,
+                       classifier=_cpu_classifier),
     "ort-cuda": Runtime(_ort_cuda, partial(_ort_missing, "CUDAExecutionProvider"), ("cuda",), "onnx",
                         _GRAPH_PRECISIONS),
     "ort-trt": Runtime(_ort_trt, partial(_ort_missing, "TensorrtExecutionProvider"), ("cuda",), "onnx",

@@ -27,6 +27,7 @@ _ROWS = {  # runtime name -> the module (in this package) that implements it
     "ort-cuda": "ort",
     "ort-trt": "ort",
     "tensorrt": "tensorrt",
+    "openvino": "openvino",
 }
 
 
