@@ -70,11 +70,11 @@ def refuse_special(path: str | Path, what: str) -> None:
 
 def open_fd(path: str | Path, flags: int, what: str, *, follow: bool = True, mode: int = 0o666) -> int:
     """``os.open`` for a regular file that never blocks on a FIFO and never touches a device: anything but a
-    regular file is refused after opening it non-blocking, and every OS error is one line with the path and the
-    reason. ``follow=False`` refuses a symlink at ``path`` itself (for writes inside a run directory)."""
+    regular file is refused before opening it (stat) and after (fstat of a non-blocking open, so a swap in
+    between is caught too), and every OS error is one line with the path and the reason. ``follow=False``
+    refuses a symlink at ``path`` itself (for writes inside a run directory)."""
     flags |= os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    if flags & (os.O_WRONLY | os.O_RDWR):
-        refuse_special(path, what)  # opening some devices for writing acts on them; never get that far
+    refuse_special(path, what)  # opening some devices acts on them (a watchdog, a tape): never get that far
     try:
         fd = os.open(path, flags, mode)
     except OSError as err:

@@ -154,6 +154,13 @@ def plan_threads(requested: int | None = None, env: Mapping[str, str] = os.envir
     return ThreadPlan(share, share, "auto", affinity, quota, processes)
 
 
+def share_for_workers(nproc: int, env: MutableMapping[str, str] = os.environ) -> None:
+    """Before a launcher starts ``nproc`` local workers: each one's share in ``OMP_NUM_THREADS`` where the user
+    set none, since torchrun would otherwise set 1 for every worker whatever the CPUs (the workers honour it)."""
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(plan_threads(None, {**env, "LOCAL_WORLD_SIZE": str(nproc)}).intra_op)
+
+
 _configured: ThreadPlan | None = None
 
 

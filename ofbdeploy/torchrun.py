@@ -15,6 +15,7 @@ import signal
 import sys
 
 from ofbdeploy.errors import ExitCode
+from ofbdeploy.threads import share_for_workers
 
 _INTERRUPTS = {-signal.SIGINT, -signal.SIGTERM, int(ExitCode.INTERRUPTED)}
 
@@ -32,12 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch's elastic agent: only the workers' own lines
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import determine_local_world_size, parse_args, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        share_for_workers(determine_local_world_size(args.nproc_per_node))
+        run(args)
     except (SignalException, KeyboardInterrupt):  # the workers were stopped and said so themselves
         sys.exit(int(ExitCode.INTERRUPTED))
     except ChildFailedError as err:

@@ -119,6 +119,18 @@ def test_configure_sets_the_environment_and_a_loaded_torch(monkeypatch):
     assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "9"}  # fills gaps only
 
 
+def test_the_launcher_gives_each_worker_its_share(monkeypatch):
+    """torchrun would set OMP_NUM_THREADS=1 for every worker; the project's launcher sets each worker's share."""
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 8)
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 6.0)
+    env: dict[str, str] = {}
+    threads.share_for_workers(2, env)
+    assert env == {"OMP_NUM_THREADS": "3"}
+    env = {"OMP_NUM_THREADS": "5"}
+    threads.share_for_workers(2, env)
+    assert env == {"OMP_NUM_THREADS": "5"}  # the user's choice stays
+
+
 def _cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", ENV)}
     return {**env, "PYTHONPATH": str(ROOT), **extra}
