@@ -5,9 +5,9 @@ import timm
 
 from ofbdeploy.arch import ArchSpec, BlockSpec, ViTShape
 from ofbdeploy.cost import count_params, measure_macs, vit_macs
-from ofbdeploy.describe import unaligned_widths
 from ofbdeploy.errors import ArchError, ModelError
 from ofbdeploy.grids import SearchSpace, embed_grid, head_grid, head_width_grid, mlp_grid, width_grid
+from ofbdeploy.report.describe import unaligned_widths
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 

@@ -13,13 +13,13 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import ofbdeploy.pipeline as pipeline
+import ofbdeploy.run.context as context
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cli import main
-from ofbdeploy.pipeline import Run
 from ofbdeploy.recipe import load_recipe
+from ofbdeploy.run.driver import Run
 
 TINY = {
     "name": "tiny",
@@ -301,9 +301,9 @@ def test_the_process_group_timeout_comes_from_the_recipe(tmp_path, monkeypatch):
 
     def fake_init(device, timeout_min):
         seen.update(device=device, timeout_min=timeout_min)
-        return pipeline.Dist()
+        return context.Dist()
 
-    monkeypatch.setattr(pipeline, "init_distributed", fake_init)
+    monkeypatch.setattr(context, "init_distributed", fake_init)
     Run(load_recipe(_recipe(tmp_path, dist_timeout_min=240)))
     assert seen == {"device": "cpu", "timeout_min": 240}
 

@@ -72,8 +72,8 @@ from ofbdeploy.latency.objective import build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.pruned import save_weights
-from ofbdeploy.pipeline import MATERIALIZE_TOLERANCE
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
+from ofbdeploy.run.stages import MATERIALIZE_TOLERANCE
 from ofbdeploy.search.budget import enforce_budget
 from ofbdeploy.search.engine import run_search
 from ofbdeploy.search.searchable import SearchableViT

@@ -153,7 +153,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 def consistent(run: Path) -> tuple[bool, str]:
     """Every stage recorded done has its artifacts intact, no lock or half-written file is left."""
-    from ofbdeploy.rundir import StageBook
+    from ofbdeploy.run.rundir import StageBook
 
     book = StageBook(run)
     records, problem = book.load()
@@ -866,7 +866,7 @@ def _export_unfinished(ws):
 @case("rundir", "an internal error (a bug) mid-command", 3)
 def _internal(ws):
     where = model_dir(ws, "internal")
-    code = ("import sys, ofbdeploy.describe as d; d.describe = lambda *a, **k: 1 / 0; "
+    code = ("import sys, ofbdeploy.report.describe as d; d.describe = lambda *a, **k: 1 / 0; "
             "from ofbdeploy.cli import main; sys.argv = ['ofbdeploy', 'info', sys.argv[1]]; main()")
     proc = subprocess.run([sys.executable, "-c", code, str(where)], capture_output=True, text=True, env=ws.env)
     result = Proc(proc.returncode, proc.stdout, proc.stderr, 0.0)
