@@ -260,7 +260,6 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     _check_free_dir(path / "export", "export", force)
 
     from ofbdeploy.deploy.config import ExportCfg
-    from ofbdeploy.deploy.workflow import export_models
     from ofbdeploy.run.target import Target
 
     with Target(path) as target:
@@ -271,23 +270,7 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
                       **{**base, "opset": opset, "fp16": fp16_onnx or "fp16" in precisions,
                          "int8": "int8" in precisions, "trt": trt, "trt_precisions": list(precisions) or ["fp16"],
                          "batch_range": tuple(batch_range), "check_images": check_images})
-        calibration = None
-        if "int8" in cfg.onnx_precisions():
-            if target.run is None:
-                raise InputError("--precision int8: int8 needs calibration images from the training data: export "
-                                 "from a run directory")
-            from ofbdeploy.train.data import calibration_batch
-
-            train, val, _ = target.run.data()
-            calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
-                                            target.run.recipe.seed).numpy()
-        images = target.check_images(check_images)
-        artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
-                                  in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration,
-                                  tf32=tf32)
-        if target.run is not None:  # a run's export.json carries the files' accuracy, as `ofbdeploy run` writes it
-            artifacts.accuracy = target.run.onnx_accuracy(artifacts)
-            artifacts.save(target.export_dir)
+        artifacts = target.export(cfg, tf32)
     for check in artifacts.checks:
         click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
                    f"top-1 agreement {check['top1_agreement']:.1%}")
@@ -319,11 +302,8 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     Exports ONNX first when an ONNX Runtime backend needs it and PATH/export has none. A backend that
     cannot run here is an error (exit 2) naming it, and the last profile.json is left as it was.
     """
-    from ofbdeploy.arch import ArchSpec
-    from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
-    from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
-    from ofbdeploy.report.render import format_skip, latency_table
-    from ofbdeploy.run.rundir import to_json
+    from ofbdeploy.deploy.config import ProfileCfg
+    from ofbdeploy.report.render import latency_table
     from ofbdeploy.run.target import Target
 
     cfg = _config(ProfileCfg, {"backends": "--backend", "batches": "--batch", "precision": "--precision",
@@ -332,22 +312,7 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
                   repeats=repeats, threads=threads)
     _check_backends(cfg.backends)
     with Target(path) as target:
-        artifacts = DeployArtifacts.load(target.export_dir)
-        models = target.models()
-        if any(b.startswith("ort") for b in cfg.backends) and "pruned" not in artifacts.onnx:
-            artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
-                                      img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
-                                      check_images=target.check_images(16))
-        ratio = target.spec.macs() / ArchSpec.dense(target.spec.base).macs()
-        rows, skipped = profile_models(models, artifacts, cfg, ratio)
-        if skipped:
-            raise InputError(f"not measured: {'; '.join(format_skip(s) for s in skipped)}; "
-                             f"{path / 'profile.json'} left as it was")
-        if not rows:
-            raise InputError("nothing was measured; profile.json left as it was")
-        from ofbdeploy.io import atomic_write_text
-
-        atomic_write_text(path / "profile.json", to_json({"latency": rows, "skipped": skipped}))
+        rows, ratio = target.profile(cfg)
     click.echo(latency_table({"latency": rows, "flops_ratio": ratio}))
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger("ofbdeploy.deploy")
 
 MODELS = ("dense", "pruned")
 ARTIFACTS_FILE = "export.json"
+ARTIFACTS_FORMAT = "ofbdeploy.export/2"  # paths relative to the export directory
 
 
 def onnx_key(name: str, precision: str) -> str:
@@ -56,24 +57,27 @@ class DeployArtifacts:
     def save(self, directory: Path) -> None:
         """export.json records every file under ``directory`` relative to it, so a copied or moved run (or
         model directory) uses its own files."""
-        atomic_write_text(directory / ARTIFACTS_FILE,
-                          json.dumps(self._with_paths(lambda p: _relative_to(p, directory)), indent=1) + "\n")
+        record = {"format": ARTIFACTS_FORMAT, **self._with_paths(lambda p: _relative_to(p, directory))}
+        atomic_write_text(directory / ARTIFACTS_FILE, json.dumps(record, indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> DeployArtifacts:
         """The record of ``directory`` with its paths as this process reaches them (``directory / name``).
 
-        Records of older versions hold absolute paths into the directory they were written in; those are
-        read as relative to that directory (where the fp32 ONNX files lie), so a copied run no longer
-        measures the original's files.
+        Records of older versions (no ``format``) hold paths as their writer reached them, absolute or from
+        its working directory; they are read as relative to the folder they name for the fp32 ONNX files
+        (the export directory they were written in), so a copied run no longer measures the original's files.
         """
         path = directory / ARTIFACTS_FILE
         if not path.is_file():
             return cls()
-        record = cls(**json.loads(path.read_text()))
-        written_in = next((Path(p).parent for p in record.onnx.values() if Path(p).is_absolute()), None)
-        if written_in is not None:
-            record = cls(**record._with_paths(lambda p: _relative_to(p, written_in)))
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != ARTIFACTS_FORMAT:
+            older = cls(**data)
+            written_in = next((Path(p).parent for p in older.onnx.values()), None)
+            if written_in is not None:
+                data = older._with_paths(lambda p: _relative_to(p, written_in))
+        record = cls(**data)
         return cls(**record._with_paths(lambda p: p if Path(p).is_absolute() else str(directory / p)))
 
     def _with_paths(self, convert: Callable[[str], str]) -> dict[str, Any]:

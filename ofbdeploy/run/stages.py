@@ -281,11 +281,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("profile", ("profile",), lambda p: [p.profile], profile, collective=False),
     Stage("report", ("budget",), lambda p: [p.report, p.report_md, p.plot], report, collective=False),
 )
-STAGE_NAMES = tuple(s.name for s in STAGES)
-
-
-def stage(name: str, table: tuple[Stage, ...] = STAGES) -> Stage:
-    return next(s for s in table if s.name == name)
 
 
 def upto(name: str, table: tuple[Stage, ...] = STAGES) -> tuple[Stage, ...]:
