@@ -73,15 +73,16 @@ class Run:
         resume_plan(checkpoint.path(self.paths), settings, self.resume, f"{checkpoint.section}.epochs",
                     (f"{checkpoint.section}.warmup_epochs",), apply)
 
-    def _plan(self) -> list[tuple[Stage, str | None]]:
-        """Rank 0: per stage, why it must run (None: done and intact)."""
-        plan: list[tuple[Stage, str | None]] = []
+    def _plan(self) -> list[tuple[str, str | None]]:
+        """Rank 0: per stage name, why it must run (None: done and intact); names, not records, so that the
+        decision can be sent to the other ranks."""
+        plan: list[tuple[str, str | None]] = []
         first = None
         for stage in self.stages:
             reason = f"after {first}" if first else self.book.why_not_done(
                 stage.name, stage_sections(self.recipe, stage.name, self.stages), self.inputs(stage))
             first = first or (stage.name if reason else None)
-            plan.append((stage, reason))
+            plan.append((stage.name, reason))
         return plan
 
     def execute(self) -> dict[str, Any] | None:
@@ -99,13 +100,14 @@ class Run:
             if root.exists():  # refuse a busy directory before spending time on checks
                 on_main(run.dist, lock.acquire)
             run.check_inputs()
-            plan = on_main(run.dist, lambda: self._open(lock))
+            decided = on_main(run.dist, lambda: self._open(lock))
+            by_name = {s.name: s for s in self.stages}
             handler = _log_to_file(self.paths.log, run.dist)
             log.info("run %s in %s (device %s, %d process(es))", self.recipe.name, root, run.dist.device,
                      run.dist.world_size)
             run.log_precision_and_batch()
-            for index, (stage, reason) in enumerate(plan):
-                name = stage.name
+            for index, (name, reason) in enumerate(decided):
+                stage = by_name[name]
                 if reason is None:
                     log.info("stage %s: done already, skipped", name)
                 else:
@@ -149,7 +151,7 @@ class Run:
                                                    self.inputs(stage), stage.artifacts(self.paths)))
         log.info("stage %s: finished in %.1f s", stage.name, time.perf_counter() - t0)
 
-    def _open(self, lock: RunLock) -> list[tuple[Stage, str | None]]:
+    def _open(self, lock: RunLock) -> list[tuple[str, str | None]]:
         """Rank 0, every input checked: hold the lock, clear leftovers of killed writes, decide what runs
         (a refused ``--resume`` of the first stage to run is one more input check), and only then write
         recipe.yaml and unmark the stages that will run."""
@@ -162,10 +164,10 @@ class Run:
         plan = self._plan()
         first = next((i for i, (_, reason) in enumerate(plan) if reason), None)
         if first is not None and self.resume:
-            self._prepare_resume(plan[first][0], apply=False)
+            self._prepare_resume(self.stages[first], apply=False)
         self.recipe.save(self.paths.recipe)
         if first is not None:
-            self.book.forget([stage.name for stage, _ in plan[first:]])
+            self.book.forget([name for name, _ in plan[first:]])
         return plan
 
 
