@@ -208,13 +208,13 @@ def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: b
     ofbdeploy run ...` (torchrun's arguments, these exit codes) the search and training run with DDP.
     """
     from ofbdeploy.recipe import load_recipe
-    from ofbdeploy.rundir import check_run_dir
+    from ofbdeploy.run.rundir import check_run_dir
 
     extra = [*overrides, f"output_dir={output}"] if output is not None else list(overrides)
     resolved = load_recipe(recipe, extra)  # before the heavy imports: a bad recipe or output fails in a blink
     check_run_dir(Path(resolved.output_dir))
 
-    from ofbdeploy.pipeline import Run
+    from ofbdeploy.run.driver import Run
 
     report = Run(resolved, resume=resume, progress=not no_progress).execute()
     if report is None:  # a non-main process that parted after the last collective stage: rank 0 reports
@@ -234,74 +234,6 @@ def _comma_ints(_ctx, _param, value: str) -> list[int]:
     if not numbers or min(numbers) < 1 or max(numbers) > 1 << 16:
         raise click.BadParameter(f"expected integers in 1..65536, got {value[:40]!r}")
     return numbers
-
-
-class _Target:
-    """What export/profile work on: a run directory (recipe.yaml + finetuned/) or a pruned model directory.
-
-    A run directory is locked while the command works in it, and its models are used only when the
-    stages that wrote them finished and their files are intact.
-    """
-
-    def __init__(self, path: Path) -> None:
-        from ofbdeploy.families import load_arch
-        from ofbdeploy.models.pruned import ARCH_FILE
-
-        self.path = path
-        self.run = None
-        self.lock = None
-        if not path.is_dir():
-            raise InputError(f"{path}: expected a run directory or a pruned model directory"
-                             if path.exists() else f"not found: {path}")
-        if (path / "recipe.yaml").is_file():
-            from ofbdeploy.pipeline import Run
-            from ofbdeploy.recipe import load_recipe
-            from ofbdeploy.rundir import RunLock
-
-            self.run = Run(load_recipe(path / "recipe.yaml", [f"output_dir={path}"]))
-            self.lock = RunLock(path)
-            self.lock.acquire()
-            try:
-                for stage in ("dense", "finetune"):
-                    self.run.book.verify(stage, self.run.sections(stage))
-                self.spec = load_arch(path / "finetuned" / ARCH_FILE)
-            except BaseException:
-                self.lock.release()
-                raise
-        elif (path / ARCH_FILE).is_file():
-            self.spec = load_arch(path / ARCH_FILE)
-        else:
-            raise InputError(f"{path}: expected a run directory (recipe.yaml) or a pruned model directory "
-                             f"({ARCH_FILE})")
-        self.export_dir = path / "export"
-
-    def __enter__(self) -> _Target:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
-    def models(self):
-        """Dense and pruned; outside a run the dense model has random weights (fine for latency)."""
-        from ofbdeploy.deploy.workflow import dense_like
-        from ofbdeploy.models.pruned import build_plain, load_pruned
-
-        if self.run is not None:
-            return self.run.deploy_models()
-        return {"dense": dense_like(self.spec, build_plain), "pruned": load_pruned(self.path)}
-
-    def check_images(self, count: int):
-        """Validation images of the run's data; seeded random images for a bare model directory."""
-        import torch
-
-        from ofbdeploy.train.data import sample_batch
-
-        if self.run is not None:
-            val = self.run.data()[1]
-            return sample_batch(val, min(count, len(val)))
-        b = self.spec.base
-        return torch.randn(count, b.in_chans, b.img_size, b.img_size, generator=torch.Generator().manual_seed(0))
 
 
 @main.command()
@@ -335,9 +267,9 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
     _check_free_dir(path / "export", "export", force)
 
     from ofbdeploy.deploy.config import ExportCfg
-    from ofbdeploy.deploy.workflow import export_models
+    from ofbdeploy.run.target import Target
 
-    with _Target(path) as target:
+    with Target(path) as target:
         # a run keeps its recipe's other export settings (calibration sample size, simplification, ...)
         base = target.run.recipe.export.model_dump() if target.run is not None else {}
         cfg = _config(ExportCfg, {"opset": "--opset", "batch_range": "--batch-range",
@@ -345,23 +277,7 @@ def export(path: Path, trt: bool, precisions: tuple[str, ...], fp16_onnx: bool, 
                       **{**base, "opset": opset, "fp16": fp16_onnx or "fp16" in precisions,
                          "int8": "int8" in precisions, "trt": trt, "trt_precisions": list(precisions) or ["fp16"],
                          "batch_range": tuple(batch_range), "check_images": check_images})
-        calibration = None
-        if "int8" in cfg.onnx_precisions():
-            if target.run is None:
-                raise InputError("--precision int8: int8 needs calibration images from the training data: export "
-                                 "from a run directory")
-            from ofbdeploy.train.data import calibration_batch
-
-            train, val, _ = target.run.data()
-            calibration = calibration_batch(train, val, min(cfg.calibration_images, len(train)),
-                                            target.run.recipe.seed).numpy()
-        images = target.check_images(check_images)
-        artifacts = export_models(target.models(), target.export_dir, cfg, img_size=target.spec.base.img_size,
-                                  in_chans=target.spec.base.in_chans, check_images=images, calibration=calibration,
-                                  tf32=tf32)
-        if target.run is not None:  # a run's export.json carries the files' accuracy, as `ofbdeploy run` writes it
-            artifacts.accuracy = target.run.onnx_accuracy(artifacts)
-            artifacts.save(target.export_dir)
+        artifacts = target.export(cfg, tf32)
     for check in artifacts.checks:
         click.echo(f"{check['model']:<12} {check['path']}: max |diff| {check['max_abs_diff']:.2e}, "
                    f"top-1 agreement {check['top1_agreement']:.1%}")
@@ -393,34 +309,17 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
     Exports ONNX first when an ONNX Runtime backend needs it and PATH/export has none. A backend that
     cannot run here is an error (exit 2) naming it, and the last profile.json is left as it was.
     """
-    from ofbdeploy.arch import ArchSpec
-    from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
-    from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
-    from ofbdeploy.report.render import format_skip, latency_table
-    from ofbdeploy.rundir import to_json
+    from ofbdeploy.deploy.config import ProfileCfg
+    from ofbdeploy.report.render import latency_table
+    from ofbdeploy.run.target import Target
 
     cfg = _config(ProfileCfg, {"backends": "--backend", "batches": "--batch", "precision": "--precision",
                                "warmup": "--warmup", "repeats": "--repeats", "threads": "--threads"},
                   backends=list(backends) or ["ort-cpu"], batches=batches, precision=precision, warmup=warmup,
                   repeats=repeats, threads=threads)
     _check_backends(cfg.backends)
-    with _Target(path) as target:
-        artifacts = DeployArtifacts.load(target.export_dir)
-        models = target.models()
-        if any(registry.get(b).artifact == "onnx" for b in cfg.backends) and "pruned" not in artifacts.onnx:
-            artifacts = export_models(models, target.export_dir, ExportCfg(fp16=precision == "fp16"),
-                                      img_size=target.spec.base.img_size, in_chans=target.spec.base.in_chans,
-                                      check_images=target.check_images(16))
-        ratio = target.spec.macs() / ArchSpec.dense(target.spec.base).macs()
-        rows, skipped = profile_models(models, artifacts, cfg, ratio)
-        if skipped:
-            raise InputError(f"not measured: {'; '.join(format_skip(s) for s in skipped)}; "
-                             f"{path / 'profile.json'} left as it was")
-        if not rows:
-            raise InputError("nothing was measured; profile.json left as it was")
-        from ofbdeploy.io import atomic_write_text
-
-        atomic_write_text(path / "profile.json", to_json({"latency": rows, "skipped": skipped}))
+    with Target(path) as target:
+        rows, ratio = target.profile(cfg)
     click.echo(latency_table({"latency": rows, "flops_ratio": ratio}))
 
 
@@ -431,58 +330,28 @@ def profile(path: Path, backends: tuple[str, ...], batches: list[int], precision
                    "latencies rise) beyond --tolerance.")
 @click.option("--tolerance", default="10%", show_default=True, help="Allowed regression, e.g. 10% or 0.1.")
 @click.option("--write-baseline", type=click.Path(path_type=Path), default=None,
-              help="Record this run's speedups and latencies as a baseline file.")
-def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: Path | None) -> None:
+              help="Record this run's speedups and latencies as a baseline file (only when every check passes).")
+@click.option("--force", is_flag=True, help="Replace an existing --write-baseline file.")
+def check(run_dir: Path, baseline: Path | None, tolerance: str, write_baseline: Path | None, force: bool) -> None:
     """Check a finished run against its recipe's budget and, optionally, a latency baseline (CI gate).
 
     Prints every limit with the measured value; exits 1 when any is missed, a limit whose measurement is
-    missing included. The run must have finished under its recipe.yaml with report.json intact, and a
-    baseline must be of this model and of the recipe's model, data and search settings (else exit 2).
-    Having nothing to check (no budget limits, no baseline, nothing to write) is an error too. Speedups are
+    missing included. The run must have finished under its recipe.yaml with every file the report was made
+    from intact (weights, ONNX files, engines, profile.json, report.json: their digests in stages.json), and
+    a baseline must be of this model and of the recipe's model, data and search settings (else exit 2).
+    Having nothing to check (no budget limits, no baseline, nothing to write) is an error too.
+    --write-baseline writes only when every check passes, and replaces an existing file only with --force.
+    Speedups are
     ratios measured in one run (dense vs pruned on the same backend), so they compare across machines;
     absolute latencies are compared only when the baseline was measured on the same device.
     """
-    from ofbdeploy.io import atomic_write_text, check_output_file, read_json
-    from ofbdeploy.pipeline import stage_sections
-    from ofbdeploy.recipe import load_recipe
-    from ofbdeploy.report.checks import (
-        check_baseline_fits,
-        format_checks,
-        make_baseline,
-        parse_baseline,
-        parse_tolerance,
-        recipe_checks,
-        regression_checks,
-    )
-    from ofbdeploy.rundir import RunLock, StageBook, to_json
+    from ofbdeploy.run.gate import check_run
 
-    if not (run_dir / "recipe.yaml").is_file():
-        raise InputError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    holder = RunLock.holder(run_dir)
-    if holder is not None:
-        raise RunDirError(f"{run_dir}: a run is in progress there ({holder.describe()}); check it when it is done")
-    tol = parse_tolerance(tolerance)
-    if write_baseline is not None:
-        check_output_file(write_baseline, "--write-baseline")
-    recipe = load_recipe(run_dir / "recipe.yaml", [f"output_dir={run_dir}"])
-    StageBook(run_dir).verify("report", stage_sections(recipe, "report"))
-    report = read_json(run_dir / "report.json", "report")
-    checks = recipe_checks(report, recipe)
-    if baseline is not None:
-        base = parse_baseline(read_json(baseline, "baseline"), str(baseline))
-        check_baseline_fits(base, report, recipe, str(baseline))
-        checks += regression_checks(report, base, tol)
-    if not checks and write_baseline is None:
-        raise InputError(f"{run_dir}: nothing to check: the recipe's budget section sets no limit and no "
-                         f"--baseline was given")
-    if write_baseline is not None:
-        atomic_write_text(write_baseline, to_json(make_baseline(report, recipe)))
-        click.echo(f"baseline written to {write_baseline}")
-    if checks:
-        click.echo(format_checks(checks))
-    missed = [f"{c.name} ({c.measured})" for c in checks if not c.ok]
-    if missed:
-        raise LimitMissed(", ".join(missed))
+    outcome = check_run(run_dir, baseline=baseline, tolerance=tolerance, write_baseline=write_baseline, force=force)
+    for line in outcome.lines:
+        click.echo(line)
+    if outcome.missed:
+        raise LimitMissed(", ".join(outcome.missed))
 
 
 @main.group()
@@ -546,9 +415,9 @@ def info(path: Path) -> None:
     lists per block the kept heads x head width and the MLP width; the totals give params and FLOPs
     (multiply-accumulates) next to the dense model's, and widths that are not multiples of 8 are named.
     """
-    from ofbdeploy.describe import describe
     from ofbdeploy.families import load_arch
     from ofbdeploy.models.pruned import ARCH_FILE
+    from ofbdeploy.report.describe import describe
 
     arch = path / ARCH_FILE if path.is_dir() else path
     click.echo(describe(load_arch(arch), title=f"pruned model: {path}"))

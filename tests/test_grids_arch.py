@@ -6,10 +6,10 @@ import timm
 from ofbdeploy.arch import ArchSpec, BlockSpec, arch_to_dict, save_arch
 from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.arch.grids import SearchSpace, embed_grid, head_grid, head_width_grid, mlp_grid, width_grid
-from ofbdeploy.describe import unaligned_widths
 from ofbdeploy.errors import ArchError, ModelError
 from ofbdeploy.families import load_arch
 from ofbdeploy.families.vit.support import read_vit_shape
+from ofbdeploy.report.describe import unaligned_widths
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 

@@ -1,6 +1,7 @@
 """Hostile inputs and faults against the CLI: each ends with the exit-code contract (0/1/2/3/130), one line
 on stderr, no traceback, and a run directory that still tells the truth."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,9 +23,10 @@ from ofbdeploy.cli import main
 from ofbdeploy.errors import ArchError
 from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.models.pruned import build_plain, load_pruned, save_pruned
-from ofbdeploy.pipeline import stage_sections
 from ofbdeploy.recipe import load_recipe
-from ofbdeploy.rundir import RunLock, StageBook
+from ofbdeploy.run import stages
+from ofbdeploy.run.rundir import RunLock, StageBook
+from ofbdeploy.run.stages import stage_sections
 
 TINY = {
     "name": "tiny", "seed": 1, "device": "cpu",
@@ -164,16 +166,20 @@ def test_resume_continues_with_more_epochs_and_refuses_other_changes(tiny_run, t
     assert _snapshot(run) == before  # recipe.yaml and stages.json as they were
 
 
-def test_an_internal_error_is_exit_3_with_the_traceback_in_the_run_log(tiny_run, tmp_path, monkeypatch):
-    from ofbdeploy.pipeline import Run
+def _replace_body(monkeypatch, name: str, body) -> None:
+    """Put ``body`` in place of stage ``name``'s in the stage table the driver reads."""
+    table = tuple(dataclasses.replace(s, body=body) if s.name == name else s for s in stages.STAGES)
+    monkeypatch.setattr(stages, "STAGES", table)
 
+
+def test_an_internal_error_is_exit_3_with_the_traceback_in_the_run_log(tiny_run, tmp_path, monkeypatch):
     run = _copy(tiny_run, tmp_path)
     (run / "metrics.json").unlink()
 
-    def broken(self):
+    def broken(_run):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(Run, "stage_evaluate", broken)
+    _replace_body(monkeypatch, "evaluate", broken)
     line = _one_error_line(_rerun(run), 3,
                            "internal error: ZeroDivisionError: a bug", str(run / "run.log"))
     assert line.endswith(")")
@@ -182,15 +188,13 @@ def test_an_internal_error_is_exit_3_with_the_traceback_in_the_run_log(tiny_run,
 
 
 def test_interrupt_is_exit_130_and_releases_the_lock(tiny_run, tmp_path, monkeypatch):
-    from ofbdeploy.pipeline import Run
-
     run = _copy(tiny_run, tmp_path)
     (run / "metrics.json").unlink()
 
-    def interrupted(self):
+    def interrupted(_run):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Run, "stage_evaluate", interrupted)
+    _replace_body(monkeypatch, "evaluate", interrupted)
     _one_error_line(_rerun(run), 130, "interrupted")
     assert not (run / "run.lock").exists() and "interrupted during evaluate" in (run / "run.log").read_text()
 
@@ -262,7 +266,12 @@ def checked_run(tmp_path) -> Path:
     report = {"model": recipe.model.name, "flops_pruned": 1e6, "params_pruned": 1e5, "top1_pruned": 50.0,
               "latency": [row]}
     (run / "report.json").write_text(json.dumps(report))
-    StageBook(run).record("report", stage_sections(recipe, "report"), {}, [run / "report.json"])
+    for stage in stages.STAGES:  # every stage finished; a placeholder stands for each earlier stage's files
+        made = run / f"{stage.name}.out"
+        if stage.name != "report":
+            made.write_text(stage.name)
+        StageBook(run).record(stage.name, stage_sections(recipe, stage.name), {},
+                              [run / "report.json" if stage.name == "report" else made])
     return run
 
 
@@ -301,6 +310,58 @@ def test_check_refuses_what_it_cannot_trust(checked_run, tmp_path):
     recipe.budget.max_gflops = 5.0
     recipe.save(checked_run / "recipe.yaml")  # what a rejected run used to do: a new recipe, old artifacts
     _one_error_line(_cli("check", str(checked_run)), 2, "recipe.yaml changed (budget)")
+
+
+def _raise_speedup_limit(run: Path, minimum: float) -> None:
+    recipe = load_recipe(run / "recipe.yaml")
+    recipe.budget.speedup[0].min = minimum
+    recipe.save(run / "recipe.yaml")
+    StageBook(run).record("report", stage_sections(recipe, "report"), {}, [run / "report.json"])
+
+
+def test_write_baseline_after_a_failed_check_writes_nothing_and_says_so(checked_run, tmp_path):
+    _raise_speedup_limit(checked_run, 5.0)  # measured 1.5x: the check fails
+    base = tmp_path / "base.json"
+    result = _cli("check", str(checked_run), "--write-baseline", str(base))
+    _one_error_line(result, 1, "speedup ort-cpu fp32 batch 1 (1.500x)")
+    assert not base.exists() and "baseline not written: the check failed" in result.output
+
+
+def test_a_regressed_run_cannot_move_its_own_goalposts(checked_run, tmp_path):
+    base = tmp_path / "base.json"
+    assert _cli("check", str(checked_run), "--write-baseline", str(base)).exit_code == 0
+    data = json.loads(base.read_text())
+    data["rows"][0]["speedup"] = 3.0  # the run is now a regression against its baseline
+    base.write_text(json.dumps(data))
+    before = base.read_bytes()
+    _one_error_line(_cli("check", str(checked_run), "--baseline", str(base), "--write-baseline", str(base)), 2,
+                    "already exists; pass --force")
+    result = _cli("check", str(checked_run), "--baseline", str(base), "--write-baseline", str(base), "--force")
+    _one_error_line(result, 1, "speedup ort-cpu fp32 batch 1")
+    assert base.read_bytes() == before
+
+
+def test_write_baseline_replaces_a_file_only_with_force_and_never_a_special_file(checked_run, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text("mine")
+    _one_error_line(_cli("check", str(checked_run), "--write-baseline", str(base)), 2,
+                    f"{base} already exists; pass --force to replace it")
+    assert base.read_text() == "mine"
+    assert _cli("check", str(checked_run), "--write-baseline", str(base), "--force").exit_code == 0
+    assert json.loads(base.read_text())["rows"][0]["speedup"] == 1.5
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in (fifo, Path(os.devnull)):  # refused at once: no hang on the FIFO, /dev/null stays a device
+        _one_error_line(_cli("check", str(checked_run), "--write-baseline", str(special), "--force"), 2,
+                        "not a regular file")
+    assert Path(os.devnull).is_char_device()
+    _one_error_line(_cli("check", str(checked_run), "--write-baseline", str(checked_run / "report.json"), "--force"),
+                    2, "is a file of the run")
+
+
+def test_check_verifies_every_file_the_report_was_made_from(checked_run):
+    (checked_run / "export.out").write_text("replaced")  # stands for export/pruned.onnx in a real run
+    _one_error_line(_cli("check", str(checked_run)), 2, "artifact export.out changed", "export stage")
 
 
 def test_a_limit_without_a_measurement_is_exit_1_naming_it(checked_run):

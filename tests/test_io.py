@@ -25,7 +25,7 @@ from ofbdeploy.io import (
     read_json,
     read_text,
 )
-from ofbdeploy.rundir import RunLock
+from ofbdeploy.run.rundir import RunLock
 
 ROOT = Path(__file__).parent.parent
 LONG = "x" * 300  # longer than any file-system name (255 bytes)

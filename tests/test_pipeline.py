@@ -13,13 +13,18 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import ofbdeploy.pipeline as pipeline
+import ofbdeploy.run.context as context
 import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.cli import main
+from ofbdeploy.deploy.workflow import DeployArtifacts
 from ofbdeploy.families import load_arch
-from ofbdeploy.pipeline import Run
 from ofbdeploy.recipe import load_recipe
+from ofbdeploy.run import stages
+from ofbdeploy.run.context import RunContext
+from ofbdeploy.run.driver import Run
+from ofbdeploy.run.rundir import StageBook, read_json, write_json
+from ofbdeploy.run.stages import Stage, stage_sections
 
 TINY = {
     "name": "tiny",
@@ -104,6 +109,24 @@ def test_rerun_skips_what_is_done_and_redoes_what_changed(finished_run, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_new_stage_is_one_record_in_the_table(finished_run, tmp_path, monkeypatch):
+    """The driver, skipping, stages.json and run.log take a stage from its record alone."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+
+    def summary(context: RunContext) -> None:
+        write_json(context.paths.root / "summary.json", {"top1": read_json(context.paths.report)["top1_pruned"]})
+
+    extra = Stage("summary", (), lambda p: [p.root / "summary.json"], summary, collective=False)
+    monkeypatch.setattr(stages, "STAGES", (*stages.STAGES, extra))
+    Run(load_recipe(run / "recipe.yaml", [f"output_dir={run}"]), progress=False).execute()
+    log = (run / "run.log").read_text().split("stage report: finished")[-1]
+    assert "stage report: done already, skipped" in log and "stage summary: running (not run yet)" in log
+    assert StageBook(run).why_not_done("summary", stage_sections(load_recipe(run / "recipe.yaml"), "summary",
+                                                                 stages.STAGES), {}) is None
+    assert (run / "summary.json").is_file()
+
+
 def test_stopped_run_resumes_to_the_same_result(finished_run, tmp_path, monkeypatch):
     recipe = load_recipe(_recipe(tmp_path))
     calls = {"n": 0}
@@ -173,6 +196,43 @@ def test_budget_and_check_gate_the_exit_code(finished_run, tmp_path):
     baseline.write_text(json.dumps(data))
     regressed = runner.invoke(main, ["check", str(finished_run), "--baseline", str(baseline)])
     assert regressed.exit_code == 1 and "MISSED" in regressed.output
+
+
+def test_check_fails_on_an_onnx_file_replaced_after_the_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    baseline = tmp_path / "baseline.json"
+    shutil.copyfile(run / "export" / "dense.onnx", run / "export" / "pruned.onnx")  # the report's figures stay
+    result = CliRunner().invoke(main, ["check", str(run), "--write-baseline", str(baseline)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "artifact export/pruned.onnx changed" in errors[0], result.output
+    assert not baseline.exists()
+
+
+def test_a_copied_or_moved_run_profiles_its_own_files(finished_run, tmp_path):
+    original, moved = tmp_path / "original", tmp_path / "moved"
+    shutil.copytree(finished_run, original)
+    record = json.loads((original / "export" / "export.json").read_text())
+    assert record["onnx"] == {"dense": "dense.onnx", "pruned": "pruned.onnx"}  # relative to export/
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)  # a moved run: nothing is left where it was made
+    profile = ["profile", str(moved), "--backend", "ort-cpu", "--batch", "1", "--repeats", "5", "--warmup", "1"]
+    result = CliRunner().invoke(main, profile)
+    assert result.exit_code == 0, result.output
+    assert json.loads((moved / "profile.json").read_text())["latency"][0]["backend"] == "ort-cpu"
+    # an export.json of an older ofbdeploy: no format, paths as its writer reached them (absolute, or from
+    # its working directory) into the directory it was written in
+    del record["format"]
+    for written_in in (original / "export", Path("runs/original/export")):
+        old = {**record, "onnx": {k: str(written_in / v) for k, v in record["onnx"].items()},
+               "checks": [{**c, "path": str(written_in / c["path"])} for c in record["checks"]]}
+        (moved / "export" / "export.json").write_text(json.dumps(old))
+        artifacts = DeployArtifacts.load(moved / "export")
+        assert artifacts.onnx == {k: str(moved / "export" / f"{k}.onnx") for k in ("dense", "pruned")}
+        assert {c["path"] for c in artifacts.checks} == set(artifacts.onnx.values())
+    result = CliRunner().invoke(main, profile)
+    assert result.exit_code == 0, result.output
 
 
 def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finished_run, tmp_path):
@@ -301,9 +361,9 @@ def test_the_process_group_timeout_comes_from_the_recipe(tmp_path, monkeypatch):
 
     def fake_init(device, timeout_min):
         seen.update(device=device, timeout_min=timeout_min)
-        return pipeline.Dist()
+        return context.Dist()
 
-    monkeypatch.setattr(pipeline, "init_distributed", fake_init)
+    monkeypatch.setattr(context, "init_distributed", fake_init)
     Run(load_recipe(_recipe(tmp_path, dist_timeout_min=240)))
     assert seen == {"device": "cpu", "timeout_min": 240}
 

@@ -11,6 +11,7 @@ from ofbdeploy.report.checks import (
     regression_checks,
 )
 from ofbdeploy.report.render import plot_report, write_markdown
+from ofbdeploy.run.gate import recipe_identity
 
 
 def _report(speedup: float = 1.8, pruned_ms: float = 2.0, device: str = "cpu: test") -> dict:
@@ -45,7 +46,7 @@ def test_budget_checks_pass_and_miss():
 def test_regression_compares_speedup_everywhere_and_latency_on_the_same_device():
     recipe = parse_recipe({"model": {"name": "m"}, "data": {"kind": "synthetic"},
                            "search": {"target_flops_ratio": 0.5}})
-    baseline = parse_baseline(make_baseline(_report(speedup=2.0, pruned_ms=2.0), recipe))
+    baseline = parse_baseline(make_baseline(_report(speedup=2.0, pruned_ms=2.0), recipe.name, recipe_identity(recipe)))
     assert all(c.ok for c in regression_checks(_report(speedup=1.85, pruned_ms=2.1), baseline, 0.10))
     slower = regression_checks(_report(speedup=1.7, pruned_ms=2.0), baseline, 0.10)
     assert [c.ok for c in slower] == [False, True]

@@ -14,7 +14,7 @@ import torch
 
 from ofbdeploy.errors import RunDirError
 from ofbdeploy.io import atomic_write_text
-from ofbdeploy.rundir import Holder, RunLock, StageBook, remove_leftovers, resume_plan, settings_path, to_json
+from ofbdeploy.run.rundir import Holder, RunLock, StageBook, remove_leftovers, resume_plan, settings_path, to_json
 
 
 def test_a_second_lock_is_refused_naming_the_holder(tmp_path):

@@ -38,6 +38,7 @@ log = logging.getLogger("ofbdeploy.deploy")
 
 MODELS = ("dense", "pruned")
 ARTIFACTS_FILE = "export.json"
+ARTIFACTS_FORMAT = "ofbdeploy.export/2"  # paths relative to the export directory
 
 
 def onnx_key(name: str, precision: str) -> str:
@@ -56,12 +57,46 @@ class DeployArtifacts:
     accuracy: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
-        atomic_write_text(directory / ARTIFACTS_FILE, json.dumps(self.__dict__, indent=1) + "\n")
+        """export.json records every file under ``directory`` relative to it, so a copied or moved run (or
+        model directory) uses its own files."""
+        record = {"format": ARTIFACTS_FORMAT, **self._with_paths(lambda p: _relative_to(p, directory))}
+        atomic_write_text(directory / ARTIFACTS_FILE, json.dumps(record, indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> DeployArtifacts:
+        """The record of ``directory`` with its paths as this process reaches them (``directory / name``).
+
+        Records of older versions (no ``format``) hold paths as their writer reached them, absolute or from
+        its working directory; they are read as relative to the folder they name for the fp32 ONNX files
+        (the export directory they were written in), so a copied run no longer measures the original's files.
+        """
         path = directory / ARTIFACTS_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != ARTIFACTS_FORMAT:
+            older = cls(**data)
+            written_in = next((Path(p).parent for p in older.onnx.values()), None)
+            if written_in is not None:
+                data = older._with_paths(lambda p: _relative_to(p, written_in))
+        record = cls(**data)
+        return cls(**record._with_paths(lambda p: p if Path(p).is_absolute() else str(directory / p)))
+
+    def _with_paths(self, convert: Callable[[str], str]) -> dict[str, Any]:
+        """The record as a dict, every file path (ONNX, engines, and those in checks and accuracy) converted."""
+        return {"onnx": {k: convert(v) for k, v in self.onnx.items()},
+                "engines": {k: convert(v) for k, v in self.engines.items()},
+                "engine_tf32": dict(self.engine_tf32),
+                "checks": [{**c, "path": convert(c["path"])} if "path" in c else dict(c) for c in self.checks],
+                "accuracy": [{**a, "path": convert(a["path"])} if "path" in a else dict(a) for a in self.accuracy]}
+
+
+def _relative_to(path: str, directory: Path) -> str:
+    """``path`` relative to ``directory`` when it lies in it; absolute otherwise (a file kept elsewhere)."""
+    for inside, folder in ((Path(path), directory), (Path(path).absolute(), directory.absolute())):
+        if inside.is_relative_to(folder):
+            return inside.relative_to(folder).as_posix()
+    return str(Path(path).absolute())
 
 
 def export_models(

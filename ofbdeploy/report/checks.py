@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ofbdeploy.deploy.config import Backend, Precision
 from ofbdeploy.errors import InputError, one_line
 from ofbdeploy.latency.config import LatencyTargetCfg
-from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.config import BudgetCfg
 from ofbdeploy.table import format_table
 
@@ -95,9 +94,9 @@ def search_target_checks(report: dict[str, Any], target: LatencyTargetCfg | None
                   value is not None and value <= target.target_ratio)]
 
 
-def recipe_checks(report: dict[str, Any], recipe: Recipe) -> list[Check]:
-    """Every limit a recipe sets on its run: the ``budget`` section and the search's latency target."""
-    return budget_checks(report, recipe.budget) + search_target_checks(report, recipe.search.latency)
+def recipe_checks(report: dict[str, Any], budget: BudgetCfg, target: LatencyTargetCfg | None) -> list[Check]:
+    """Every limit a recipe sets on its run: its ``budget`` section and its search's latency target."""
+    return budget_checks(report, budget) + search_target_checks(report, target)
 
 
 BASELINE_FORMAT = "ofbdeploy.baseline/2"
@@ -129,21 +128,21 @@ class Baseline(BaseModel):
     rows: list[BaselineRow] = Field(min_length=1)
 
 
-def recipe_identity(recipe: Recipe) -> str:
-    """Digest of the recipe sections that decide the measured model (see :data:`IDENTITY_SECTIONS`)."""
-    data = recipe.model_dump(mode="json")
-    return hashlib.sha256(json.dumps({k: data[k] for k in IDENTITY_SECTIONS}, sort_keys=True).encode()).hexdigest()
+def identity_digest(sections: dict[str, Any]) -> str:
+    """Digest of a recipe's :data:`IDENTITY_SECTIONS`, given as their JSON values by section name: what a
+    baseline records and a later run must match."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
 
 
-def make_baseline(report: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+def make_baseline(report: dict[str, Any], recipe_name: str, identity: str) -> dict[str, Any]:
     """The figures a later run is compared with: per backend/batch/precision speedup and latencies."""
     keys = ("backend", "batch", "precision", "device", "speedup", "latency_ms_dense", "latency_ms_pruned")
     rows = [{k: row[k] for k in keys} for row in report.get("latency", [])]
     if not rows:
         raise InputError("--write-baseline: the run measured no latency (profile disabled or every backend "
                          "skipped); a baseline needs at least one measurement")
-    return {"format": BASELINE_FORMAT, "model": report.get("model", ""), "recipe": recipe.name,
-            "identity": recipe_identity(recipe), "rows": rows}
+    return {"format": BASELINE_FORMAT, "model": report.get("model", ""), "recipe": recipe_name,
+            "identity": identity, "rows": rows}
 
 
 def parse_baseline(data: Any, source: str = "baseline") -> Baseline:
@@ -164,12 +163,12 @@ def parse_baseline(data: Any, source: str = "baseline") -> Baseline:
     return baseline
 
 
-def check_baseline_fits(baseline: Baseline, report: dict[str, Any], recipe: Recipe, source: str) -> None:
+def check_baseline_fits(baseline: Baseline, report: dict[str, Any], identity: str, source: str) -> None:
     """Refuse a baseline recorded for another model or other recipe settings: comparing them means nothing."""
     if baseline.model != report.get("model"):
         raise InputError(f"{source}: the baseline is for model {baseline.model!r}, this run is of "
                          f"{report.get('model')!r}")
-    if baseline.identity != recipe_identity(recipe):
+    if baseline.identity != identity:
         raise InputError(f"{source}: the baseline was recorded for recipe {baseline.recipe!r} with other "
                          f"{'/'.join(IDENTITY_SECTIONS)} settings than this run's; record it again with "
                          f"--write-baseline")

@@ -140,7 +140,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 def consistent(run: Path) -> tuple[bool, str]:
     """Every stage recorded done has its artifacts intact, no lock or half-written file is left."""
-    from ofbdeploy.rundir import StageBook
+    from ofbdeploy.run.rundir import StageBook
 
     book = StageBook(run)
     records, problem = book.load()

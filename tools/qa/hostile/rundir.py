@@ -164,7 +164,7 @@ def _export_unfinished(ws):
 @case("rundir", "an internal error (a bug) mid-command", 3)
 def _internal(ws):
     where = model_dir(ws, "internal")
-    code = ("import sys, ofbdeploy.describe as d; d.describe = lambda *a, **k: 1 / 0; "
+    code = ("import sys, ofbdeploy.report.describe as d; d.describe = lambda *a, **k: 1 / 0; "
             "from ofbdeploy.cli import main; sys.argv = ['ofbdeploy', 'info', sys.argv[1]]; main()")
     proc = subprocess.run([sys.executable, "-c", code, str(where)], capture_output=True, text=True, env=ws.env)
     result = Proc(proc.returncode, proc.stdout, proc.stderr, 0.0)

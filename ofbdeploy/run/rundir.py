@@ -58,6 +58,16 @@ def to_json(data: Any) -> str:
     return json.dumps(clean(data), indent=1, default=str, allow_nan=False) + "\n"
 
 
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A run's JSON artifact, written atomically (see :func:`to_json`)."""
+    atomic_write_text(path, to_json(data))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON artifact the run wrote itself (its digest in stages.json vouches for it)."""
+    return json.loads(path.read_text())
+
+
 def digest_of(value: Any) -> str:
     """SHA-256 of a JSON-able value (a recipe section), independent of key order."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
