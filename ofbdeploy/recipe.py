@@ -36,11 +36,23 @@ class RecipeError(OfbError, ValueError):
 class ModelCfg(Strict):
     """The dense model the run starts from."""
 
-    name: str = Field(description="timm model name, e.g. deit_small_patch16_224, or an ofb_vit_* test config")
+    name: str = Field(description="timm model name, e.g. deit_small_patch16_224 (a pretrained tag such as "
+                      "deit_small_patch16_224.fb_in1k allowed), hf-hub:org/repo, or an ofb_vit_* test config")
     checkpoint: str | None = Field(None, description="local weights file (DeiT/timm .pth or .safetensors)")
+    pretrained: bool = Field(False, description="weights by name through timm's pretrained config and the Hugging "
+                             "Face / torch hub caches (HF_HOME, HF_HUB_OFFLINE honoured); checked and adapted like "
+                             "a local checkpoint")
     num_classes: int | None = Field(None, ge=1, le=1 << 20, description="classifier size; default: the dataset's")
     img_size: int | None = Field(None, ge=8, le=4096, description="input size; default: the model's own")
     overrides: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelCfg:
+        if self.pretrained and self.checkpoint:
+            raise ValueError("give one of checkpoint and pretrained: true, not both")
+        if self.name.startswith("hf-hub:") and not self.pretrained:
+            raise ValueError("an hf-hub: name is its weights: set pretrained: true")
+        return self
 
 
 class AugmentCfg(Strict):
