@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
+from click.testing import CliRunner
 from huggingface_hub import constants
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from ofbdeploy.cli import main
 from ofbdeploy.errors import ModelError
 from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.hub import find_weights
@@ -105,3 +108,38 @@ BASE = {"model": {"name": PICO}, "data": {"kind": "digits"}, "search": {"target_
 def test_the_recipe_refuses_contradictory_weight_sources(model: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         parse_recipe({**BASE, "model": model})
+
+
+def _tiny_run(tmp: Path, model: dict) -> Path:
+    recipe = {"name": "hub", "seed": 0, "device": "cpu", "output_dir": str(tmp / "run"), "model": model,
+              "data": {"kind": "synthetic", "limit_train": 64, "limit_val": 32, "batch_size": 32},
+              "search": {"target_flops_ratio": 0.5, "epochs": 1, "arch_lr": 0.3},
+              "finetune": {"epochs": 1}, "export": {"enabled": False}, "profile": {"enabled": False}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_run_starts_from_hub_weights_offline(offline_cache: Path, tmp_path: Path) -> None:
+    """`ofbdeploy run` with model.pretrained: the cached weights are the dense model's, and their file is an input
+    of the dense stage (a changed cache re-runs it), all without a network."""
+    reference = build_dense(PICO, img_size=16, num_classes=10)
+    config = json.dumps({"architecture": PICO, "num_classes": 10}).encode()
+    cache_repo(offline_cache, "someone/pico16", {"config.json": config,
+                                                 "model.safetensors": weights_bytes(reference, tmp_path)})
+    recipe = _tiny_run(tmp_path, {"name": "hf-hub:someone/pico16", "pretrained": True, "img_size": 16,
+                                  "num_classes": 10})
+    result = CliRunner().invoke(main, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    dense = load_file(str(tmp_path / "run" / "dense" / "model.safetensors"))
+    assert torch.equal(dense["pos_embed"], reference.state_dict()["pos_embed"])
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert "model.pretrained" in stages["stages"]["dense"]["inputs"]
+
+
+def test_a_run_offline_without_the_weights_is_refused_before_writing(offline_cache: Path, tmp_path: Path) -> None:
+    recipe = _tiny_run(tmp_path, {"name": "hf-hub:someone/absent", "pretrained": True, "img_size": 16})
+    result = CliRunner().invoke(main, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 2
+    assert "not in the local Hugging Face cache" in result.output
+    assert not (tmp_path / "run").exists()

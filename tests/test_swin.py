@@ -159,7 +159,8 @@ def test_paper_swin_recipes_fit_the_search_space(recipe, gflops):
     from ofbdeploy.verify.exactness import meta_device
 
     loaded = load_recipe(RECIPES / f"{recipe}.yaml")
-    assert loaded.model.name == "swin_tiny_patch4_window7_224" and loaded.search.target_gflops == gflops
+    assert loaded.model.name == "swin_tiny_patch4_window7_224.ms_in1k" and loaded.model.pretrained
+    assert loaded.search.target_gflops == gflops
     with meta_device():
         shape = read_shape(timm.create_model(loaded.model.name, num_classes=1000), loaded.model.name)
     space = family_of(shape).space(shape, loaded.search.align)

@@ -101,3 +101,12 @@ def _url_file(url: str, name: str) -> Path:
         raise ModelError(f"model.pretrained: {name}: {target.name} is not in {target.parent} and {url} cannot be "
                          f"downloaded ({type(err).__name__}); download it there or set model.checkpoint") from None
     return target
+
+
+def model_source(name: str, checkpoint: str | None, pretrained: bool) -> tuple[str, Path | None]:
+    """The timm architecture to build and the weights file to load for a recipe's ``model`` section: the local
+    ``checkpoint``, the named model's hub weights (``pretrained``), or none."""
+    if pretrained:
+        found = find_weights(name)
+        return found.architecture, found.file
+    return name, Path(checkpoint).expanduser() if checkpoint else None

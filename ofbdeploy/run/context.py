@@ -26,6 +26,7 @@ from ofbdeploy.errors import InputError
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.models.dense import build_dense, load_weights
+from ofbdeploy.models.hub import model_source
 from ofbdeploy.models.pruned import load_pruned
 from ofbdeploy.numerics import set_tf32
 from ofbdeploy.recipe import Recipe
@@ -82,11 +83,17 @@ class RunContext:
         return self._data
 
     @functools.cached_property
+    def source(self) -> tuple[str, Path | None]:
+        """The timm architecture to build and the weights file to load (a local checkpoint or hub weights)."""
+        m = self.recipe.model
+        return model_source(m.name, m.checkpoint, m.pretrained)
+
+    @functools.cached_property
     def _img_size(self) -> int:
         m = self.recipe.model
         if m.img_size is not None:
             return m.img_size
-        return int(build_dense(m.name, **m.overrides).patch_embed.img_size[0])
+        return int(build_dense(self.source[0], **m.overrides).patch_embed.img_size[0])
 
     def img_size(self) -> int:
         """The model's input size: the recipe's, or the named model's own."""
@@ -120,7 +127,7 @@ class RunContext:
     def build_dense_model(self) -> torch.nn.Module:
         m = self.recipe.model
         num_classes = m.num_classes or self.data()[2]
-        return build_dense(m.name, num_classes=num_classes, img_size=self.img_size(), **m.overrides)
+        return build_dense(self.source[0], num_classes=num_classes, img_size=self.img_size(), **m.overrides)
 
     def load_dense(self) -> torch.nn.Module:
         model = self.build_dense_model()
@@ -132,8 +139,8 @@ class RunContext:
 
     def searchable(self, dense: torch.nn.Module) -> SearchableModel:
         s = self.recipe.search
-        shape = read_shape(dense, self.recipe.model.name)
-        return family_of(shape).searchable(dense, self.space(shape), self.recipe.model.name,
+        shape = read_shape(dense, self.source[0])
+        return family_of(shape).searchable(dense, self.space(shape), self.source[0],
                                            l1_attention=s.l1_attention, l1_other=s.l1_other)
 
     def deploy_models(self) -> dict[str, torch.nn.Module]:
@@ -178,9 +185,9 @@ class RunContext:
                 raise
             raise InputError(f"model.img_size {self.recipe.model.img_size or '(the model default)'}: the data or "
                              f"the model does not fit in memory ({type(err).__name__}: {str(err)[:120]})") from None
-        if self.recipe.model.checkpoint:
-            load_weights(model, self.recipe.model.checkpoint)
-        shape = read_shape(model, self.recipe.model.name)
+        if self.source[1] is not None:
+            load_weights(model, self.source[1])
+        shape = read_shape(model, self.source[0])
         if self.recipe.search.latency is not None:
             family_of(shape).check_latency()
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)

@@ -27,6 +27,7 @@ from ofbdeploy.families import arch_from_dict, load_arch
 from ofbdeploy.io import file_digest
 from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.models.dense import load_weights
+from ofbdeploy.models.hub import model_source
 from ofbdeploy.models.materialize import TOLERANCE as MATERIALIZE_TOLERANCE
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
@@ -84,11 +85,12 @@ class Stage:
 # -- bodies ---------------------------------------------------------------------------------------------
 def dense(run: RunContext) -> None:
     """The dense model: built, loaded from the recipe's checkpoint, trained if the recipe asks."""
-    m, p = run.recipe.model, run.recipe.pretrain
+    p = run.recipe.pretrain
     model = run.build_dense_model()
-    if m.checkpoint:
-        report = load_weights(model, m.checkpoint)
-        log.info("dense weights from %s (%s%s)", m.checkpoint, report.format,
+    weights = run.source[1]
+    if weights is not None:
+        report = load_weights(model, weights)
+        log.info("dense weights from %s (%s%s)", weights, report.format,
                  ", head reset" if report.reset_head else "")
     model = model.to(run.dist.device)
     seconds = 0.0
@@ -250,8 +252,9 @@ def dense_inputs(recipe: Recipe) -> dict[str, str]:
     """The recipe's checkpoint (content) and dataset folder (file names, sizes and times)."""
     found: dict[str, str] = {}
     m, d = recipe.model, recipe.data
-    if m.checkpoint:
-        found["model.checkpoint"] = file_digest(Path(m.checkpoint).expanduser())
+    weights = model_source(m.name, m.checkpoint, m.pretrained)[1]
+    if weights is not None:
+        found["model.checkpoint" if m.checkpoint else "model.pretrained"] = file_digest(weights)
     root = d.root or (FASHION_MNIST_ROOT if d.kind == "fashion_mnist" else None)
     if root:
         found["data.root"] = tree_identity(Path(root))
