@@ -211,6 +211,15 @@ class Recipe(Strict):
         return "off" if value is False else value
 
     @model_validator(mode="after")
+    def _int8_is_profiled(self) -> Recipe:
+        """Asking for an int8 export is asking what it buys: its latency is profiled beside fp32 unless the recipe
+        lists its own profile.precisions."""
+        if self.export.int8 and "precisions" not in self.profile.model_fields_set and "int8" not in \
+                self.profile.precisions:
+            object.__setattr__(self.profile, "precisions", [*self.profile.precisions, "int8"])
+        return self
+
+    @model_validator(mode="after")
     def _latency_target_is_measured(self) -> Recipe:
         """A search latency budget is checked against a measurement, so the profile must take it."""
         target, profile = self.search.latency, self.profile

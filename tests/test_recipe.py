@@ -94,3 +94,14 @@ def test_a_duplicate_key_is_refused_naming_it_and_its_lines(tmp_path):
         load_recipe(tmp_path / "base.yaml", ["model.overrides={a: 1, a: 2}"])
     # a merge key and the keys beside it are not duplicates
     assert safe_yaml("x: &x {a: 1, b: 1}\ny: {<<: *x, a: 2}\n", "s") == {"x": {"a": 1, "b": 1}, "y": {"a": 2, "b": 1}}
+
+
+def test_an_int8_export_is_profiled_unless_the_recipe_lists_its_precisions() -> None:
+    base = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"},
+            "search": {"target_flops_ratio": 0.5}}
+    assert parse_recipe({**base, "export": {"int8": True}}).profile.precisions == ["fp32", "int8"]
+    assert parse_recipe(base).profile.precisions == ["fp32"]
+    chosen = parse_recipe({**base, "export": {"int8": True}, "profile": {"precisions": ["fp32"]}})
+    assert chosen.profile.precisions == ["fp32"]
+    resolved = parse_recipe({**base, "export": {"int8": True}})
+    assert parse_recipe(resolved.model_dump(mode="json")) == resolved  # the resolved recipe reads back the same
