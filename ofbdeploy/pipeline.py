@@ -28,11 +28,14 @@ from ofbdeploy.errors import InputError, OfbError, note_traceback
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.io import atomic_write_text, check_output_dir, file_digest
 from ofbdeploy.latency.lut import LatencyLUT
-from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.materialize import materialize
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
 from ofbdeploy.numerics import set_tf32
+from ofbdeploy.prune.budget import check_budget, resolve_target
+from ofbdeploy.prune.method import Job
+from ofbdeploy.prune.ofb.objective import LatencyObjective, build_objective
+from ofbdeploy.prune.registry import get_method
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
@@ -47,7 +50,6 @@ from ofbdeploy.rundir import (
     to_json,
     tree_identity,
 )
-from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.table import format_table
 from ofbdeploy.train.batching import plan_batch
@@ -61,7 +63,6 @@ from ofbdeploy.train.data import (
     sample_batch,
 )
 from ofbdeploy.train.distributed import Dist, init_distributed, leave, wait_for_main
-from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import scaled_lr
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
@@ -140,7 +141,7 @@ class Run:
         """Content identity of what a stage reads from outside the run directory."""
         if stage not in self._inputs:
             found: dict[str, str] = {}
-            m, d, lat = self.recipe.model, self.recipe.data, self.recipe.search.latency
+            m, d, lat = self.recipe.model, self.recipe.data, self.recipe.search.latency_target
             if stage == "dense" and m.checkpoint:
                 found["model.checkpoint"] = file_digest(Path(m.checkpoint).expanduser())
             root = d.root or (FASHION_MNIST_ROOT if d.kind == "fashion_mnist" else None)
@@ -245,8 +246,7 @@ class Run:
                         "AVX512-BF16/FP16) it is several times slower than fp32", r.amp,
                         torch.backends.cpu.get_cpu_capability())
         lrs = ", ".join(f"{name} {lr:.3g} -> {scaled_lr(lr, b.global_batch):.3g}" for name, lr in
-                        (("pretrain", r.pretrain.lr), ("search", r.search.lr), ("search arch", r.search.arch_lr),
-                         ("finetune", r.finetune.lr)))
+                        (("pretrain", r.pretrain.lr), *r.search.learning_rates().items(), ("finetune", r.finetune.lr)))
         (log.warning if b.global_batch != b.requested else log.info)(
             "batch: %s; learning rates per 256 images x %d/256: %s", b.describe(), b.global_batch, lrs)
 
@@ -292,10 +292,9 @@ class Run:
         return family_of(shape).space(shape, self.recipe.search.align)
 
     def searchable(self, dense: torch.nn.Module) -> SearchableModel:
-        s = self.recipe.search
         shape = read_shape(dense, self.recipe.model.name)
         return family_of(shape).searchable(dense, self.space(shape), self.recipe.model.name,
-                                           l1_attention=s.l1_attention, l1_other=s.l1_other)
+                                           **self.recipe.search.searchable_options())
 
     def check_inputs(self) -> None:
         """Fail in seconds, not after pretraining, and before the run directory is touched: the data is
@@ -314,10 +313,11 @@ class Run:
         if self.recipe.model.checkpoint:
             load_weights(model, self.recipe.model.checkpoint)
         shape = read_shape(model, self.recipe.model.name)
-        if self.recipe.search.latency is not None:
+        get_method(self.recipe.search.method).check(shape.family)
+        if self.recipe.search.latency_target is not None:
             family_of(shape).check_latency()
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
-        lat = self.recipe.search.latency
+        lat = self.recipe.search.latency_target
         if lat is not None and lat.lut:
             LatencyLUT.load(Path(lat.lut)).check_fits(shape, lat.backend, lat.precision, lat.batch,
                                                       "search.latency.lut")
@@ -328,7 +328,7 @@ class Run:
         Under torchrun only the first process measures (every rank timing at once would measure their
         contention) and writes the run's copy; the others wait for it and read it.
         """
-        cfg = self.recipe.search.latency
+        cfg = self.recipe.search.latency_target
         if cfg is None:
             return None
         if self.ctx.is_main:
@@ -336,21 +336,24 @@ class Run:
         wait_for_main(self.ctx)
         return build_objective(cfg.model_copy(update={"lut": str(self.paths.lut)}), model)
 
+    # -- search stage: the recipe's pruning method (search.method), through the registry in ofbdeploy.prune ----
     def stage_search(self) -> None:
-        """OFB search from the dense weights; the decided state is kept for materialisation."""
-        dense = self.load_dense().train()
-        set_drop_path(dense, self.recipe.search.drop_path)
-        model = self.searchable(dense).to(self.ctx.device)
+        """The recipe's pruning method decides an architecture from the dense weights (the OFB search trains
+        them; one-shot methods cut the teacher's); the decided state is kept for materialisation."""
+        cfg = self.recipe.search
+        model = self.searchable(self.load_dense().train()).to(self.ctx.device)
         latency = self.latency_objective(model)
-        result = run_search(model, self.loader(True), self.recipe.search, self.ctx, seed=self.recipe.seed,
-                            amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
-                            progress=self.progress, latency=latency, accum_steps=self.batch.accum)
+        job = Job(teacher=self.load_dense, loader=self.loader(True), ctx=self.ctx, seed=self.recipe.seed,
+                  amp=self.recipe.amp, checkpoint_path=self.paths.search_ckpt, resume=self.resume, log=log,
+                  progress=self.progress, latency=latency, accum_steps=self.batch.accum)
+        result = get_method(cfg.method).decide(model, cfg, job)
         if self.ctx.is_main:
             save_checkpoint(self.paths.search_final, {"arch": result.spec.to_dict(), "model": model.state_dict()})
             summary = asdict(result)
             summary["spec"] = result.spec.to_dict()
             summary["fp32_matmul"] = self.fp32_matmul
             write_json(self.paths.search_result, summary)
+    # -- end of the search stage ----------------------------------------------------------------------------
 
     def stage_materialize(self) -> None:
         """Plain timm model from the decided search state, checked against the masked model on real images.
@@ -572,6 +575,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
     artifacts = DeployArtifacts.load(paths.export)
     return {
         "model": spec.base.model_name,
+        "method": search.get("method", "ofb"),
         "flops_dense": dense_spec.macs(),
         "flops_pruned": spec.macs(),
         "flops_target": search["target_macs"],

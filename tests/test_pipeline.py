@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ofbdeploy.pipeline as pipeline
-import ofbdeploy.search.engine as engine
+import ofbdeploy.prune.ofb.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.cli import main

@@ -16,9 +16,9 @@ import ofbdeploy.models.zoo  # noqa: F401  (spawned DDP workers need the registr
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
 from ofbdeploy.materialize import materialize
+from ofbdeploy.prune.budget import _next_wider, enforce_budget, fill_budget, macs_cost
+from ofbdeploy.prune.ofb.engine import Search, run_search
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import _next_wider, enforce_budget, fill_budget, macs_cost
-from ofbdeploy.search.engine import Search, run_search
 from ofbdeploy.search.groups import VectorGroup
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import LOCAL_WINDOW, local_normalise, random_token_mask, reconstruction_loss

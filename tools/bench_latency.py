@@ -34,7 +34,7 @@ from ofbdeploy.deploy.workflow import export_models, profile_models
 from ofbdeploy.grids import space_for
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.materialize import materialize
-from ofbdeploy.search.budget import enforce_budget, spec_cost
+from ofbdeploy.prune.budget import enforce_budget, spec_cost
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.table import format_table
 

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smoke runs)
 from ofbdeploy.deploy.backends import device_name
 from ofbdeploy.latency.lut import LatencyLUT
-from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.numerics import set_tf32
+from ofbdeploy.prune.ofb.engine import Search
+from ofbdeploy.prune.ofb.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.engine import Search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.amp import amp_dtype, autocast
 from ofbdeploy.train.distributed import barrier, init_distributed, wrap_ddp

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
-from ofbdeploy.search.engine import Search, check_budget
+from ofbdeploy.prune.budget import check_budget
+from ofbdeploy.prune.ofb.engine import Search
 from ofbdeploy.search.searchable import SearchableViT
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import evaluate

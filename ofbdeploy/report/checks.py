@@ -97,7 +97,7 @@ def search_target_checks(report: dict[str, Any], target: LatencyTargetCfg | None
 
 def recipe_checks(report: dict[str, Any], recipe: Recipe) -> list[Check]:
     """Every limit a recipe sets on its run: the ``budget`` section and the search's latency target."""
-    return budget_checks(report, recipe.budget) + search_target_checks(report, recipe.search.latency)
+    return budget_checks(report, recipe.budget) + search_target_checks(report, recipe.search.latency_target)
 
 
 BASELINE_FORMAT = "ofbdeploy.baseline/2"
