@@ -333,7 +333,9 @@ def _first_problem(err: ValidationError) -> str:
     loc = _recipe_loc(problem["loc"])
     where = one_line(".".join(str(p) for p in loc), 120)
     if problem["type"] == "extra_forbidden":
-        return f"{where}: unknown field{_suggest(loc, problem['loc'])}"
+        method = problem["loc"][1] if loc != problem["loc"] else "ofb"
+        under = f" under search.method {method}" if method != "ofb" else ""  # e.g. an OFB key left by --set
+        return f"{where}: unknown field{under}{_suggest(loc, problem['loc'])}"
     if problem["type"] == "missing":
         return f"{where}: required field is missing"
     got = problem.get("input")

@@ -124,11 +124,11 @@ def test_search_section_is_the_methods_own_config():
     ({"method": "l1", "target_flops_ratio": 0.5, "epochs": 3}, "r.yaml: search.epochs: unknown field"),
     ({"method": "l1", "target_flops_ratio": 0.5, "latency": {"target_ratio": 0.5}}, "search.latency: unknown field"),
     ({"method": "torch-pruning", "target_flops_ratio": 0.5, "prune_stp": 0.1},
-     "search.prune_stp: unknown field (did you mean 'prune_step'?)"),
+     "search.prune_stp: unknown field under search.method torch-pruning (did you mean 'prune_step'?)"),
     ({"target_flops_ratio": 0.5, "prune_step": 0.1}, "search.prune_step: unknown field"),
     ({"target_flops_ratio": 0.5, "pmim": {"enabld": True}}, "search.pmim.enabld: unknown field (did you mean"),
     ({"method": "magnitude", "target_flops_ratio": 0.5},
-     "search.method: expected one of ofb, torch-pruning, l1, uniform, random, got 'magnitude'"),
+     "search.method: expected one of ofb, uniform, l1, random, torch-pruning, got 'magnitude'"),
     ({"method": "l1"}, "search: give a budget: target_flops_ratio or target_gflops"),
     ({}, "search: give a budget: target_flops_ratio, target_gflops or latency"),
 ])

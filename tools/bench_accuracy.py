@@ -72,6 +72,7 @@ from ofbdeploy.models.pruned import save_weights
 from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.ofb.objective import build_objective
+from ofbdeploy.prune.registry import METHODS as REGISTERED
 from ofbdeploy.prune.registry import get_method
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
@@ -96,16 +97,17 @@ class Method:
     diagnostic: bool = False  # run only when named
 
 
+_REGISTERED = {name: Method(name, search_is_training=m.trains) for name, m in REGISTERED.items()}
+# a row kind per registered method (a new method is benchmarked as it is registered), the latency-budget OFB
+# after OFB, and the diagnostics
 METHODS = {
-    "ofb": Method("ofb", search_is_training=True),
+    "ofb": _REGISTERED.pop("ofb"),
     "ofb-latency": Method("ofb", by_latency=True, search_is_training=True),
-    "uniform": Method("uniform"),
-    "l1": Method("l1"),
-    "random": Method("random"),
-    "torch-pruning": Method("torch-pruning"),
+    **_REGISTERED,
     "ofb-arch": Method("ofb", keeps_weights=False, diagnostic=True),
     "ofb-restart": Method("ofb", keeps_weights=False, search_is_training=True, diagnostic=True),
 }
+
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
 FORMAT = "ofbdeploy.bench_accuracy/2"

@@ -20,11 +20,11 @@ from ofbdeploy.prune.ofb.config import SearchCfg
 DEFAULT = "ofb"
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method(SearchCfg, ofb.decide, trains=True),
+    Method(scored.UniformCfg, scored.decide_uniform_l1, families=("vit",)),
+    Method(scored.L1Cfg, scored.decide_l1, families=("vit",)),
+    Method(scored.RandomCfg, scored.decide_random, families=("vit",)),
     Method(torch_pruning.TorchPruningCfg, torch_pruning.decide, families=("vit",), requires=torch_pruning.MODULE,
            install=torch_pruning.INSTALL),
-    Method(scored.L1Cfg, scored.decide_l1, families=("vit",)),
-    Method(scored.UniformCfg, scored.decide_uniform_l1, families=("vit",)),
-    Method(scored.RandomCfg, scored.decide_random, families=("vit",)),
 )}
 
 
