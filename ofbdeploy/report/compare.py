@@ -75,6 +75,11 @@ def table(rows: list[RunRow], markdown: bool = False) -> str:
     return format_table(headers, lines, markdown=markdown)
 
 
+def _label(row: RunRow) -> str:
+    """A point's label: the method and the run directory's name (runs of one method told apart)."""
+    return f"{row.method} ({Path(row.run).name})"
+
+
 def plot(rows: list[RunRow], path: Path) -> Path:
     """Two panels against FLOPs (% of dense): top-1 of each run, and its measured speedup per backend/batch."""
     import matplotlib
@@ -86,16 +91,16 @@ def plot(rows: list[RunRow], path: Path) -> Path:
     for row in rows:
         x = 100 * row.flops_ratio
         acc_ax.scatter([x], [row.top1_pruned], label=f"{row.method}: {row.run}")
-        acc_ax.annotate(row.method, (x, row.top1_pruned), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        acc_ax.annotate(_label(row), (x, row.top1_pruned), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for dense in sorted({row.top1_dense for row in rows}):
         acc_ax.axhline(dense, color="grey", linestyle="--", linewidth=0.8)
     acc_ax.set(xlabel="FLOPs, % of dense", ylabel="top-1 % after finetune (dashed: dense)", title="accuracy")
     acc_ax.legend(fontsize=7)
     for key in latency_keys(rows):
-        points = sorted((100 * r.flops_ratio, r.latency[key][1], r.method) for r in rows if key in r.latency)
+        points = sorted((100 * r.flops_ratio, r.latency[key][1], _label(r)) for r in rows if key in r.latency)
         speed_ax.plot([p[0] for p in points], [p[1] for p in points], "o", label=key)
-        for x, y, method in points:
-            speed_ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for x, y, label in points:
+            speed_ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     speed_ax.set(xlabel="FLOPs, % of dense", ylabel="measured speedup over dense (x)", title="measured speedup")
     if latency_keys(rows):
         speed_ax.legend(fontsize=7)
