@@ -130,6 +130,7 @@ def test_search_section_is_the_methods_own_config():
     ({"method": "magnitude", "target_flops_ratio": 0.5},
      "search.method: expected one of ofb, uniform, l1, random, torch-pruning, got 'magnitude'"),
     ({"method": "l1"}, "search: give a budget: target_flops_ratio or target_gflops"),
+    ({"method": "torch-pruning", "target_flops_ratio": 0.5, "align": 16}, "not grid steps: drop search.align"),
     ({}, "search: give a budget: target_flops_ratio, target_gflops or latency"),
 ])
 def test_search_section_errors_are_one_line(search, message):

@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from timm.layers import Attention, LayerScale
 from torch import Tensor, nn
 
@@ -44,6 +44,12 @@ class TorchPruningCfg(MethodCfg):
 
     method: Literal["torch-pruning"] = "torch-pruning"
     prune_step: float = Field(0.01, gt=0, le=0.5, description="width fraction removed per pruning step")
+
+    @model_validator(mode="after")
+    def _no_align(self) -> TorchPruningCfg:
+        if self.align is not None:
+            raise ValueError("torch-pruning removes a fraction of every width, not grid steps: drop search.align")
+        return self
 
 
 def _torch_pruning() -> ModuleType:
