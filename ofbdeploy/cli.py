@@ -197,8 +197,9 @@ def _check_free_dir(path: Path, option: str, force: bool) -> None:
                    "naming the change, when its settings changed other than by more epochs).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to run.log).")
 def run(recipe: Path, overrides: tuple[str, ...], output: Path | None, resume: bool, no_progress: bool) -> None:
-    """Run a recipe: dense model -> OFB search -> materialise -> finetune -> evaluate -> export -> profile
-    -> report. Exits 1 when a limit of the recipe's budget section is missed.
+    """Run a recipe: dense model -> search (search.method: the OFB search by default, or torch-pruning, l1,
+    uniform, random) -> materialise -> finetune -> evaluate -> export -> profile -> report. Exits 1 when a
+    limit of the recipe's budget section is missed.
 
     Every input is checked before the run directory is written. Every stage writes its artifacts into the
     run directory and records their digests in stages.json; a stage is skipped only while its recipe
@@ -404,6 +405,30 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     click.echo(f"{path}: {table.points} probe models, built in {table.build_seconds:.1f} s "
                f"on {table.key.device}; dense predicted {table.predict(ArchSpec.dense(shape)):.3f} ms, fit error "
                f"on the probes median {table.fit_error['median_abs']:.1%}, max {table.fit_error['max_abs']:.1%}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Also write a PNG: top-1 and measured speedup against FLOPs (% of dense), one point per run.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON (one object per run, latency per backend/precision/batch).")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the table as Markdown.")
+@click.option("--force", is_flag=True, help="Overwrite existing --plot, --json or --markdown files.")
+def compare(run_dirs: tuple[Path, ...], plot_path: Path | None, json_path: Path | None, markdown_path: Path | None,
+            force: bool) -> None:
+    """Compare finished runs in one table, e.g. one recipe run with each search.method.
+
+    RUN_DIRS are run directories with a report.json. Per run: the pruning method, FLOPs as % of the dense
+    model, parameters, top-1 after finetune (and against dense), and, per backend/precision/batch its
+    profile measured, the pruned model's latency and its speedup over dense. Nothing is recomputed: the
+    numbers are the runs' own. An output file that exists is refused unless --force is given.
+    """
+    from ofbdeploy.report.compare import compare_runs
+
+    click.echo(compare_runs(list(run_dirs), plot_path=plot_path, json_path=json_path, markdown_path=markdown_path,
+                            force=force))
 
 
 @main.command()

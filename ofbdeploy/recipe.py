@@ -15,17 +15,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ofbdeploy.arch.grids import ALIGNMENTS
 from ofbdeploy.config import Strict
 from ofbdeploy.deploy.config import Backend, ExportCfg, Precision, ProfileCfg
 from ofbdeploy.errors import OfbError, one_line
 from ofbdeploy.io import atomic_write_text, read_text
 from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.prune.config import MethodCfg
+from ofbdeploy.prune.ofb.config import LossWeights, PMIMCfg, SearchCfg
+from ofbdeploy.prune.registry import METHODS, MethodConfig
 from ofbdeploy.report.config import BudgetCfg, LatencyLimit, SpeedupLimit
 
 __all__ = [  # sections declared by the layers that read them, re-exported for recipe users
-    "Backend", "BudgetCfg", "ExportCfg", "LatencyLimit", "LatencyTargetCfg", "Precision", "ProfileCfg", "Recipe",
-    "RecipeError", "SearchCfg", "SpeedupLimit", "load_recipe",
+    "Backend", "BudgetCfg", "ExportCfg", "LatencyLimit", "LatencyTargetCfg", "LossWeights", "MethodCfg", "PMIMCfg",
+    "Precision", "ProfileCfg", "Recipe", "RecipeError", "SearchCfg", "SpeedupLimit", "load_recipe",
 ]
 
 
@@ -93,74 +95,6 @@ class PretrainCfg(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
 
 
-class LossWeights(Strict):
-    head: float = Field(0.5, ge=0)
-    mlp: float = Field(0.5, ge=0)
-    embedding: float = Field(0.5, ge=0)
-    flops: float = Field(5.0, ge=0)
-
-
-class PMIMCfg(Strict):
-    enabled: bool = True
-    keep_start: float = Field(0.95, gt=0, le=1)
-    keep_end: float = Field(0.75, gt=0, le=1)
-    target: Literal["local", "patch"] = Field(
-        "local", description="reconstruction target: pixels normalised over a 47x47 window per channel (the "
-                             "authors' code) or per patch")
-
-
-class SearchCfg(Strict):
-    target_flops_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of dense MACs")
-    target_gflops: float | None = Field(None, gt=0, description="budget in G multiply-accumulates")
-    epochs: int = Field(100, ge=1)
-    warmup_epochs: int | None = Field(
-        None, ge=0, description="warm-up of lr, mixing weight and PMIM ratio; default: a fifth of epochs (20 of 100)"
-    )
-    align: Literal[ALIGNMENTS] | None = None
-    lr: float = Field(2.5e-4, gt=0, description="weights and importance scores, per 256 images")
-    arch_lr: float = Field(2.5e-4, gt=0, description="sparsity logits, per 256 images")
-    decoder_lr: float = Field(2.5e-4, gt=0, description="PMIM decoder, per 256 images")
-    min_lr: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(1e-3, ge=0)
-    loss_weights: LossWeights = Field(default_factory=LossWeights)
-    l1_attention: float = Field(4e-4, ge=0)
-    l1_other: float = Field(1e-4, ge=0)
-    pmim: PMIMCfg = Field(default_factory=PMIMCfg)
-    shrink_threshold: float = Field(0.2, gt=0, lt=1)
-    shrinks_per_epoch: int = Field(3, ge=1)
-    fill_budget: bool = Field(
-        True, description="when the epochs run out, widen the forced decisions toward the budget by importance"
-    )
-    logit_init: Literal["random", "zeros"] = Field(
-        "random", description="the sparsity logits' start: random draws each cell's from U(0, 1) (the method); "
-        "zeros starts every group uniform, where the one-hot loss has no gradient, so the task and budget losses "
-        "choose the direction before the one-hot loss commits to it"
-    )
-    widest_logit: float = Field(
-        0.0, ge=0, description="added to every group's widest-cell logit when a search starts: 0 is the method's "
-        "start, whose soft masks scale most units down at step 0 (a pretrained model drops to chance); "
-        "4 starts near the dense model's function where the mixing weight is low (no warm-up)"
-    )
-    mix_start: float = Field(0.99, ge=0, le=1)
-    mix_end: float = Field(0.1, ge=0, le=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (the authors: 0.1)")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
-    latency: LatencyTargetCfg | None = Field(None, description="latency budget (instead of, or with, FLOPs)")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> SearchCfg:
-        if self.target_flops_ratio is not None and self.target_gflops is not None:
-            raise ValueError("give one of target_flops_ratio and target_gflops, not both")
-        if self.target_flops_ratio is None and self.target_gflops is None and self.latency is None:
-            raise ValueError("give a budget: target_flops_ratio, target_gflops or latency")
-        if self.warmup_epochs is None:
-            object.__setattr__(self, "warmup_epochs", self.epochs // 5)
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        return self
-
-
 class DistillCfg(Strict):
     enabled: bool = True
     temperature: float = Field(1.0, gt=0)
@@ -198,7 +132,8 @@ class Recipe(Strict):
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
-    search: SearchCfg
+    search: MethodConfig = Field(description="the pruning method (method: ofb, the default; torch-pruning, l1, "
+                                             "uniform, random) and its settings")
     finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
     profile: ProfileCfg = Field(default_factory=ProfileCfg)
@@ -222,7 +157,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _latency_target_is_measured(self) -> Recipe:
         """A search latency budget is checked against a measurement, so the profile must take it."""
-        target, profile = self.search.latency, self.profile
+        target, profile = self.search.latency_target, self.profile
         if target is not None and not (profile.enabled and target.backend in profile.backends
                                        and target.batch in profile.batches and target.precision in profile.precisions):
             raise ValueError(f"search.latency targets {target.backend} {target.precision} batch {target.batch}, "
@@ -230,7 +165,8 @@ class Recipe(Strict):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe, every default written out (``search.method`` included)."""
+        return yaml.safe_dump(self.model_dump(mode="json", context={"resolved": True}), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_yaml())
@@ -437,22 +373,39 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 
 
 def _first_problem(err: ValidationError) -> str:
     problem = err.errors()[0]
-    where = one_line(".".join(str(p) for p in problem["loc"]), 120)
+    loc = _recipe_loc(problem["loc"])
+    where = one_line(".".join(str(p) for p in loc), 120)
     if problem["type"] == "extra_forbidden":
-        return f"{where}: unknown field{_suggest(problem['loc'])}"
+        method = problem["loc"][1] if loc != problem["loc"] else "ofb"
+        under = f" under search.method {method}" if method != "ofb" else ""  # e.g. an OFB key left by --set
+        return f"{where}: unknown field{under}{_suggest(loc, problem['loc'])}"
     if problem["type"] == "missing":
         return f"{where}: required field is missing"
     got = problem.get("input")
+    if problem["type"] == "unknown_method":  # the search union's tag (see ofbdeploy.prune.registry)
+        return f"{where}.method: expected one of {', '.join(METHODS)}, got {_short(got.get('method'))}"
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "value_error" or isinstance(got, dict):
         return f"{where}: {message}" if where else message
     return f"{where}: {message}, got {_short(got)}"
 
 
-def _suggest(loc: tuple) -> str:
-    """'did you mean' for a misspelt key, looked up among the fields of the section it sits in."""
+def _recipe_loc(loc: tuple) -> tuple:
+    """An error's location as the recipe spells it: pydantic puts the union member's tag after ``search``
+    (``search.l1.epochs``), which is not a key of the recipe (``search.epochs``)."""
+    if len(loc) > 1 and loc[0] == "search" and loc[1] in METHODS:
+        return (loc[0], *loc[2:])
+    return loc
+
+
+def _suggest(loc: tuple, raw: tuple) -> str:
+    """'did you mean' for a misspelt key, looked up among the fields of the section it sits in (``raw``, the
+    location pydantic gives, names the method whose section it is)."""
     model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
+    for depth, part in enumerate(loc[:-1]):
+        if depth == 0 and part == "search":
+            model = METHODS[str(raw[1])].config if len(raw) > len(loc) else SearchCfg
+            continue
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

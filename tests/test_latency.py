@@ -22,9 +22,9 @@ from ofbdeploy.latency.lut import (
     probe_set,
     sample_arch,
 )
-from ofbdeploy.latency.objective import LatencyObjective
+from ofbdeploy.prune.ofb.engine import run_search
+from ofbdeploy.prune.ofb.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.engine import run_search
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.verify.exactness import decide_randomly

@@ -13,8 +13,8 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import ofbdeploy.prune.ofb.engine as engine
 import ofbdeploy.run.context as context
-import ofbdeploy.search.engine as engine
 from ofbdeploy import load_pruned
 from ofbdeploy.cli import main
 from ofbdeploy.deploy.workflow import DeployArtifacts

@@ -18,9 +18,9 @@ from ofbdeploy.errors import OfbError
 from ofbdeploy.families import arch_from_dict
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.models.materialize import materialize
+from ofbdeploy.prune.budget import _next_wider, enforce_budget, fill_budget, macs_cost
+from ofbdeploy.prune.ofb.engine import Search, run_search
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import _next_wider, enforce_budget, fill_budget, macs_cost
-from ofbdeploy.search.engine import Search, run_search
 from ofbdeploy.search.groups import VectorGroup
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import LOCAL_WINDOW, local_normalise, random_token_mask, reconstruction_loss

@@ -19,9 +19,9 @@ from ofbdeploy.errors import OfbError
 from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
+from ofbdeploy.prune.budget import check_budget, enforce_budget, resolve_target
+from ofbdeploy.prune.ofb.engine import run_search
 from ofbdeploy.recipe import SearchCfg, load_recipe
-from ofbdeploy.search.budget import enforce_budget
-from ofbdeploy.search.engine import check_budget, resolve_target, run_search
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist

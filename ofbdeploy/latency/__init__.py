@@ -1,1 +1,1 @@
-"""Latency lookup tables of the target device, and the differentiable latency the search uses."""
+"""Latency lookup tables of the target device (the search's differentiable latency is prune/ofb/objective.py)."""

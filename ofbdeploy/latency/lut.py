@@ -33,8 +33,12 @@ from tqdm import tqdm
 
 from ofbdeploy.arch import ArchSpec, BlockSpec
 from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
+from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
 from ofbdeploy.errors import OfbError
+from ofbdeploy.families import family_of
 from ofbdeploy.families.vit.shape import ViTShape
 from ofbdeploy.io import atomic_write_text, read_json
 
@@ -265,11 +269,7 @@ def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.ra
 def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None):
     """A runner of a model of ``spec`` with random weights on the backend (exported and checked like any
     deployed model)."""
-    from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
-    from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
-    from ofbdeploy.models.pruned import build_plain
-
-    model = with_random_weights(spec, build_plain)
+    model = with_random_weights(spec, family_of(spec.base).build_plain)
     artifacts = DeployArtifacts()
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # its own file: ONNX Runtime sessions open the file in prepare()
     artifact = registry.get(backend).artifact
@@ -311,8 +311,6 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
     its fraction of that dense measurement times the median dense latency of the whole build, so slow
     and fast spells of a shared machine cancel in the ratios.
     """
-    from ofbdeploy.deploy.measure import measure_pair
-
     specs = probe_set(shape, space, embed_points, width_points, random_points)
     dense = ArchSpec.dense(shape)
     t0 = time.perf_counter()

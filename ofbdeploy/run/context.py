@@ -29,9 +29,10 @@ from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.hub import model_source
 from ofbdeploy.models.pruned import load_pruned
 from ofbdeploy.numerics import set_tf32
+from ofbdeploy.prune.budget import check_budget, resolve_target
+from ofbdeploy.prune.registry import get_method
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.run.paths import RunPaths
-from ofbdeploy.search.engine import check_budget, resolve_target
 from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
@@ -118,8 +119,7 @@ class RunContext:
                         "AVX512-BF16/FP16) it is several times slower than fp32", r.amp,
                         torch.backends.cpu.get_cpu_capability())
         lrs = ", ".join(f"{name} {lr:.3g} -> {scaled_lr(lr, b.global_batch):.3g}" for name, lr in
-                        (("pretrain", r.pretrain.lr), ("search", r.search.lr), ("search arch", r.search.arch_lr),
-                         ("finetune", r.finetune.lr)))
+                        (("pretrain", r.pretrain.lr), *r.search.learning_rates().items(), ("finetune", r.finetune.lr)))
         (log.warning if b.global_batch != b.requested else log.info)(
             "batch: %s; learning rates per 256 images x %d/256: %s", b.describe(), b.global_batch, lrs)
 
@@ -138,10 +138,9 @@ class RunContext:
         return family_of(shape).space(shape, self.recipe.search.align)
 
     def searchable(self, dense: torch.nn.Module) -> SearchableModel:
-        s = self.recipe.search
         shape = read_shape(dense, self.source[0])
         return family_of(shape).searchable(dense, self.space(shape), self.source[0],
-                                           l1_attention=s.l1_attention, l1_other=s.l1_other)
+                                           **self.recipe.search.searchable_options())
 
     def deploy_models(self) -> dict[str, torch.nn.Module]:
         """The dense and the finetuned pruned model, on the CPU: the deploy code takes them from here."""
@@ -188,10 +187,11 @@ class RunContext:
         if self.source[1] is not None:
             load_weights(model, self.source[1])
         shape = read_shape(model, self.source[0])
-        if self.recipe.search.latency is not None:
+        get_method(self.recipe.search.method).check(shape.family)
+        if self.recipe.search.latency_target is not None:
             family_of(shape).check_latency()
         check_budget(resolve_target(self.recipe.search, shape), self.space(shape), shape)
-        lat = self.recipe.search.latency
+        lat = self.recipe.search.latency_target
         if lat is not None and lat.lut:
             LatencyLUT.load(Path(lat.lut)).check_fits(shape, lat.backend, lat.precision, lat.batch,
                                                       "search.latency.lut")

@@ -103,7 +103,7 @@ def check_run(run_dir: Path, *, baseline: Path | None = None, tolerance: str = "
         raise InputError(f"--write-baseline: {write_baseline} is a file of the run {run_dir}; choose another path")
     report = read_json(run_dir / "report.json", "report")
     identity = recipe_identity(recipe)
-    outcome = GateOutcome(recipe_checks(report, recipe.budget, recipe.search.latency))
+    outcome = GateOutcome(recipe_checks(report, recipe.budget, recipe.search.latency_target))
     if baseline is not None:
         base = parse_baseline(read_json(baseline, "baseline"), str(baseline))
         check_baseline_fits(base, report, identity, str(baseline))

@@ -25,6 +25,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
     artifacts = DeployArtifacts.load(paths.export)
     return {
         "model": spec.base.model_name,
+        "method": search.get("method", "ofb"),
         "flops_dense": dense_spec.macs(),
         "flops_pruned": spec.macs(),
         "flops_target": search["target_macs"],

@@ -25,12 +25,14 @@ from ofbdeploy.arch import ArchSpec, arch_to_dict
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.families import arch_from_dict, load_arch
 from ofbdeploy.io import file_digest
-from ofbdeploy.latency.objective import LatencyObjective, build_objective
 from ofbdeploy.models.dense import load_weights
 from ofbdeploy.models.hub import model_source
 from ofbdeploy.models.materialize import TOLERANCE as MATERIALIZE_TOLERANCE
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import load_pruned, save_pruned, save_weights
+from ofbdeploy.prune.method import Job
+from ofbdeploy.prune.ofb.objective import LatencyObjective, build_objective
+from ofbdeploy.prune.registry import get_method
 from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
@@ -38,12 +40,10 @@ from ofbdeploy.run.context import RunContext
 from ofbdeploy.run.paths import RunPaths
 from ofbdeploy.run.report import build_report, summary_table
 from ofbdeploy.run.rundir import digest_of, tree_identity, write_json
-from ofbdeploy.search.engine import run_search
 from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint
 from ofbdeploy.train.data import FASHION_MNIST_ROOT, calibration_batch, sample_batch
 from ofbdeploy.train.distributed import wait_for_main
-from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
 log = logging.getLogger("ofbdeploy.run")
@@ -116,7 +116,7 @@ def latency_objective(run: RunContext, model: SearchableModel) -> LatencyObjecti
     Under torchrun only the first process measures (every rank timing at once would measure their
     contention) and writes the run's copy; the others wait for it and read it.
     """
-    cfg = run.recipe.search.latency
+    cfg = run.recipe.search.latency_target
     if cfg is None:
         return None
     if run.dist.is_main:
@@ -126,14 +126,15 @@ def latency_objective(run: RunContext, model: SearchableModel) -> LatencyObjecti
 
 
 def search(run: RunContext) -> None:
-    """OFB search from the dense weights; the decided state is kept for materialisation."""
-    dense_model = run.load_dense().train()
-    set_drop_path(dense_model, run.recipe.search.drop_path)
-    model = run.searchable(dense_model).to(run.dist.device)
+    """The recipe's pruning method (``search.method``) decides an architecture from the dense weights (the OFB
+    search trains them; one-shot methods cut the teacher's); the decided state is kept for materialisation."""
+    cfg = run.recipe.search
+    model = run.searchable(run.load_dense().train()).to(run.dist.device)
     latency = latency_objective(run, model)
-    result = run_search(model, run.loader(True), run.recipe.search, run.dist, seed=run.recipe.seed,
-                        amp=run.recipe.amp, checkpoint_path=run.paths.search_ckpt, resume=run.resume, log=log,
-                        progress=run.progress, latency=latency, accum_steps=run.batch.accum)
+    job = Job(teacher=run.load_dense, loader=run.loader(True), ctx=run.dist, seed=run.recipe.seed, amp=run.recipe.amp,
+              checkpoint_path=run.paths.search_ckpt, resume=run.resume, log=log, progress=run.progress,
+              latency=latency, accum_steps=run.batch.accum)
+    result = get_method(cfg.method).decide(model, cfg, job)
     if run.dist.is_main:
         save_checkpoint(run.paths.search_final, {"arch": arch_to_dict(result.spec), "model": model.state_dict()})
         summary = asdict(result)
@@ -234,7 +235,7 @@ def report(run: RunContext) -> None:
     """report.json, report.md with its plot, the budget checks, and the summary table on the terminal."""
     paths = run.paths
     result = build_report(paths)
-    checks = recipe_checks(result, run.recipe.budget, run.recipe.search.latency)
+    checks = recipe_checks(result, run.recipe.budget, run.recipe.search.latency_target)
     result["budget"] = [asdict(c) for c in checks]
     result["budget_met"] = all(c.ok for c in checks)
     write_json(paths.report, result)
@@ -263,7 +264,7 @@ def dense_inputs(recipe: Recipe) -> dict[str, str]:
 
 def search_inputs(recipe: Recipe) -> dict[str, str]:
     """A latency table the recipe names."""
-    lat = recipe.search.latency
+    lat = recipe.search.latency_target
     return {"search.latency.lut": file_digest(lat.lut)} if lat is not None and lat.lut else {}
 
 

@@ -2,7 +2,8 @@
 
 A dense teacher is made once (cached by its settings): trained from scratch, or, with ``--checkpoint``, from
 pretrained weights (e.g. the DINOv2 ViT-S/14 backbone of tools/scripts/convert_dinov2.py) with a fresh head trained
-together with the backbone on the task. It is then compressed to each budget ratio, once per seed, by:
+together with the backbone on the task. It is then compressed to each budget ratio, once per seed, by the
+pruning methods registered in ``ofbdeploy.prune`` (what a recipe's ``search.method`` runs):
   ofb            the OFB search (this project) to the ratio of the teacher's FLOPs, from the teacher's weights
   ofb-latency    the OFB search to the ratio of the teacher's latency on ONNX Runtime CPU at batch 32, steered
                  by a measured latency table (cached under --cache/lut); its FLOPs are whatever that gives
@@ -42,7 +43,6 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -52,62 +52,62 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file
-from timm.layers import Attention, LayerScale
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.arch.cost import count_params, measure_macs
+from ofbdeploy.arch.cost import count_params
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.io import atomic_write_text
-from ofbdeploy.latency.objective import build_objective
 from ofbdeploy.models.dense import build_dense, load_weights
-from ofbdeploy.models.materialize import TOLERANCE as MATERIALIZE_TOLERANCE
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_weights
+from ofbdeploy.prune.config import MethodCfg
+from ofbdeploy.prune.method import Job
+from ofbdeploy.prune.ofb.objective import build_objective
+from ofbdeploy.prune.registry import METHODS as REGISTERED
+from ofbdeploy.prune.registry import get_method
+from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
-from ofbdeploy.search.budget import enforce_budget
-from ofbdeploy.search.engine import run_search
 from ofbdeploy.table import format_table
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
-from ofbdeploy.verify.exactness import set_fused_attention
 
 log = logging.getLogger("bench_accuracy")
 
 
 @dataclass(frozen=True)
 class Method:
-    """How a method makes its pruned model and how its training images are counted."""
+    """A row kind: the registered pruning method that decides (``ofbdeploy.prune``), and how its budget and its
+    training images are counted here."""
 
-    searched: bool = False  # runs the OFB search
+    prune: str  # the name in ofbdeploy.prune.registry.METHODS
     by_latency: bool = False  # its budget is a latency ratio; otherwise a FLOPs ratio
-    keeps_weights: bool = False  # finetunes the weights the search trained; otherwise cut from the teacher's
+    keeps_weights: bool = True  # finetunes the weights the method left; otherwise the searched units, cut again
     search_is_training: bool = False  # the search's images count against its finetune
     diagnostic: bool = False  # run only when named
 
 
+_REGISTERED = {name: Method(name, search_is_training=m.trains) for name, m in REGISTERED.items()}
+# a row kind per registered method (a new method is benchmarked as it is registered), the latency-budget OFB
+# after OFB, and the diagnostics
 METHODS = {
-    "ofb": Method(searched=True, keeps_weights=True, search_is_training=True),
-    "ofb-latency": Method(searched=True, by_latency=True, keeps_weights=True, search_is_training=True),
-    "uniform": Method(),
-    "l1": Method(),
-    "random": Method(),
-    "torch-pruning": Method(),
-    "ofb-arch": Method(searched=True, diagnostic=True),
-    "ofb-restart": Method(searched=True, search_is_training=True, diagnostic=True),
+    "ofb": _REGISTERED.pop("ofb"),
+    "ofb-latency": Method("ofb", by_latency=True, search_is_training=True),
+    **_REGISTERED,
+    "ofb-arch": Method("ofb", keeps_weights=False, diagnostic=True),
+    "ofb-restart": Method("ofb", keeps_weights=False, search_is_training=True, diagnostic=True),
 }
-TORCH_PRUNING_MISSING = "the torch-pruning method needs Torch-Pruning: pip install 'ofbdeploy[bench]'"
+
 EXPORT = ExportCfg(check_images=4)
 PROFILE = ProfileCfg(backends=["ort-cpu"], batches=[32], repeats=20)
 FORMAT = "ofbdeploy.bench_accuracy/2"
@@ -128,7 +128,7 @@ class Bench:
     img_size: int
     search: SearchCfg
     latency: LatencyTargetCfg  # the LUT settings of ofb-latency (its target_ratio is set per ratio)
-    prune_step: float  # width fraction Torch-Pruning removes per step
+    method_options: dict[str, dict[str, Any]]  # per registered method, its config keys besides the budget
     finetune: TrainSettings  # its epochs are the finetune epochs of OFB; baselines get the search epochs on top
     export_dir: Path
     dense_onnx: DeployArtifacts  # the teacher is exported once and timed against every pruned model
@@ -142,73 +142,17 @@ class Compressed:
     flops_ratio: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-# -- OFB and the simple baselines: a decided SearchableViT, materialised -------------------------------------
-def _l1_importance(model: SearchableViT) -> None:
-    """Scores from weight magnitudes: qkv rows per head/channel, fc1 rows, patch-embedding filters."""
-    with torch.no_grad():
-        for block, attn, mlp in zip(model.vit.blocks, model.attn_groups, model.mlp_groups, strict=True):
-            rows = block.attn.qkv.weight.abs().sum(dim=1).reshape(3, *attn.shape).sum(dim=0)
-            attn.score.copy_(rows / rows.mean())
-            fc1 = block.mlp.fc1.weight.abs().sum(dim=1)
-            mlp.score.copy_(fc1 / fc1.mean())
-        stem = model.vit.patch_embed.proj.weight.abs().flatten(1).sum(dim=1)
-        model.embed_group.score.copy_(stem / stem.mean())
-
-
-def _uniform(model: SearchableViT, target: float) -> None:
-    """The largest common width fraction whose architecture fits the budget."""
-    def cell_at(group, fraction: float) -> int:
-        full = torch.tensor(group.shape, dtype=torch.float)
-        sizes = [(float(torch.prod(c.float() / full)), k) for k, c in enumerate(group.cells)]
-        fitting = [(size, k) for size, k in sizes if size <= fraction + 1e-9]
-        return max(fitting)[1] if fitting else min(sizes)[1]
-
-    for step in range(100, 0, -1):
-        trial = copy.deepcopy(model)
-        for name, group in trial.groups():
-            trial.force_cell(name, cell_at(group, step / 100))
-        if trial.arch_spec().macs() <= target:
-            for name, group in model.groups():
-                model.force_cell(name, cell_at(group, step / 100))
-            return
-    raise BadInput("no uniform architecture fits the budget")
-
-
-def _decide_by_scores(method: str, model: SearchableViT, ratio: float) -> None:
-    """uniform / l1 / random: score the units, then pick widths under the FLOPs budget. The kept units keep
-    the teacher's weights as they are (mix 0: the decided multipliers are 1, the scores only rank)."""
-    model.set_mix(0.0)
-    target = ratio * ArchSpec.dense(model.shape).macs()
-    if method == "random":
-        with torch.no_grad():
-            for _, group in model.groups():
-                group.score.copy_(torch.rand_like(group.score))
-    else:
-        _l1_importance(model)
-    if method == "uniform":
-        _uniform(model, target)
-    else:
-        model.decide_widest()
-        enforce_budget(model, target)
-
-
-def _search(model: SearchableViT, bench: Bench, ratio: float, seed: int, by_latency: bool) -> dict[str, Any]:
-    """The OFB search to ``ratio`` of dense FLOPs, or of dense predicted latency; what it did, for the JSON row."""
-    latency = None
-    cfg = bench.search.model_copy(update={"target_flops_ratio": ratio})
-    if by_latency:
-        target = bench.latency.model_copy(update={"target_ratio": ratio})
-        cfg = bench.search.model_copy(update={"target_flops_ratio": None, "latency": target})
-        latency = build_objective(target, model, progress=False)
-    result = run_search(model, bench.loader, cfg, Dist(), seed=seed, progress=False, latency=latency)
-    extra: dict[str, Any] = {"search_epochs_run": result.epochs_run, "decided_epoch": result.decided_epoch,
-                             "forced_groups": len(result.forced_groups), "budget_steps": len(result.budget_steps),
-                             "search_seconds": result.seconds}
-    if by_latency:
-        extra.update(target_latency_ms=result.target_latency_ms, predicted_latency_ms=result.predicted_latency_ms,
-                     predicted_dense_latency_ms=result.predicted_dense_latency_ms)
-    return extra
+# -- one method through the registry, then the shared evaluate / finetune / export / profile -----------------
+def method_config(method: str, bench: Bench, ratio: float) -> MethodCfg:
+    """The method's own config section at ``ratio`` of the teacher's FLOPs (of its latency for ofb-latency)."""
+    kind = METHODS[method]
+    if kind.prune == "ofb":
+        if kind.by_latency:
+            target = bench.latency.model_copy(update={"target_ratio": ratio})
+            return bench.search.model_copy(update={"target_flops_ratio": None, "latency": target})
+        return bench.search.model_copy(update={"target_flops_ratio": ratio})
+    return get_method(kind.prune).config.model_validate(
+        {"target_flops_ratio": ratio, **bench.method_options.get(kind.prune, {})})
 
 
 def _on_teacher_weights(spec: ArchSpec, teacher: nn.Module, model_name: str) -> SearchableViT:
@@ -220,151 +164,35 @@ def _on_teacher_weights(spec: ArchSpec, teacher: nn.Module, model_name: str) -> 
     return model
 
 
-def _materialized(model: SearchableViT, extra: dict[str, Any]) -> Compressed:
-    """The plain timm model of a decided search state; FLOPs from its architecture record."""
-    pruned, spec = materialize(model.eval())
-    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(), extra)
+def _extra(result: SearchResult, trains: bool, by_latency: bool) -> dict[str, Any]:
+    """What the decision did, for the JSON row: the search's epochs and repairs, the method's own state."""
+    extra: dict[str, Any] = dict(result.state)
+    if trains:
+        extra.update(search_epochs_run=result.epochs_run, decided_epoch=result.decided_epoch,
+                     forced_groups=len(result.forced_groups), budget_steps=len(result.budget_steps),
+                     search_seconds=result.seconds)
+    if by_latency:
+        extra.update(target_latency_ms=result.target_latency_ms, predicted_latency_ms=result.predicted_latency_ms,
+                     predicted_dense_latency_ms=result.predicted_dense_latency_ms)
+    return extra
 
 
-# -- Torch-Pruning ------------------------------------------------------------------------------------------
-def _torch_pruning() -> ModuleType:
-    """The torch_pruning module, or a one-line exit saying how to install it (a benchmark-only extra)."""
-    try:
-        import torch_pruning
-    except ImportError:
-        raise BadInput(TORCH_PRUNING_MISSING) from None
-    return torch_pruning
-
-
-def _attentions(model: nn.Module) -> list[Attention]:
-    """timm's attention modules, in block order (Torch-Pruning leaves their shape attributes stale)."""
-    return [m for m in model.modules() if isinstance(m, Attention)]
-
-
-def _sync_shapes(attentions: list[Attention], num_heads: dict[nn.Module, int]) -> None:
-    """Torch-Pruning slices qkv/proj but leaves timm's shape attributes, which the forward reshapes by."""
-    for attn in attentions:
-        attn.num_heads = num_heads[attn.qkv]
-        attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        attn.attn_dim = attn.num_heads * attn.head_dim
-
-
-def _outputs(model: nn.Module, images: Tensor, fused: bool) -> Tensor:
-    """Logits with timm's fused attention (scaled_dot_product_attention) switched on or off."""
-    before = _attentions(model)[0].fused_attn
-    set_fused_attention(model, fused)
-    try:
-        with torch.no_grad():
-            return model(images)
-    finally:
-        set_fused_attention(model, before)
-
-
-def _fold_scale(attn: Attention, dense_head_dim: int) -> None:
-    """Keep the dense softmax temperature 1/sqrt(d) with head width d' < d in both of timm's paths.
-
-    The fused path always scales by 1/sqrt(d'), the unfused one by ``scale`` (still 1/sqrt(d) after
-    Torch-Pruning): fold sqrt(d'/d) into the q rows and set ``scale`` to 1/sqrt(d'), and both compute
-    q.k/sqrt(d) as the pruned graph does. Unchanged head widths need nothing.
-    """
-    if attn.head_dim == dense_head_dim:
-        return
-    factor = (attn.head_dim / dense_head_dim) ** 0.5
-    with torch.no_grad():
-        attn.qkv.weight[: attn.attn_dim] *= factor
-        if attn.qkv.bias is not None:
-            attn.qkv.bias[: attn.attn_dim] *= factor
-    attn.scale = attn.head_dim**-0.5
-
-
-def _random_images(model: nn.Module, img_size: int, count: int) -> Tensor:
-    """Seeded inputs of the model's shape, on its device: for tracing and for output checks."""
-    images = torch.randn(count, model.patch_embed.proj.in_channels, img_size, img_size,
-                         generator=torch.Generator().manual_seed(0))
-    return images.to(next(model.parameters()).device)
-
-
-def _fix_attention(model: nn.Module, dense_head_dims: list[int], img_size: int) -> None:
-    """Fold the attention scale, then check both attention paths still give the pruned graph's logits."""
-    images = _random_images(model, img_size, 8)
-    reference = _outputs(model, images, fused=False)  # sliced weights, dense scale: what Torch-Pruning built
-    for attn, head_dim in zip(_attentions(model), dense_head_dims, strict=True):
-        _fold_scale(attn, head_dim)
-    diff = max(float((_outputs(model, images, fused) - reference).abs().max()) for fused in (False, True))
-    if diff > MATERIALIZE_TOLERANCE:
-        raise RuntimeError(f"attention fix changed the Torch-Pruning model's outputs: max |diff| {diff:.2e}")
-
-
-def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """Parameters outside the layers Torch-Pruning knows, with their embedding axis: tokens, position
-    embedding, and LayerScale's gammas (DINOv2, DeiT-III), which scale the residual stream channel by channel."""
-    owned = [(p, p.dim() - 1) for p in model.parameters(recurse=False)]
-    return owned + [(m.gamma, 0) for m in model.modules() if isinstance(m, LayerScale)]
-
-
-def prune_with_torch_pruning(teacher: nn.Module, ratio: float, img_size: int, step: float) -> Compressed:
-    """Torch-Pruning's isomorphic global pruning, ``step`` of every width at a time, until FLOPs <= ratio.
-
-    Groups: each block's whole heads, its qkv channels (the same channels in every head: Torch-Pruning's
-    head_dims mode), its MLP neurons, and the embedding (residual channels, through every block, norm, token
-    and position embedding); the classifier's outputs are left alone. Isomorphic ranking compares a group
-    only with groups of the same structure (all MLPs together, all attentions together), so widths may
-    differ per block as in OFB, while mixing magnitudes of unlike layers is avoided. Should Torch-Pruning's
-    global head ranking fail anyway (see ``_tp_prune``), heads are left whole and the row says so.
-    """
-    try:
-        return _tp_prune(teacher, ratio, img_size, step, heads=True)
-    except UnboundLocalError as err:  # Torch-Pruning 1.6.1's global head threshold, unset on a step without
-        log.warning("torch-pruning: head pruning failed (%s); pruning widths only", err)
-        return _tp_prune(teacher, ratio, img_size, step, heads=False)
-
-
-def _tp_prune(teacher: nn.Module, ratio: float, img_size: int, step: float, heads: bool) -> Compressed:
-    """One Torch-Pruning run. With ``heads``, every step removes at least one head: Torch-Pruning 1.6.1 leaves
-    its global head threshold unset on a step that removes none and crashes, so the step is at least one
-    head's share of all heads (1/72 for ViT-S)."""
-    tp = _torch_pruning()
-    model = copy.deepcopy(teacher).eval()
-    attentions = _attentions(model)
-    dense_head_dims = [a.head_dim for a in attentions]
-    if heads:
-        step = max(step, 1 / sum(a.num_heads for a in attentions))
-    in_chans = model.patch_embed.proj.in_channels
-    dense = measure_macs(model, img_size, in_chans)
-    steps = max(1, round(0.9 / step))
-    pruner = tp.pruner.BasePruner(
-        model, _random_images(model, img_size, 1), importance=tp.importance.MagnitudeImportance(p=2),
-        global_pruning=True, isomorphic=True, pruning_ratio=steps * step, iterative_steps=steps,
-        ignored_layers=[model.head], num_heads={a.qkv: a.num_heads for a in attentions},
-        prune_num_heads=heads, head_pruning_ratio=steps * step if heads else 0.0, prune_head_dims=True,
-        unwrapped_parameters=_unwrapped(model))
-    for _ in range(steps):
-        pruner.step()
-        _sync_shapes(attentions, pruner.num_heads)
-        macs = measure_macs(model, img_size, in_chans)
-        if macs <= ratio * dense:
-            break
-    else:
-        raise BadInput(f"torch-pruning: {steps * step:.0%} of every width removed and FLOPs still "
-                       f"{macs / dense:.1%} of dense, above the {ratio:.0%} budget")
-    _fix_attention(model, dense_head_dims, img_size)
-    return Compressed(model, macs / dense, {"tp_head_pruning": heads, "tp_step": step})
-
-
-# -- one method, then the shared evaluate / finetune / export / profile ---------------------------------------
 def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
-    """A plain pruned copy of the teacher at ``ratio`` of its FLOPs (latency for ofb-latency), by ``method``."""
+    """A plain pruned copy of the teacher at ``ratio`` of its FLOPs (latency for ofb-latency), decided by the
+    registered method from the teacher's weights, as a recipe's ``search.method`` would."""
     torch.manual_seed(seed)
-    if method == "torch-pruning":
-        return prune_with_torch_pruning(bench.teacher, ratio, bench.img_size, bench.prune_step)
+    kind, registered = METHODS[method], get_method(METHODS[method].prune)
     model = SearchableViT(copy.deepcopy(bench.teacher), model_name=bench.model_name)
-    if METHODS[method].searched:
-        extra = _search(model, bench, ratio, seed, by_latency=METHODS[method].by_latency)
-        if not METHODS[method].keeps_weights:
-            model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
-        return _materialized(model, extra)
-    _decide_by_scores(method, model, ratio)
-    return _materialized(model, {})
+    cfg = method_config(method, bench, ratio)
+    latency = build_objective(cfg.latency_target, model, progress=False) if kind.by_latency else None
+    job = Job(teacher=lambda: copy.deepcopy(bench.teacher), loader=bench.loader, seed=seed, progress=False,
+              latency=latency)
+    result = registered.decide(model, cfg, job)
+    if not kind.keeps_weights:
+        model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
+    pruned, spec = materialize(model.eval())
+    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(),
+                      _extra(result, registered.trains, kind.by_latency))
 
 
 def widths(model: nn.Module) -> dict[str, Any]:
@@ -505,17 +333,31 @@ def plot(summary: list[dict[str, Any]], dense_top1: float, path: Path) -> None:
 
 
 # -- setup ---------------------------------------------------------------------------------------------------
+def _missing(method: str) -> str | None:
+    """Why the registered method behind ``method`` cannot run here (an optional package), or None."""
+    try:
+        get_method(METHODS[method].prune).check("vit")
+    except OfbError as err:
+        return str(err)
+    return None
+
+
 def choose_methods(asked: list[str] | None) -> list[str]:
-    """The asked methods, or all of them; torch-pruning only where Torch-Pruning is installed."""
-    has_tp = importlib.util.find_spec("torch_pruning") is not None
+    """The asked methods, or all of them; those whose optional package is missing only when named (refused)."""
     if asked:
-        if "torch-pruning" in asked and not has_tp:
-            raise BadInput(TORCH_PRUNING_MISSING)
+        for method in asked:
+            if _missing(method):
+                raise BadInput(_missing(method))
         return asked
-    if not has_tp:
-        print("warning: Torch-Pruning is not installed, leaving out the torch-pruning method "
-              "(pip install 'ofbdeploy[bench]')", file=sys.stderr)
-    return [m for m, kind in METHODS.items() if (has_tp or m != "torch-pruning") and not kind.diagnostic]
+    chosen = []
+    for method, kind in METHODS.items():
+        if kind.diagnostic:
+            continue
+        if _missing(method):
+            print(f"warning: leaving out {method}: {_missing(method)}", file=sys.stderr)
+        else:
+            chosen.append(method)
+    return chosen
 
 
 def _weights_digest(path: Path | None) -> str | None:
@@ -685,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
             search=search_settings(args),
             latency=LatencyTargetCfg(target_ratio=0.5, backend=PROFILE.backends[0], batch=PROFILE.batches[0],
                                      cache_dir=str(args.cache / "lut"), **lut_probes),
-            prune_step=args.prune_step,
+            method_options={"torch-pruning": {"prune_step": args.prune_step}},
             finetune=TrainSettings(epochs=args.finetune_epochs, lr=args.lr, min_lr=1e-6, weight_decay=0.05,
                                    warmup_epochs=0, label_smoothing=0.1, distill_alpha=0.5, distill_temperature=2.0),
             export_dir=Path(tmp),

@@ -36,7 +36,7 @@ from ofbdeploy.families.vit.space import space_for
 from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import LatencyLUT, load_or_build
 from ofbdeploy.models.materialize import materialize
-from ofbdeploy.search.budget import enforce_budget, spec_cost
+from ofbdeploy.prune.budget import enforce_budget, spec_cost
 from ofbdeploy.table import format_table
 
 

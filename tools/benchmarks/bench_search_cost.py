@@ -31,10 +31,10 @@ import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs, for smo
 from ofbdeploy.deploy.runtimes.base import device_name
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.latency.lut import LatencyLUT
-from ofbdeploy.latency.objective import LatencyObjective
 from ofbdeploy.numerics import set_tf32
+from ofbdeploy.prune.ofb.engine import Search
+from ofbdeploy.prune.ofb.objective import LatencyObjective
 from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.engine import Search
 from ofbdeploy.train.amp import amp_dtype, autocast
 from ofbdeploy.train.distributed import barrier, init_distributed, wrap_ddp
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families.vit.searchable import SearchableViT
-from ofbdeploy.search.engine import Search, check_budget
+from ofbdeploy.prune.budget import check_budget
+from ofbdeploy.prune.ofb.engine import Search
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import evaluate
 

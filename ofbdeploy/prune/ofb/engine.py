@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,71 +21,24 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ofbdeploy.arch import ArchSpec, arch_to_dict
-from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families import arch_from_dict
 from ofbdeploy.families.vit.searchable import SearchableViT
-from ofbdeploy.families.vit.shape import ViTShape
-from ofbdeploy.latency.objective import LatencyObjective
-from ofbdeploy.recipe import SearchCfg
-from ofbdeploy.search.budget import enforce_budget, fill_budget, macs_cost, spec_cost
+from ofbdeploy.prune.budget import check_budget, enforce_budget, fill_budget, macs_cost, resolve_target, spec_cost
+from ofbdeploy.prune.method import Job
+from ofbdeploy.prune.ofb.config import SearchCfg
+from ofbdeploy.prune.ofb.objective import LatencyObjective
+from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
 from ofbdeploy.train.amp import amp_dtype, amp_name, autocast, full_precision, grad_scaler, step_all
 from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint, seed_epoch
 from ofbdeploy.train.distributed import Dist, Replicated, all_reduce_sum, barrier, broadcast_all_
+from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import linear, scaled_lr, warmup_cosine
 
 _ARCH_BETAS = (0.5, 0.999)  # the authors' betas for the sparsity logits
 _POSTFIX_EVERY = 10  # steps between progress-bar updates (each reads values from the device)
-
-
-@dataclass
-class SearchResult:
-    """What the search found and what it cost."""
-
-    spec: ArchSpec
-    target_macs: float | None
-    achieved_macs: float
-    dense_macs: float
-    epochs_run: int
-    decided_epoch: int | None
-    forced_groups: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    images_per_second: float = 0.0
-    resumed_from: int | None = None
-    budget_steps: list[str] = field(default_factory=list)
-    target_latency_ms: float | None = None  # latency budget (LUT prediction), when the search had one
-    predicted_latency_ms: float | None = None
-    predicted_dense_latency_ms: float | None = None
-    amp: str = "off"  # the autocast precision actually used
-    global_batch: int = 0  # images per optimiser step over all processes
-    accum_steps: int = 1
-    ddp_builds: int = 0  # DDP wrappers built (the first, and one after each shrink that ran under DDP)
-    cut_steps: list[int] = field(default_factory=list)  # optimiser steps after which layers were cut in training
-    steps_run: int = 0  # optimiser steps this call ran
-
-
-def resolve_target(cfg: SearchCfg, shape: ViTShape) -> float | None:
-    """The budget in MACs, from a ratio of the dense model or an absolute GMACs figure (None: latency only)."""
-    if cfg.target_flops_ratio is not None:
-        return cfg.target_flops_ratio * ArchSpec.dense(shape).macs()
-    return cfg.target_gflops * 1e9 if cfg.target_gflops is not None else None
-
-
-def check_budget(target: float | None, space: SearchSpace, shape: ViTShape) -> None:
-    """Refuse, before any training, a FLOPs budget that no architecture in the search space can meet."""
-    if target is None:
-        return
-    dense = ArchSpec.dense(shape).macs()
-    floor = ArchSpec.narrowest(shape, space).macs()
-    if target < floor:
-        raise OfbError(
-            f"search budget {target / 1e9:.3f} GMACs cannot be met: the smallest architecture the grids allow "
-            f"costs {floor / 1e9:.3f} GMACs ({floor / dense:.1%} of dense); raise the target or drop search.align"
-        )
-    if target >= dense:
-        raise OfbError(f"search budget {target / 1e9:.3f} GMACs is not below the dense model's {dense / 1e9:.3f}")
 
 
 def build_optimizers(searchable: SearchableViT, cfg: SearchCfg, global_batch: int) -> dict[str, torch.optim.AdamW]:
@@ -388,9 +340,17 @@ def run_search(
         resumed_from=resumed, amp=amp_name(search.dtype), global_batch=search.global_batch,
         accum_steps=search.accum, ddp_builds=search.replica.builds, cut_steps=search.cut_steps,
         steps_run=steps_run,
-        budget_steps=[f"{r.group}: {'x'.join(map(str, r.before))} -> {'x'.join(map(str, r.after))}" for r in repairs],
+        budget_steps=[r.describe() for r in repairs],
         target_latency_ms=latency.target_ms if latency else None,
         predicted_latency_ms=latency.lut.predict(spec) if latency else None,
         predicted_dense_latency_ms=latency.dense_ms if latency else None,
     )
 
+
+
+def decide(model: SearchableViT, cfg: SearchCfg, job: Job) -> SearchResult:
+    """The registry's entry point: the OFB search of ``model`` with the recipe's stochastic depth."""
+    set_drop_path(model, cfg.drop_path)
+    return run_search(model, job.loader, cfg, job.ctx, seed=job.seed, amp=job.amp,
+                      checkpoint_path=job.checkpoint_path, resume=job.resume, log=job.log, progress=job.progress,
+                      latency=job.latency, accum_steps=job.accum_steps)

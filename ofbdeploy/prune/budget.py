@@ -9,6 +9,10 @@ The other way round, a search that runs out of epochs decides its undecided grou
 cells, and those picks can land far under the budget (a 2-epoch DeiT-S search asked for 50% returned 32%).
 Before they are applied, ``fill_budget`` widens them, one grid step at a time, by the importance gained per
 unit of budget spent, while every budget still holds.
+
+These are shared by every pruning method: the one-shot methods decide every group at full width and reach
+their budget by ``enforce_budget`` alone; ``resolve_target`` and ``check_budget`` turn a section's budget
+into MACs and refuse one the grids cannot meet, before anything is trained.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ofbdeploy.arch import ArchSpec, ModelShape
+from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.errors import OfbError
+from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.search.groups import MaskGroup
 from ofbdeploy.search.searchable import SearchableModel
 
@@ -29,6 +36,10 @@ class BudgetStep:
     before: tuple[int, ...]
     after: tuple[int, ...]
     cost_after: float
+
+    def describe(self) -> str:
+        """"group: before -> after" as the run log and report.json say it."""
+        return f"{self.group}: {'x'.join(map(str, self.before))} -> {'x'.join(map(str, self.after))}"
 
 
 Widths = dict[str, tuple[int, ...]]
@@ -161,3 +172,25 @@ def enforce_budget(model: SearchableModel, target: float, optimizers: Iterable =
         model.settle(name, optimizers)
         steps.append(BudgetStep(name, before, group.shape, cost(_widths(model))))
     return steps
+
+
+def resolve_target(cfg: MethodCfg, shape: ModelShape) -> float | None:
+    """The budget in MACs, from a ratio of the dense model or an absolute GMACs figure (None: latency only)."""
+    if cfg.target_flops_ratio is not None:
+        return cfg.target_flops_ratio * ArchSpec.dense(shape).macs()
+    return cfg.target_gflops * 1e9 if cfg.target_gflops is not None else None
+
+
+def check_budget(target: float | None, space: SearchSpace, shape: ModelShape) -> None:
+    """Refuse, before any training, a FLOPs budget that no architecture in the search space can meet."""
+    if target is None:
+        return
+    dense = ArchSpec.dense(shape).macs()
+    floor = ArchSpec.narrowest(shape, space).macs()
+    if target < floor:
+        raise OfbError(
+            f"search budget {target / 1e9:.3f} GMACs cannot be met: the smallest architecture the grids allow "
+            f"costs {floor / 1e9:.3f} GMACs ({floor / dense:.1%} of dense); raise the target or drop search.align"
+        )
+    if target >= dense:
+        raise OfbError(f"search budget {target / 1e9:.3f} GMACs is not below the dense model's {dense / 1e9:.3f}")
