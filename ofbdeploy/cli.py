@@ -110,13 +110,18 @@ def _sigterm_interrupts(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # torchrun's stop, and a closed terminal or ssh session
+
+
 def _interrupt_on_sigterm() -> None:
-    """torchrun stops its workers with SIGTERM: treat it like Ctrl-C (locks released, exit 130)."""
-    try:
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _sigterm_interrupts)
-    except ValueError:  # not the main thread
-        pass
+    """torchrun stops its workers with SIGTERM, a closed terminal sends SIGHUP: treat both like Ctrl-C (locks
+    released, checkpoints kept, exit 130). A signal the caller chose to ignore stays ignored (nohup)."""
+    for stop in _STOP_SIGNALS:
+        try:
+            if signal.getsignal(stop) is signal.SIG_DFL:
+                signal.signal(stop, _sigterm_interrupts)
+        except ValueError:  # not the main thread
+            pass
 
 
 def _settle_sigterm(code: int) -> None:
@@ -130,11 +135,12 @@ def _settle_sigterm(code: int) -> None:
         sys.stderr.flush()
         os._exit(int(code))
 
-    try:
-        if signal.getsignal(signal.SIGTERM) is _sigterm_interrupts:
-            signal.signal(signal.SIGTERM, exit_with_outcome)
-    except ValueError:  # not the main thread
-        pass
+    for stop in _STOP_SIGNALS:
+        try:
+            if signal.getsignal(stop) is _sigterm_interrupts:
+                signal.signal(stop, exit_with_outcome)
+        except ValueError:  # not the main thread
+            pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

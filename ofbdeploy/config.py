@@ -6,7 +6,15 @@ base, and ``recipe.py`` only puts the sections together; so a lower layer never 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BATCH = 1 << 16  # images per call a latency measurement or an engine profile may ask for
+MAX_REPEATS = 100_000
+MAX_THREADS = 4096
+MAX_EPOCHS = 100_000
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
 
 
 class Strict(BaseModel):

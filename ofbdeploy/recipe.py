@@ -8,6 +8,7 @@ validated like the file. The resolved recipe is written into the run directory.
 from __future__ import annotations
 
 import difflib
+import math
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ofbdeploy.config import Strict
+from ofbdeploy.config import MAX_BATCH, MAX_EPOCHS, Strict
 from ofbdeploy.deploy.config import Backend, ExportCfg, Precision, ProfileCfg
 from ofbdeploy.errors import OfbError, one_line
 from ofbdeploy.io import atomic_write_text, read_text
@@ -56,10 +57,18 @@ class ModelCfg(Strict):
             raise ValueError("an hf-hub: name is its weights: set pretrained: true")
         return self
 
+    @field_validator("overrides")
+    @classmethod
+    def _plain_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Free-form constructor arguments still have to be values a constructor can take: identifiers for names,
+        finite numbers (a NaN drop rate builds a model that fails mid-run), nesting of sane depth."""
+        _check_plain(value, "", 0)
+        return value
+
 
 class AugmentCfg(Strict):
     hflip: float = Field(0.0, ge=0, le=1)
-    crop_padding: int = Field(0, ge=0)
+    crop_padding: int = Field(0, ge=0, le=256)
     random_erasing: float = Field(0.0, ge=0, le=1)
     randaugment: str | None = Field(None, description="timm RandAugment string (ImageFolder data only)")
 
@@ -70,14 +79,14 @@ class DataCfg(Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit_train: int | None = Field(None, ge=1)
     limit_val: int | None = Field(None, ge=1)
-    batch_size: int = Field(128, ge=1, description="images per optimiser step, over all processes (the global "
-                            "batch the learning rates are scaled by)")
+    batch_size: int = Field(128, ge=1, le=1 << 20, description="images per optimiser step, over all processes "
+                            "(the global batch the learning rates are scaled by)")
     max_batch_per_process: int | None = Field(
-        None, ge=1, description="memory cap: a process takes at most this many images per forward; a larger "
-                                "share of the batch is split into gradient-accumulation steps")
-    eval_batch_size: int = Field(256, ge=1, description="images per evaluation forward, per process")
-    workers: int = Field(0, ge=0, description="loader worker processes per process")
-    repeated_aug: int = Field(1, ge=1, description="each training image this many times per epoch, the copies "
+        None, ge=1, le=1 << 20, description="memory cap: a process takes at most this many images per forward; a "
+                                            "larger share of the batch is split into gradient-accumulation steps")
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="images per evaluation forward, per process")
+    workers: int = Field(0, ge=0, le=256, description="loader worker processes per process")
+    repeated_aug: int = Field(1, ge=1, le=64, description="each training image this many times per epoch, the copies "
                                                    "on different processes (DeiT/OFB use 3)")
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
 
@@ -85,7 +94,7 @@ class DataCfg(Strict):
 class PretrainCfg(Strict):
     """Training of the dense model before the search, for users without pretrained weights."""
 
-    epochs: int = Field(0, ge=0, description="0: use the dense model as built/loaded")
+    epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="0: use the dense model as built/loaded")
     lr: float = Field(1e-3, gt=0, description="learning rate per 256 images")
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -102,7 +111,7 @@ class DistillCfg(Strict):
 
 
 class FinetuneCfg(Strict):
-    epochs: int = Field(300, ge=0)
+    epochs: int = Field(300, ge=0, le=MAX_EPOCHS)
     lr: float = Field(1.5e-4, gt=0, description="per 256 images (6e-4 at batch 1024, the authors' setting)")
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -126,9 +135,9 @@ class Recipe(Strict):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="autocast precision of search and training "
                                                                     "(CUDA or CPU); fp16 adds loss scaling")
     strict_fp32: bool = Field(False, description="fp32 matrix products in full IEEE fp32 on CUDA (default: TF32)")
-    dist_timeout_min: float = Field(30.0, gt=0, description="torchrun: minutes a collective may wait for a rank "
-                                                            "before the run fails (waits for rank 0's solo work, "
-                                                            "such as a latency table, are not bounded by it)")
+    dist_timeout_min: float = Field(
+        30.0, gt=0, le=7 * 24 * 60, description="torchrun: minutes a collective may wait for a rank before the run "
+        "fails, at most a week (waits for rank 0's solo work, such as a latency table, are not bounded by it)")
     model: ModelCfg
     data: DataCfg
     pretrain: PretrainCfg = Field(default_factory=PretrainCfg)
@@ -170,6 +179,25 @@ class Recipe(Strict):
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_yaml())
+
+
+_MAX_OVERRIDE_DEPTH = 8
+
+
+def _check_plain(value: Any, where: str, depth: int) -> None:
+    """Refuse what no timm constructor argument is: non-identifier names, NaN or infinite numbers, deep nesting."""
+    if depth > _MAX_OVERRIDE_DEPTH:
+        raise ValueError(f"{where or 'overrides'}: nested deeper than {_MAX_OVERRIDE_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(f"{where + '.' if where else ''}{key!r}: not a constructor argument name")
+            _check_plain(item, f"{where + '.' if where else ''}{key}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value} is not a finite number")
 
 
 MAX_RECIPE_BYTES = 256 << 10  # a recipe is a few kB; anything near this is not a recipe

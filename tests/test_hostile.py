@@ -199,7 +199,10 @@ def test_interrupt_is_exit_130_and_releases_the_lock(tiny_run, tmp_path, monkeyp
     assert not (run / "run.lock").exists() and "interrupted during evaluate" in (run / "run.log").read_text()
 
 
-def test_sigint_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_stop_signal_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path, stop):
+    """Ctrl-C, or the terminal that started the run going away (SIGHUP): exit 130, lock released, done stages
+    kept."""
     recipe = _write_recipe(tmp_path, tmp_path / "run", search={**TINY["search"], "epochs": 200})
     proc = subprocess.Popen([sys.executable, "-m", "ofbdeploy", "run", str(recipe), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -208,7 +211,7 @@ def test_sigint_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and "search epoch 2/200" in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("interrupted")

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
-from ofbdeploy.config import Strict
+from ofbdeploy.config import MAX_REPEATS, MAX_THREADS, BatchSize, Strict
 from ofbdeploy.deploy.runtimes import registry
 
 
@@ -34,23 +34,31 @@ class ExportCfg(Strict):
     """
 
     enabled: bool = True
-    opset: int = Field(17, ge=17, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
+    opset: int = Field(17, ge=17, le=30, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
     fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
     int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
     simplify: bool = True
-    check_images: int = Field(64, ge=1, description="validation images for the parity checks")
+    check_images: int = Field(64, ge=1, le=100_000, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
     trt_precisions: list[OnnxPrecision] = Field(
         default_factory=lambda: ["fp16"], description="engines to build; each from the ONNX graph of its precision")
-    batch_range: tuple[int, int, int] = Field((1, 16, 64), description="TensorRT profile: min, opt, max batch")
+    batch_range: tuple[BatchSize, BatchSize, BatchSize] = Field(
+        (1, 16, 64), description="TensorRT profile: min, opt, max batch")
     calibration_images: int = Field(
-        512, ge=1, description="int8 calibration: a seeded, class-balanced sample of the training split through the "
-                               "eval transform")
+        512, ge=1, le=1_000_000, description="int8 calibration: a seeded, class-balanced sample of the training "
+                                             "split through the eval transform")
     calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
         "minmax", description="how int8 activation ranges are taken from the calibration images")
     accuracy_images: int | None = Field(
         None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
                                 "of every exported file; default: the whole validation split")
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> ExportCfg:
+        low, opt, high = self.batch_range
+        if not low <= opt <= high:
+            raise ValueError(f"batch_range: expected min <= opt <= max, got {list(self.batch_range)}")
+        return self
 
     def onnx_precisions(self) -> list[str]:
         """The ONNX graphs to write: fp32 always, fp16/int8 when asked for or when an engine of that precision is."""
@@ -67,10 +75,11 @@ class ProfileCfg(Strict):
     precisions: list[Precision] = Field(
         default_factory=lambda: ["fp32"], description="each measured on every backend that runs it (int8: the Q/DQ "
                                                       "ONNX or engine); `precision: x` is read as [x]")
-    batches: list[int] = Field(default_factory=lambda: [1, 32])
-    warmup: int = Field(10, ge=0)
-    repeats: int = Field(50, ge=5)
-    threads: int | None = Field(None, ge=1, description="CPU threads for ORT/torch (default: library default)")
+    batches: list[BatchSize] = Field(default_factory=lambda: [1, 32], min_length=1)
+    warmup: int = Field(10, ge=0, le=MAX_REPEATS)
+    repeats: int = Field(50, ge=5, le=MAX_REPEATS)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                description="CPU threads for ORT/OpenVINO/torch (default: the process's share)")
     tf32: bool = Field(True, description="one TF32 policy for every GPU backend: torch matmul/cuDNN, ORT CUDA's "
                                          "use_tf32 and TensorRT's TF32 builder flag (engines are built with it)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from ofbdeploy.config import Strict
+from ofbdeploy.config import MAX_REPEATS, BatchSize, Strict
 from ofbdeploy.deploy.config import Backend, Precision
 
 
@@ -14,15 +14,15 @@ class LatencyTargetCfg(Strict):
     target_ms: float | None = Field(None, gt=0, description="predicted latency budget in milliseconds")
     target_ratio: float | None = Field(None, gt=0, le=1, description="budget as a fraction of the dense latency")
     backend: Backend = "ort-cpu"
-    batch: int = Field(1, ge=1)
+    batch: BatchSize = 1
     precision: Precision = "fp32"
     weight: float = Field(5.0, ge=0, description="weight of the latency loss (like loss_weights.flops)")
     lut: str | None = Field(None, description="a LUT file from `ofbdeploy lut build`; default: cache, else build")
     cache_dir: str | None = Field(None, description="LUT cache directory (default ~/.cache/ofbdeploy/lut)")
-    embed_points: int = Field(4, ge=1, description="embedding widths measured when building the LUT")
-    width_points: int = Field(3, ge=1, description="head widths and MLP widths measured per embedding width")
-    random_points: int = Field(16, ge=0, description="random uneven models measured when building the LUT")
-    repeats: int = Field(20, ge=5)
+    embed_points: int = Field(4, ge=1, le=64, description="embedding widths measured when building the LUT")
+    width_points: int = Field(3, ge=1, le=64, description="head widths and MLP widths measured per embedding width")
+    random_points: int = Field(16, ge=0, le=4096, description="random uneven models measured when building the LUT")
+    repeats: int = Field(20, ge=5, le=MAX_REPEATS)
 
     @model_validator(mode="after")
     def _one_target(self) -> LatencyTargetCfg:

@@ -312,6 +312,9 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
     and fast spells of a shared machine cancel in the ratios.
     """
     specs = probe_set(shape, space, embed_points, width_points, random_points)
+    if len(specs) + 1 < len(FEATURES):  # the dense model is measured too
+        raise OfbError(f"latency table: {len(specs) + 1} probe models cannot fit {len(FEATURES)} coefficients; "
+                       "raise random_points (or embed_points, width_points)")
     dense = ArchSpec.dense(shape)
     t0 = time.perf_counter()
     log.info("latency table for %s on %s %s batch %d: %d probe models, each timed against the dense model",
@@ -357,7 +360,10 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
         except (OfbError, ValueError, KeyError, TypeError) as err:
             log.warning("latency table cache %s unusable (%s): measuring a new one", path, err)
         else:
-            if lut.key == wanted and latency_shape(lut.shape) == latency_shape(shape):
+            if 0 < lut.points < len(FEATURES):  # 0: a table that does not say (hand-made)
+                log.warning("latency table cache %s was fitted on %d models for %d coefficients: measuring a new "
+                            "one", path, lut.points, len(FEATURES))
+            elif lut.key == wanted and latency_shape(lut.shape) == latency_shape(shape):
                 log.info("latency table from cache: %s", path)
                 return lut
     lut = build_lut(shape, space, backend=backend, precision=precision, batch=batch, **options)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ofbdeploy.config import Strict
+from ofbdeploy.config import BatchSize, Strict
 from ofbdeploy.deploy.config import Backend, Precision
 
 
 class LatencyLimit(Strict):
     backend: Backend
-    batch: int = Field(ge=1)
+    batch: BatchSize
     precision: Precision = "fp32"
     max_ms: float = Field(gt=0)
 
 
 class SpeedupLimit(Strict):
     backend: Backend
-    batch: int = Field(ge=1)
+    batch: BatchSize
     precision: Precision = "fp32"
     min: float = Field(gt=0, description="dense median latency / pruned median latency, measured in one run")
 

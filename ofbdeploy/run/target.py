@@ -8,6 +8,7 @@ a run is reached through a single-process :class:`RunContext` of its recipe.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ from ofbdeploy.train.distributed import Dist
 
 # The stages whose files a target's models come from.
 MODEL_STAGES = ("dense", "finetune")
+
+
+def _check_fits_memory(spec: ArchSpec, record: Path) -> None:
+    """Refuse, in one line, a record whose dense counterpart cannot be held here (a hand-edited arch.json within
+    the per-field bounds can still describe a model of tens of GB)."""
+    need = 4 * ArchSpec.dense(spec.base).params()
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise InputError(f"{record}: its dense model needs {need / 2**30:.1f} GiB of fp32 weights, more than half "
+                         f"of this machine's {have / 2**30:.1f} GiB; is the record what export/profile should build?")
 
 
 class Target:
@@ -75,7 +86,9 @@ class Target:
         """Dense and pruned; outside a run the dense model has random weights (fine for latency)."""
         if self.run is not None:
             return self.run.deploy_models()
-        return {"dense": dense_like(self.spec, build_plain), "pruned": load_pruned(self.path)}
+        pruned = load_pruned(self.path)  # checks the weights against their record before anything is built from it
+        _check_fits_memory(self.spec, self.path / ARCH_FILE)
+        return {"dense": dense_like(self.spec, build_plain), "pruned": pruned}
 
     def check_images(self, count: int) -> torch.Tensor:
         """Validation images of the run's data; seeded random images for a bare model directory."""
