@@ -140,11 +140,16 @@ def test_bench_int8_smoke(tmp_path):
         {"heads": 2, "head_dim": 16, "mlp_dim": 96}] * 4}}))
     out = tmp_path / "int8.json"
     _run("bench_int8.py", "--model", PICO, "--arch", str(report), "--batch", "1", "--repeats", "5", "--warmup", "1",
-         "--calibration-images", "8", "--variants", "--json", str(out))
+         "--calibration-images", "8", "--variants", "--backend", "ort-cpu", "--backend", "openvino",
+         "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["file"]) for r in rows] == [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"),
-                                                       ("pruned", "int8"), ("pruned", "u8-asym"), ("pruned", "all-qdq")]
-    assert rows[0]["speedup_vs_dense_fp32"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+    files = [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"), ("pruned", "int8")]
+    assert [(r["backend"], r["model"], r["file"]) for r in rows] == \
+        [("ort-cpu", *f) for f in [*files, ("pruned", "u8-asym"), ("pruned", "all-qdq")]] + \
+        [("openvino", *f) for f in files]  # the study variants on ONNX Runtime only
+    dense = [r for r in rows if r["model"] == "dense" and r["file"] == "fp32"]
+    assert all(r["speedup_vs_dense_fp32"] == 1.0 for r in dense) and all(r["median_ms"] > 0 for r in rows)
+    assert rows[2]["flops_limit"] > 1 and rows[0]["device"].startswith("cpu: ")
 
 
 def test_search_start_smoke(tmp_path):

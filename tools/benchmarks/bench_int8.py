@@ -1,7 +1,7 @@
-"""int8 against fp32, dense against pruned, on ONNX Runtime CPU: the latency side of explicit quantisation.
+"""int8 against fp32, dense against pruned, on CPU runtimes (ONNX Runtime, OpenVINO): what quantisation buys.
 
     python tools/benchmarks/bench_int8.py --arch docs/benchmarks/deit_s_cpu_flops_target_report_run5.json \\
-        --batch 1 --batch 32 --json docs/benchmarks/int8_deit_s_ort_cpu.json
+        --batch 1 --batch 32 --backend ort-cpu --backend openvino --json docs/benchmarks/int8_deit_s_cpu.json
 
 The pruned architecture is read from a run's report.json (``arch``: the widths an OFB search ended with); both
 models get seeded random weights (latency does not depend on the values). Each is exported to fp32 ONNX and
@@ -11,8 +11,10 @@ pruned model quantised two other ways, to show what ONNX Runtime's CPU provider 
   u8-asym     uint8 asymmetric activations (ONNX Runtime's advice for x86; not valid for TensorRT)
   all-qdq     every MatMul quantised (attention products too) with Q/DQ on outputs as well (a plain
               ``quantize_static`` QDQ setup); its softmax then runs as QLinearSoftmax
-All files of a batch size are timed alternately in one process (the profile protocol, ``measure_group``), so
-each ratio is measured in one run; the table gives every file against dense fp32.
+All files of a batch size, on every ``--backend``, are timed alternately in one process (the profile protocol,
+``measure_group``), so each ratio is measured in one run; the table gives every file against dense fp32 on the
+same runtime and against dense fp32 on the first runtime, and the FLOPs limit (dense / pruned MACs). The CPU's
+model and ISA flags (AVX2, AVX-512, VNNI, BF16, AMX) are in every row's ``device``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--variants", action="store_true", help="also time the u8-asym and all-qdq files")
+    parser.add_argument("--backend", action="append", choices=["ort-cpu", "openvino"],
+                        help="CPU runtimes to time the files on (repeatable; default ort-cpu)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (for timing them again)")
     args = parser.parse_args()
@@ -98,19 +102,29 @@ def main() -> None:
             for kind in ("u8-asym", "all-qdq"):
                 files[("pruned", kind)] = variant(files[("pruned", "fp32")], Path(tmp) / f"pruned-{kind}.onnx",
                                                   calibration, kind)
+        backends = args.backend or ["ort-cpu"]
+        flops = specs["pruned"].macs() / specs["dense"].macs()
         for batch in args.batch or [1]:
-            runners = [create_runner("ort-cpu", onnx_path=path, precision="fp32" if kind == "fp32" else "int8",
-                                     threads=args.threads) for (_, kind), path in files.items()]
+            timed = [(backend, name, kind, path) for backend in backends for (name, kind), path in files.items()
+                     if backend == "ort-cpu" or kind in ("fp32", "int8")]
+            runners = [create_runner(backend, onnx_path=path, precision="fp32" if kind == "fp32" else "int8",
+                                     threads=args.threads) for backend, _, kind, path in timed]
             stats = measure_group(runners, batch, warmup=args.warmup, repeats=args.repeats)
-            base = stats[0].median_ms  # dense fp32
-            for (name, kind), s in zip(files, stats, strict=True):
-                rows.append({"model": name, "file": kind, "batch": batch, "median_ms": s.median_ms,
-                             "p90_ms": s.p90_ms, "repeats": s.repeats, "speedup_vs_dense_fp32": base / s.median_ms,
-                             "device": s.device})
-                table.append((name, kind, batch, f"{s.median_ms:.2f}", f"{base / s.median_ms:.2f}x"))
-    flops = specs["pruned"].macs() / specs["dense"].macs()
-    print(f"{args.model}, pruned to {flops:.1%} of dense FLOPs, ORT CPU ({rows[0]['device']})")
-    print(format_table(("model", "file", "batch", "median ms", "vs dense fp32"), table))
+            dense_fp32 = {b: s.median_ms for (b, name, kind, _), s in zip(timed, stats, strict=True)
+                          if name == "dense" and kind == "fp32"}
+            first = dense_fp32[backends[0]]
+            for (backend, name, kind, _), s in zip(timed, stats, strict=True):
+                rows.append({"backend": backend, "model": name, "file": kind, "batch": batch, "median_ms": s.median_ms,
+                             "p90_ms": s.p90_ms, "repeats": s.repeats,
+                             "speedup_vs_dense_fp32": dense_fp32[backend] / s.median_ms,
+                             f"speedup_vs_{backends[0]}_dense_fp32": first / s.median_ms,
+                             "flops_limit": 1 / flops if name == "pruned" else 1.0, "device": s.device})
+                table.append((backend, name, kind, batch, f"{s.median_ms:.2f}",
+                              f"{dense_fp32[backend] / s.median_ms:.2f}x", f"{first / s.median_ms:.2f}x",
+                              f"{1 / flops if name == 'pruned' else 1.0:.2f}x"))
+    print(f"{args.model}, pruned to {flops:.1%} of dense FLOPs ({rows[0]['device']})")
+    print(format_table(("runtime", "model", "file", "batch", "median ms", "vs dense fp32",
+                        f"vs {backends[0]} dense fp32", "FLOPs limit"), table))
     if args.json:
         meta = {"date": date.today().isoformat(), "model": args.model, "flops_ratio": flops,
                 "machine": platform.machine(), "arch_from": str(args.arch)}

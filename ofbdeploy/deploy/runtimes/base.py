@@ -242,14 +242,29 @@ def resolve_device(request: Request, allowed: tuple[str, ...]) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
+# The vector and matrix extensions that decide CPU speed for these models (fp32 width, int8 dot products, bf16,
+# AMX tiles): CPUs with one model name exist with and without some of them (virtual machines hide flags).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The ISA_FLAGS this CPU reports, in that order (empty where /proc/cpuinfo is not there)."""
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
 def device_name(device: torch.device) -> str:
-    """CPU model or GPU name, recorded with every measurement so numbers are never compared across machines."""
+    """CPU model (with its ISA flags) or GPU name, recorded with every measurement so numbers are never compared
+    across machines."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"cpu: {models[0] if models else platform.processor() or platform.machine()}"
+    isa = cpu_isa(cpuinfo)
+    return f"cpu: {models[0] if models else platform.processor() or platform.machine()}" + \
+        (f" ({' '.join(isa)})" if isa else "")
 
 
 def seeded_input(shape: tuple[int, ...], images: np.ndarray | None = None) -> torch.Tensor:
