@@ -55,6 +55,8 @@ def _finish(error: BaseException) -> None:
         where = _traceback_file(error)
         click.echo(f"internal error: {one_line(f'{type(error).__name__}: {error}', 300)} "
                    f"(full traceback in {where})", err=True)
+    elif isinstance(error, OSError):  # a path error (errors.is_path_error): the path and the reason
+        click.echo(f"error: {one_line(f'{error.filename}: {error.strerror or error}')}", err=True)
     else:
         click.echo(f"error: {one_line(str(error))}", err=True)
     _settle_sigterm(code)

@@ -16,6 +16,7 @@ code  meaning
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -73,12 +74,24 @@ class ArchError(OfbError, ValueError):
     """An architecture record (arch.json) or a pruning request that is inconsistent."""
 
 
+# OS errors that say a path the user gave cannot be used as given (not a bug of ofbdeploy): bad input.
+_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                          errno.ELOOP, errno.EROFS, errno.ENXIO})
+
+
+def is_path_error(error: BaseException) -> bool:
+    """An OSError about a named path the caller chose (a name too long, no permission, not a directory, ...)."""
+    return isinstance(error, OSError) and error.filename is not None and error.errno in _PATH_ERRNOS
+
+
 def exit_code_of(error: BaseException) -> ExitCode:
     """The contract above, as a function: what a command that ended with ``error`` exits with."""
     if isinstance(error, OfbError):
         return error.exit_code
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
+    if is_path_error(error):
+        return ExitCode.BAD_INPUT
     return ExitCode.INTERNAL
 
 

@@ -68,3 +68,15 @@ def test_a_record_of_a_model_too_big_for_this_machine_is_refused_before_it_is_bu
     with pytest.raises(InputError, match=r"arch\.json: its dense model needs .* GiB"):
         _check_fits_memory(spec, tmp_path / "arch.json")
     _check_fits_memory(ArchSpec.dense(read_vit_shape(timm.create_model(PICO), PICO)), tmp_path / "arch.json")
+
+
+@pytest.mark.parametrize("command", [["check"], ["info"], ["export"], ["profile"]])
+def test_a_path_name_too_long_is_bad_input_in_one_line(tmp_path, command: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from ofbdeploy.cli import main
+
+    long = tmp_path / ("x" * 300)
+    result = CliRunner().invoke(main, [*command, str(long)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "internal error" not in result.output
