@@ -6,7 +6,7 @@ TensorRT 11 removed weak typing and implicit int8: ``BuilderFlag.FP16``/``INT8``
 builder is never asked to choose one. The only builder flag used is ``TF32``, a compute mode (not a type) that
 both majors keep.
 
-Keeping the calls here makes the attribute names the code uses discoverable: tests/test_trt_api.py reads this
+Keeping the calls here makes the attribute names the code uses discoverable: tests/deploy/test_trt_api.py reads this
 file's syntax tree and checks every name against the names compiled into TensorRT 10.11's and 11.4's binding
 modules (tests/data, made by tools/scripts/trt_api_names.py). Only TensorRT objects are used through attributes in this
 module (names rooted at an import, such as ``importlib``, are not TensorRT's and are not checked).

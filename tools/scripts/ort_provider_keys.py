@@ -1,6 +1,6 @@
 """Read the provider option keys that ONNX Runtime's GPU wheel accepts for its CUDA and TensorRT providers, from the
-wheel's own binaries, into tests/data/ort_provider_keys.json (the table tests/test_deploy_profile.py checks every key
-the code passes against).
+wheel's own binaries, into tests/data/ort_provider_keys.json (the table tests/deploy/test_deploy_profile.py checks
+every key the code passes against).
 
     pip download --no-deps onnxruntime-gpu==1.26.0 -d /tmp/ortgpu
     python tools/scripts/ort_provider_keys.py /tmp/ortgpu/onnxruntime_gpu-1.26.0-*.whl

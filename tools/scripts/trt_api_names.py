@@ -9,7 +9,7 @@ registers is a C string literal in the module's ``.rodata`` section, so this rea
 reader: no binutils needed), keeps the strings that are Python identifiers and writes them sorted, one a line,
 after a header naming the wheel: ``tests/data/tensorrt-<version>-names.txt``.
 
-Two things a reader of the list must know (tests/test_trt_api.py handles both):
+Two things a reader of the list must know (tests/deploy/test_trt_api.py handles both):
 * the linker stores a string that ends another one only once ("INT8" lives inside "UINT8"), so a name is
   present when it equals, or ends, an identifier of the list;
 * the names carry no scope: "FP16" being present does not say which enum holds it. Removed APIs whose names

@@ -18,7 +18,7 @@ from ofbdeploy.cli import main
 from ofbdeploy.errors import InputError
 from ofbdeploy.threads import ENV, cgroup_cpu_quota, configure, plan_threads
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 # -- the decision ---------------------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def test_every_provider_option_key_is_one_the_gpu_wheel_knows(monkeypatch: pytes
     """Every key the runtimes hand the CUDA and TensorRT providers is in that provider's table read from the
     onnxruntime-gpu wheel (tools/scripts/ort_provider_keys.py): the binding throws on any other, and the session is then
     reported as a skip (issue 23, defect 1: ``has_user_compute_stream`` given to TensorRT)."""
-    tables = json.loads((Path(__file__).parent / "data" / "ort_provider_keys.json").read_text())
+    tables = json.loads((Path(__file__).parents[1] / "data" / "ort_provider_keys.json").read_text())
     factory = {"ort-cuda": ort_runtime._ort_cuda, "ort-trt": ort_runtime._ort_trt}[backend]
     providers, _ = _capture_providers(monkeypatch, factory, precision=precision, tf32=tf32, cache_dir=tmp_path)
     for name, options in providers:

@@ -16,7 +16,7 @@ import pytest
 import ofbdeploy
 from ofbdeploy.deploy import trt_api
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 VERSIONS = ("10.11.0.33", "11.4.0.106")
 PACKAGE = Path(ofbdeploy.__file__).parent
 # What TensorRT 11 removed (deprecated since 10.1 for strongly typed networks and explicit Q/DQ quantisation).

@@ -23,7 +23,7 @@ from ofbdeploy.deploy.runtimes.errors import BackendError
 from ofbdeploy.deploy.runtimes.ort import RUNTIMES as ORT
 from ofbdeploy.latency import lut
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_every_registered_runtime_is_found_in_its_module() -> None:

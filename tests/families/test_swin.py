@@ -28,7 +28,7 @@ from ofbdeploy.train.distributed import Dist
 from ofbdeploy.verify.exactness import check_agreement, decide_randomly
 
 PICO = "ofb_swin_pico_patch2_32"
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 def _searchable(name: str = PICO, seed: int = 0, **kwargs):

@@ -9,7 +9,7 @@ from ofbdeploy.recipe import load_recipe
 from ofbdeploy.train.batching import plan_batch
 from ofbdeploy.train.schedule import scaled_lr
 
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.mark.parametrize(("world", "accum", "micro"), [(1, 4, 256), (2, 2, 256), (8, 1, 128)])

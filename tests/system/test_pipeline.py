@@ -329,7 +329,7 @@ def test_export_and_profile_a_bare_model_directory(finished_run, tmp_path):
     assert {(r["backend"], r["batch"]) for r in rows} == {("ort-cpu", 1), ("ort-cpu", 4), ("torch", 1), ("torch", 4)}
 
 
-QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
 
 
 def test_torchrun_quickstart_cuts_mid_search_and_finishes_with_a_report(tmp_path):

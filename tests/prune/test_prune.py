@@ -29,7 +29,7 @@ from ofbdeploy.verify.exactness import set_fused_attention
 
 PICO = "ofb_vit_pico_patch4_32"
 ONE_SHOT = ["l1", "random", "uniform", "torch-pruning"]
-RECIPES = Path(__file__).parent.parent / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 def _teacher() -> torch.nn.Module:
