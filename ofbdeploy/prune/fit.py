@@ -171,7 +171,7 @@ class FitRound:
     dense_ms: float
     pruned_ms: float
     action: str  # met, narrowed, widened, stuck (nothing left to move), last round
-    steps: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # widths changed for the next round (see changes())
     spreads: list[float] = field(default_factory=list)  # of every measurement taken, the noisy ones too
 
 
@@ -215,13 +215,23 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, *, pre
             break
         planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
         record.action = "narrowed" if ratio > target else "widened"
-        record.steps = [s.describe() for s in steps]
+        record.steps = changes(spec, planned)
         if not steps or planned in measured:  # nothing left to move, or back to a measured miss
             record.action = "stuck"
             break
         spec = planned
     chosen = best[1] if best is not None else spec
     return LatencyFit(chosen, False, rounds)
+
+
+def changes(before: ArchSpec, after: ArchSpec) -> list[str]:
+    """The widths that differ between two architectures, "blocks.3.mlp_dim: 96 -> 128"."""
+    found = []
+    for i, (a, b) in enumerate(zip(before.blocks, after.blocks, strict=True)):
+        for part in PARTS:
+            if getattr(a, part) != getattr(b, part):
+                found.append(f"blocks.{i}.{part}: {getattr(a, part)} -> {getattr(b, part)}")
+    return found
 
 
 def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int) -> tuple[Measurement, list[float]]:
