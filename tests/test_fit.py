@@ -1,16 +1,21 @@
 """Budgets met from both sides after the search (prune/fit.py): FLOPs filled, latency fitted to measurements."""
 
+import dataclasses
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.families.vit.space import space_for
-from ofbdeploy.latency.lut import arch_features, fit_coefficients, probe_set
+from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set
 from ofbdeploy.models.resize import unit_importance
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
+from ofbdeploy.run.fit import save_table
 
 
 def _setup(cut_vit, seed=0, name="ofb_vit_tiny3_patch4_32"):
@@ -88,3 +93,29 @@ def test_a_noisy_round_measures_again_before_acting(cut_vit):
     assert first.measurements == 2 and first.repeats == 3 and first.measured_ratio == pytest.approx(0.6)
     assert first.spreads[0] == pytest.approx(1.0) and first.spread == 0
     assert fit.met
+
+
+def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_vit, tmp_path):
+    spec, _, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+    probes = probe_set(spec.base, space, random_points=8)
+    measured = [fake_ms(s) for s in probes]
+    coefficients, _ = fit_coefficients(probes, measured)
+    dense = fake_ms(ArchSpec.dense(spec.base))
+    key = LutKey(registry.get("ort-cpu").device_name(), "ort-cpu", "fp32", 1, 32, spec.base.model_name)
+    records = [{"embed": s.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in s.blocks], "ms": ms}
+               for s, ms in zip(probes, measured, strict=True)]
+    lut = LatencyLUT(key, spec.base, coefficients, dense, records, points=len(probes))
+    slow = 1.3 * fake_ms(spec) / dense  # the backend turns out slower on this model than the table says
+    before = abs(lut.predict(spec) / dense - slow)
+    for _ in range(3):
+        assert lut.learn(spec, slow)
+    assert abs(lut.predict(spec) / dense - slow) < before and lut.points == len(probes) + 3
+    assert lut.probes[-1]["source"] == "fit" and "fit_error" in lut.probes[-1]
+    cfg = LatencyTargetCfg(target_ratio=0.5, cache_dir=str(tmp_path / "cache"))
+    cached = save_table(lut, cfg, tmp_path / "run" / "lut.json")  # this machine's table: the cache learns too
+    assert cached == str(tmp_path / "cache" / lut.key.filename(spec.base))
+    again = LatencyLUT.load(Path(cached))
+    assert again.key == lut.key and again.predict(spec) == pytest.approx(lut.predict(spec))
+    assert LatencyLUT.load(tmp_path / "run" / "lut.json").points == lut.points
+    lut.key = dataclasses.replace(lut.key, device="another machine")
+    assert save_table(lut, cfg, tmp_path / "run" / "lut.json") is None

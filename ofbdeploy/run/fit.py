@@ -104,7 +104,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     return fit, lut, target
 
 
-def _save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:
+def save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:
     """The learned table in the run, and in the cache when it describes this machine (the same key)."""
     lut.save(path)
     if lut.key.device != registry.get(cfg.backend).device_name():
@@ -146,7 +146,7 @@ def fit_stage(run: RunContext) -> None:
                                      "tolerance": latency.tolerance, "max_rounds": latency.max_rounds,
                                      "met": fit.met, "rounds": [vars(r) for r in fit.rounds],
                                      "table": {"points": lut.points, "fit_error": lut.fit_error,
-                                               "cache": _save_table(lut, latency, paths.fit_lut)}}
+                                               "cache": save_table(lut, latency, paths.fit_lut)}}
         elif flops is not None:
             final, steps = fill(spec, importance, space, [(_macs, flops)])
             record["flops_steps"] = _steps(steps)
