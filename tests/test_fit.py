@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.families.vit.space import space_for
 from ofbdeploy.latency.config import LatencyTargetCfg
-from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set
+from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
 from ofbdeploy.models.resize import unit_importance
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
 from ofbdeploy.run.fit import save_table
@@ -119,3 +121,13 @@ def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_vit, t
     assert LatencyLUT.load(tmp_path / "run" / "lut.json").points == lut.points
     lut.key = dataclasses.replace(lut.key, device="another machine")
     assert save_table(lut, cfg, tmp_path / "run" / "lut.json") is None
+
+
+def test_an_int8_target_measures_the_int8_file(cut_vit, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, pruned, spec = cut_vit(3)
+    images = torch.rand(16, 3, 32, 32)
+    runner = spec_runner(spec, "ort-cpu", "int8", 1, tmp_path, threads=1, model=pruned, images=images)
+    assert runner._path.name == "probe-int8.onnx" and runner.precision == "int8"
+    _, measured = measure_pair(runner, runner, 1, warmup=1, repeats=5)
+    assert measured.median_ms > 0

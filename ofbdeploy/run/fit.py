@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.arch.grids import SearchSpace
@@ -38,10 +38,12 @@ from ofbdeploy.prune.budget import resolve_target
 from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill, latency_loop
 from ofbdeploy.run.context import RunContext
 from ofbdeploy.run.rundir import write_json
+from ofbdeploy.train.data import calibration_batch
 
 log = logging.getLogger("ofbdeploy.run")
 
 PAIRS_PER_ROUND = 3  # paired measurements a round: their agreement is the round's stability
+CALIBRATION_IMAGES = 64  # real images an int8 target's files are calibrated and checked on
 
 
 def _steps(steps: list[WidthStep]) -> list[dict[str, Any]]:
@@ -57,15 +59,17 @@ class _Bench:
     measures: exported, checked, timed alternately; medians."""
 
     def __init__(self, cfg: LatencyTargetCfg, model: nn.Module, spec: ArchSpec, teacher: nn.Module, tmp: Path,
-                 threads: int | None) -> None:
-        self.cfg, self.model, self.spec, self.teacher, self.tmp, self.threads = cfg, model, spec, teacher, tmp, threads
+                 threads: int | None, images: Tensor) -> None:
+        self.cfg, self.model, self.spec, self.teacher, self.tmp = cfg, model, spec, teacher, tmp
+        self.threads, self.images = threads, images
         self.dense = spec_runner(ArchSpec.dense(spec.base), cfg.backend, cfg.precision, cfg.batch, tmp, threads,
-                                 model=teacher)
+                                 model=teacher, images=images)
 
     def __call__(self, spec: ArchSpec) -> Measurement:
         c = self.cfg
         candidate = resize(self.model, self.spec, self.teacher, spec)
-        runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate)
+        runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
+                             images=self.images)
         ratios, dense, pruned = [], 0.0, 0.0
         for _ in range(PAIRS_PER_ROUND):
             d, p = measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
@@ -91,7 +95,9 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
                      100 * fraction, len(lut.probes))
 
     with tempfile.TemporaryDirectory() as tmp:
-        bench = _Bench(cfg, model, spec, teacher, Path(tmp), run.recipe.profile.threads)
+        train, val, _ = run.data()  # int8 files are calibrated as the export calibrates them, on real images
+        images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), run.recipe.seed)
+        bench = _Bench(cfg, model, spec, teacher, Path(tmp), run.recipe.profile.threads, images)
         fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
                            tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
     for r in fit.rounds:
