@@ -95,6 +95,24 @@ def test_run_writes_every_artifact(finished_run):
     assert resolved["search"]["epochs"] == 4 and resolved["search"]["shrinks_per_epoch"] == 3
 
 
+def test_a_run_from_before_the_fit_stage_is_refused_by_check_and_finished_by_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    book = read_json(run / "stages.json")  # as an older ofbdeploy left it: no fit stage, no fitted/
+    book["stages"].pop("fit")
+    write_json(run / "stages.json", book)
+    shutil.rmtree(run / "fitted")
+    shutil.rmtree(run / "fit")
+    result = CliRunner().invoke(main, ["check", str(run)])
+    assert result.exit_code == 2 and "the fit stage has not finished" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run))
+    assert result.exit_code == 0, result.output
+    log = (run / "run.log").read_text().split("stage report: finished")[-2]
+    assert "stage search: done already, skipped" in log and "stage fit: running (not run yet)" in log
+    assert "stage finetune: running (after fit)" in log and (run / "fitted" / "arch.json").is_file()
+
+
 def test_rerun_skips_what_is_done_and_redoes_what_changed(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)  # leave the shared finished run untouched
