@@ -113,9 +113,12 @@ def unit_importance(model: nn.Module, spec: ArchSpec, teacher: nn.Module) -> Uni
 
 
 def _top(scores: Tensor, candidates: Sequence[int], count: int) -> list[int]:
-    """The ``count`` candidates of highest score, in descending score order."""
-    order = sorted(candidates, key=lambda k: -float(scores[k]))
-    return order[:count]
+    """The ``count`` candidates of highest score, in descending score order (ties: the lower index)."""
+    if count <= 0 or not candidates:
+        return []
+    index = torch.tensor(list(candidates))
+    order = torch.argsort(scores[index], descending=True, stable=True)
+    return index[order[:count]].tolist()
 
 
 def resize_block(blk: BlockSpec, mlp: Tensor, channels: Tensor, heads: int, head_dim: int, mlp_dim: int) -> BlockSpec:
@@ -128,7 +131,8 @@ def resize_block(blk: BlockSpec, mlp: Tensor, channels: Tensor, heads: int, head
         if size <= len(current):
             chosen = set(_top(scores, current, size))
             return tuple(k for k in current if k in chosen)
-        return (*current, *_top(scores, [k for k in range(dense) if k not in set(current)], size - len(current)))
+        kept = set(current)
+        return (*current, *_top(scores, [k for k in range(dense) if k not in kept], size - len(current)))
 
     dense_heads, d = channels.shape
     chans = {h: keep(c, channels[h], head_dim, d) for h, c in zip(blk.kept_heads, blk.kept_channels, strict=True)}
