@@ -153,11 +153,12 @@ def fit_stage(run: RunContext) -> None:
                                      "met": fit.met, "rounds": [vars(r) for r in fit.rounds],
                                      "table": {"points": lut.points, "fit_error": lut.fit_error,
                                                "cache": save_table(lut, latency, paths.fit_lut)}}
-        elif flops is not None:
+        if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below
             final, steps = fill(spec, importance, space, [(_macs, flops)])
             record["flops_steps"] = _steps(steps)
-            for step in steps:
-                log.info("fit: %s (MACs %.4g of a budget of %.4g)", step.describe(), step.costs_after[0], flops)
+            if steps:
+                log.info("fit: %d widening step(s) toward the FLOPs budget: %s", len(steps),
+                         ", ".join(s.describe() for s in steps))
         if final != spec:
             model = resize(model, spec, teacher, final)
     record["flops_after"] = final.macs()
