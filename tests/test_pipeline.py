@@ -320,6 +320,7 @@ def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tm
     assert fit["met"] == (fit["rounds"][-1]["action"] == "met")
     log = (tmp_path / "run" / "run.log").read_text()
     assert "fit round 1: predicted" in log
+    assert "- round 1: predicted" in (tmp_path / "run" / "report.md").read_text()
     row = next(r for r in report["latency"] if r["batch"] == 1)
     measured = row["latency_ms_pruned"] / row["latency_ms_dense"]
     predicted = prediction["predicted_ms_pruned"] / prediction["dense_ms_at_build"]
