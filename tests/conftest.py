@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import random
 from collections.abc import Callable
 
 import pytest
@@ -10,8 +12,11 @@ import torch
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the small test ViTs)
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.families.vit.searchable import SearchableViT
+from ofbdeploy.families.vit.space import space_for
 from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
+from ofbdeploy.models.materialize import materialize
 
 SYNTHETIC_COEFFICIENTS = [0.05, 2e-4, 1e-6, 3e-5, 4e-3, 8e-7, 2e-5]  # made up, one per latency-model feature
 
@@ -32,5 +37,24 @@ def synthetic_lut() -> Callable[[str, int], LatencyLUT]:
         dense = float(arch_features(ArchSpec.dense(shape)) @ SYNTHETIC_COEFFICIENTS)
         key = LutKey("cpu: synthetic", "ort-cpu", "fp32", 1, img_size, model_name)
         return LatencyLUT(key, shape, list(SYNTHETIC_COEFFICIENTS), dense)
+
+    return make
+
+
+@pytest.fixture
+def cut_vit() -> Callable[..., tuple]:
+    """A teacher and a plain model cut from it by a random decision (embedding kept whole), untrained: with
+    ``multipliers`` the decided multipliers are random (a trained-like fold), else 1 (the teacher's own units)."""
+    def make(seed: int, multipliers: bool = False, name: str = "ofb_vit_pico_patch4_32"):
+        torch.manual_seed(seed)
+        teacher = timm.create_model(name).eval()
+        searchable = SearchableViT(copy.deepcopy(teacher), space_for(read_vit_shape(teacher)), name)
+        rng = random.Random(seed)
+        for group_name, group in searchable.groups():
+            widest = group_name == "embedding"
+            searchable.force_cell(group_name, group.widest_cell() if widest else rng.randrange(len(group.cells)))
+            group.multiplier.data.uniform_(0.25, 1.75) if multipliers else group.multiplier.data.fill_(1.0)
+        pruned, spec = materialize(searchable.eval())
+        return teacher, pruned, spec
 
     return make

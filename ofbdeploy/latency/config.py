@@ -23,6 +23,9 @@ class LatencyTargetCfg(Strict):
     width_points: int = Field(3, ge=1, le=64, description="head widths and MLP widths measured per embedding width")
     random_points: int = Field(16, ge=0, le=4096, description="random uneven models measured when building the LUT")
     repeats: int = Field(20, ge=5, le=MAX_REPEATS)
+    tolerance: float = Field(0.03, gt=0, lt=0.5, description="after the search, the measured ratio must lie in "
+                             "[target x (1 - tolerance), target]; the fit stage narrows or widens until it does")
+    max_rounds: int = Field(4, ge=0, le=16, description="measured rounds of the fit stage (0: no closed loop)")
 
     @model_validator(mode="after")
     def _one_target(self) -> LatencyTargetCfg:

@@ -129,6 +129,25 @@ class LatencyLUT:
         mlp = [[self.mlp_part(e, k) for k in space.mlp] for e in space.embedding]
         return {"stem": torch.tensor(stem), "attn": torch.tensor(attn), "mlp": torch.tensor(mlp)}
 
+    # -- learning -------------------------------------------------------------------------------
+    def learn(self, spec: ArchSpec, fraction: float, source: str = "fit") -> bool:
+        """Add a measured model (its latency as a ``fraction`` of dense, measured alternately with it) to the
+        probes and fit the coefficients again on all of them, so the next prediction on this device starts
+        from what was measured. Too few models for the coefficients (a hand-made table without probes) keep
+        them as they are; returns whether the table was fitted again."""
+        self.probes.append({"embed": spec.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in spec.blocks],
+                            "ms": self.dense_ms * fraction, "source": source})
+        specs = [ArchSpec(self.shape, (p["embed"],), tuple(BlockSpec(*blk) for blk in p["blocks"]))
+                 for p in self.probes]
+        if len(specs) < len(FEATURES):
+            return False
+        self.coefficients, errors = fit_coefficients(specs, [p["ms"] for p in self.probes])
+        for probe, err in zip(self.probes, errors, strict=True):
+            probe["fit_error"] = float(err)
+        self.fit_error = {"median_abs": float(np.median(np.abs(errors))), "max_abs": float(np.max(np.abs(errors)))}
+        self.points = len(specs)
+        return True
+
     # -- storage --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": LUT_FORMAT, "key": dataclasses.asdict(self.key), "shape": dataclasses.asdict(self.shape),
@@ -266,22 +285,26 @@ def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.ra
     return ArchSpec(shape, pick(space.embedding, fraction), blocks)
 
 
-def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None):
-    """A runner of a model of ``spec`` with random weights on the backend (exported and checked like any
-    deployed model)."""
-    model = with_random_weights(spec, family_of(spec.base).build_plain)
+def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None,
+                model: torch.nn.Module | None = None, images: Tensor | None = None):
+    """A runner of ``model`` (default: a model of ``spec`` with random weights) on the backend, exported and
+    checked like any deployed model: an int8 target runs the int8 file, calibrated on ``images`` (real images
+    for a trained model; random ones otherwise) and checked on them."""
+    model = model if model is not None else with_random_weights(spec, family_of(spec.base).build_plain)
     artifacts = DeployArtifacts()
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # its own file: ONNX Runtime sessions open the file in prepare()
     artifact = registry.get(backend).artifact
     if artifact != "module":
         engine = artifact == "engine"
-        cfg = ExportCfg(fp16=precision == "fp16", trt=engine, check_images=2,
+        cfg = ExportCfg(fp16=precision == "fp16", int8=precision == "int8", trt=engine, check_images=2,
                         trt_precisions=[precision] if engine else ["fp16"],
                         batch_range=(batch, batch, batch))
-        artifacts = export_models({"probe": model}, tmp, cfg, img_size=spec.base.img_size,
-                                  in_chans=spec.base.in_chans, check_images=torch.randn(2, spec.base.in_chans,
-                                                                                        spec.base.img_size,
-                                                                                        spec.base.img_size))
+        b = spec.base
+        images = images if images is not None else torch.randn(2, b.in_chans, b.img_size, b.img_size)
+        int8 = precision == "int8"  # its check needs every image; the others' export checks are cheaper on two
+        artifacts = export_models({"probe": model}, tmp, cfg, img_size=b.img_size, in_chans=b.in_chans,
+                                  check_images=images if int8 else images[:2],
+                                  calibration=images.numpy() if int8 else None)
     return make_runner(backend, "probe", {"probe": model}, artifacts,
                        ProfileCfg(backends=[backend], precision=precision, batches=[batch], threads=threads))
 

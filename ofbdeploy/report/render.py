@@ -90,6 +90,28 @@ def _flag(value: bool | None) -> str:
     return "-" if value is None else ("on" if value else "off")
 
 
+def fit_lines(fit: dict[str, Any] | None) -> list[str]:
+    """What the fit stage did: the FLOPs fill, and each measured round of the latency loop."""
+    if not fit:
+        return []
+    lines = []
+    if fit.get("skipped"):
+        lines.append(f"Fit to the budget: {fit['skipped']}.")
+    if fit.get("flops_steps"):
+        target = fit["flops_target"]
+        lines.append(f"Fit to the FLOPs budget: {len(fit['flops_steps'])} widening step(s), "
+                     f"{fit['flops_before'] / target:.1%} -> {fit['flops_after'] / target:.1%} of the target.")
+    latency = fit.get("latency")
+    if latency:
+        lines.append(f"Latency closed loop on {latency['backend']} {latency['precision']} batch {latency['batch']}, "
+                     f"target {latency['target_ratio']:.1%} of dense (tolerance {latency['tolerance']:.0%}): "
+                     f"{'met' if latency['met'] else 'not met'} after {len(latency['rounds'])} round(s).")
+        lines += [f"- round {r['round']}: predicted {r['predicted_ratio']:.1%}, measured {r['measured_ratio']:.1%} "
+                  f"({r['repeats']} repeats, spread {r['spread']:.1%}, measured {r['measurements']}x); {r['action']}"
+                  + (f": {', '.join(r['steps'])}" if r["steps"] else "") for r in latency["rounds"]]
+    return lines
+
+
 def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot: Path | None) -> Path:
     """The human-readable report next to report.json."""
     summary = format_table(
@@ -110,6 +132,7 @@ def write_markdown(report: dict[str, Any], checks: list[Check], path: Path, plot
     if report.get("search_forced_groups"):
         parts.append(f"Undecided at the epoch budget (most probable cell taken): "
                      f"{', '.join(report['search_forced_groups'])}.")
+    parts += fit_lines(report.get("fit"))
     for item in report.get("export", []):
         parts.append(f"Export {item['path']}: max |ORT - torch| {item['max_abs_diff']:.2e}, top-1 agreement "
                      f"{item['top1_agreement']:.1%} on {item['check_images']} images.")

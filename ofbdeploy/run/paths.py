@@ -17,6 +17,7 @@ class RunPaths:
         self.search_ckpt, self.search_final = root / "search/search.ckpt", root / "search/final.ckpt"
         self.search_result, self.lut = root / "search/result.json", root / "search/lut.json"
         self.pruned, self.pruned_check = root / "pruned", root / "pruned/check.json"
+        self.fitted, self.fit, self.fit_lut = root / "fitted", root / "fit/fit.json", root / "fit/lut.json"
         self.finetune_ckpt, self.finetuned = root / "finetune/train.ckpt", root / "finetuned"
         self.metrics, self.report = root / "metrics.json", root / "report.json"
         self.export, self.profile = root / "export", root / "profile.json"

@@ -17,7 +17,7 @@ from ofbdeploy.table import format_table
 def build_report(paths: RunPaths) -> dict[str, Any]:
     """The run's headline numbers, from the artifacts the stages wrote."""
     search = read_json(paths.search_result)
-    spec = load_arch(paths.pruned / "arch.json")
+    spec = load_arch(paths.finetuned / "arch.json")  # after the fit stage (runs before it: the materialised one)
     dense_spec = ArchSpec.dense(spec.base)
     metrics = read_json(paths.metrics)
     finetune = read_json(paths.finetuned / "train.json")
@@ -49,6 +49,7 @@ def build_report(paths: RunPaths) -> dict[str, Any]:
         "search_budget_steps": search["budget_steps"],
         "finetune_seconds": finetune["seconds"],
         "materialize_max_abs_diff": read_json(paths.pruned_check)["max_abs_diff"],
+        "fit": read_json(paths.fit) if paths.fit.is_file() else None,
         "export": artifacts.checks,
         "accuracy": [{k: entry[k] for k in ("model", "precision", "runtime", "top1", "top5", "images")}
                      for entry in artifacts.accuracy],

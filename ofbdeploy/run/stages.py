@@ -6,7 +6,7 @@ resume), whether every torchrun process takes part in it, and its body. Adding a
 plus its body; the driver, the skip/resume bookkeeping, the ``check`` gate and the export/profile target
 read this table and nothing else.
 
-Stages run in one direction (dense -> search -> materialize -> finetune -> evaluate -> export -> profile ->
+Stages run in one direction (dense -> search -> materialize -> fit -> finetune -> evaluate -> export -> profile ->
 report); each reads the artifacts of the previous ones from the run directory and writes its own
 atomically.
 """
@@ -37,6 +37,7 @@ from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.run.context import RunContext
+from ofbdeploy.run.fit import fit_stage
 from ofbdeploy.run.paths import RunPaths
 from ofbdeploy.run.report import build_report, summary_table
 from ofbdeploy.run.rundir import digest_of, tree_identity, write_json
@@ -170,7 +171,7 @@ def materialize_stage(run: RunContext) -> None:
 def finetune(run: RunContext) -> None:
     """Finetune the pruned model, distilling from the dense one."""
     f = run.recipe.finetune
-    student = load_pruned(run.paths.pruned, run.dist.device).train()
+    student = load_pruned(run.paths.fitted, run.dist.device).train()
     teacher = run.load_dense() if f.distill.enabled else None
     settings = TrainSettings(epochs=f.epochs, lr=f.lr, min_lr=f.min_lr, weight_decay=f.weight_decay,
                              warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, mixup=f.mixup,
@@ -183,7 +184,7 @@ def finetune(run: RunContext) -> None:
                               seed=run.recipe.seed, checkpoint_path=run.paths.finetune_ckpt,
                               resume=run.resume, log=log, progress=run.progress, stage="finetune")
     if run.dist.is_main:
-        save_pruned(student, load_arch(run.paths.pruned / "arch.json"), run.paths.finetuned)
+        save_pruned(student, load_arch(run.paths.fitted / "arch.json"), run.paths.finetuned)
         write_json(run.paths.finetuned / "train.json", asdict(result))
 
 
@@ -277,6 +278,7 @@ STAGES: tuple[Stage, ...] = (
           checkpoint=Checkpoint(lambda p: p.search_ckpt, "search")),
     Stage("materialize", (), lambda p: [p.pruned / "model.safetensors", p.pruned / "arch.json", p.pruned_check],
           materialize_stage),
+    Stage("fit", (), lambda p: [p.fitted / "model.safetensors", p.fitted / "arch.json", p.fit], fit_stage),
     Stage("finetune", ("finetune",),
           lambda p: [p.finetuned / "model.safetensors", p.finetuned / "arch.json", p.finetuned / "train.json"],
           finetune, checkpoint=Checkpoint(lambda p: p.finetune_ckpt, "finetune")),

@@ -75,7 +75,10 @@ def test_run_writes_every_artifact(finished_run):
         assert (finished_run / rel).is_file(), rel
     report = json.loads((finished_run / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
-    assert report["flops_pruned"] <= report["flops_target"] < report["flops_dense"]
+    assert 0.99 * report["flops_target"] <= report["flops_pruned"] <= report["flops_target"] < report["flops_dense"]
+    fit = report["fit"]  # the fit stage filled what the search left under the budget, from the teacher
+    assert fit["flops_after"] == report["flops_pruned"] and fit["flops_before"] <= fit["flops_after"]
+    assert load_arch(finished_run / "fitted" / "arch.json") == load_arch(finished_run / "finetuned" / "arch.json")
     assert report["params_pruned"] < report["params_dense"]
     assert report["materialize_max_abs_diff"] <= 1e-4
     assert 0 <= report["top1_pruned"] <= 100
@@ -90,6 +93,24 @@ def test_run_writes_every_artifact(finished_run):
     assert "search epoch 1/4" in log and "stage report: finished" in log
     resolved = yaml.safe_load((finished_run / "recipe.yaml").read_text())
     assert resolved["search"]["epochs"] == 4 and resolved["search"]["shrinks_per_epoch"] == 3
+
+
+def test_a_run_from_before_the_fit_stage_is_refused_by_check_and_finished_by_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    book = read_json(run / "stages.json")  # as an older ofbdeploy left it: no fit stage, no fitted/
+    book["stages"].pop("fit")
+    write_json(run / "stages.json", book)
+    shutil.rmtree(run / "fitted")
+    shutil.rmtree(run / "fit")
+    result = CliRunner().invoke(main, ["check", str(run)])
+    assert result.exit_code == 2 and "the fit stage has not finished" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run))
+    assert result.exit_code == 0, result.output
+    log = (run / "run.log").read_text().split("stage report: finished")[-2]
+    assert "stage search: done already, skipped" in log and "stage fit: running (not run yet)" in log
+    assert "stage finetune: running (after fit)" in log and (run / "fitted" / "arch.json").is_file()
 
 
 def test_rerun_skips_what_is_done_and_redoes_what_changed(finished_run, tmp_path):
@@ -289,7 +310,17 @@ def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tm
     prediction = report["latency_prediction"]
     spec = load_arch(tmp_path / "run" / "finetuned" / "arch.json")
     assert prediction["predicted_ms_pruned"] == pytest.approx(table.predict(spec))
-    assert prediction["predicted_ms_pruned"] <= 0.6 * dense_ms + 1e-9  # the search met its budget on the table
+    searched = load_arch(tmp_path / "run" / "pruned" / "arch.json")
+    assert table.predict(searched) <= 0.6 * dense_ms + 1e-9  # the search met its budget on the table
+    fit = report["fit"]["latency"]  # then the fit stage measured on ORT CPU, in bounded rounds
+    assert 1 <= len(fit["rounds"]) <= 4 and fit["tolerance"] == 0.03
+    for r in fit["rounds"]:
+        assert r["measured_ratio"] > 0 and r["repeats"] >= 3 and r["measurements"] == len(r["spreads"]) >= 1
+        assert r["predicted_ratio"] > 0 and r["action"] in ("met", "narrowed", "widened", "stuck", "last round")
+    assert fit["met"] == (fit["rounds"][-1]["action"] == "met")
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "fit round 1: predicted" in log
+    assert "- round 1: predicted" in (tmp_path / "run" / "report.md").read_text()
     row = next(r for r in report["latency"] if r["batch"] == 1)
     measured = row["latency_ms_pruned"] / row["latency_ms_dense"]
     predicted = prediction["predicted_ms_pruned"] / prediction["dense_ms_at_build"]

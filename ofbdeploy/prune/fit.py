@@ -1,0 +1,279 @@
+"""Fit a materialised architecture to its budgets from both sides, and a latency budget to what is measured.
+
+The search's budget code (:mod:`ofbdeploy.prune.budget`) narrows decided groups and widens only undecided
+picks, so a search whose groups decide by themselves lands under its budget and gives away the accuracy the
+rest would buy. After materialisation the groups can move both ways again (:mod:`ofbdeploy.models.resize`:
+grown units come from the teacher), one grid step of one block at a time:
+
+- :func:`fill` widens while every budget holds, by importance gained per share of budget spent;
+- :func:`trim` narrows while a cost is over its target, by cost saved per importance given up;
+- :func:`latency_loop` closes the loop on a latency budget: measure pruned against dense on the target,
+  and, while the measured ratio is outside ``[target * (1 - tolerance), target]``, move the predicted
+  latency (the table's, corrected by the last measurement) toward the middle of that band with
+  :func:`fill` or :func:`trim`, then measure again. Rounds are bounded; a round whose repeats disagree by
+  more than the tolerance measures again instead of acting; every round is recorded.
+
+Importance is :func:`ofbdeploy.models.resize.unit_importance` (kept units from the pruned model, missing
+ones from the teacher, on one scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.models.resize import UnitImportance, resize_block
+
+Cost = Callable[[ArchSpec], float]
+PARTS = ("heads", "head_dim", "mlp_dim")
+
+
+@dataclass(frozen=True)
+class WidthStep:
+    """One grid step of one block's part, as run.log and report.json say it."""
+
+    block: int
+    part: str  # heads, head_dim or mlp_dim
+    before: int
+    after: int
+    importance: float  # gained (> 0) or given up (< 0)
+    costs_after: tuple[float, ...]
+
+    def describe(self) -> str:
+        return f"blocks.{self.block}.{self.part}: {self.before} -> {self.after}"
+
+
+def _kept_importance(imp: UnitImportance, spec: ArchSpec, i: int) -> float:
+    blk = spec.blocks[i]
+    mlp = float(imp.mlp[i][list(blk.kept_mlp)].sum())
+    return mlp + sum(float(imp.channels[i][h][list(c)].sum()) for h, c in zip(blk.kept_heads, blk.kept_channels,
+                                                                                 strict=True))
+
+
+def _neighbours(space: SearchSpace, spec: ArchSpec, i: int, wider: bool) -> list[tuple[str, tuple[int, int, int]]]:
+    """Block ``i``'s widths one grid step wider (or narrower) along one part, staying on the grids."""
+    blk = spec.blocks[i]
+    now = (blk.heads, blk.head_dim, blk.mlp_dim)
+    cells = set(space.attention)
+    grids = (sorted({n for n, _ in cells}), sorted({c for _, c in cells}), sorted(set(space.mlp)))
+    found = []
+    for axis, (part, grid) in enumerate(zip(PARTS, grids, strict=True)):
+        steps = [v for v in grid if (v > now[axis] if wider else v < now[axis])]
+        if not steps:
+            continue
+        widths = list(now)
+        widths[axis] = min(steps) if wider else max(steps)
+        if axis < 2 and (widths[0], widths[1]) not in cells:
+            continue
+        found.append((part, (widths[0], widths[1], widths[2])))
+    return found
+
+
+def _moved(spec: ArchSpec, imp: UnitImportance, i: int, widths: tuple[int, int, int]) -> ArchSpec:
+    blocks = list(spec.blocks)
+    blocks[i] = resize_block(blocks[i], imp.mlp[i], imp.channels[i], *widths)
+    return ArchSpec(spec.base, spec.embed_dims, tuple(blocks), spec.kept_embeds)
+
+
+def _step(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, wider: bool,
+          score: Callable[[ArchSpec, ArchSpec, float], float | None]) -> tuple[ArchSpec, WidthStep] | None:
+    """The best-scoring one-step move of any block (``score`` None: the move is not allowed)."""
+    best = None
+    for i in range(spec.base.depth):
+        here = _kept_importance(imp, spec, i)
+        for part, widths in _neighbours(space, spec, i, wider):
+            trial = _moved(spec, imp, i, widths)
+            gained = _kept_importance(imp, trial, i) - here
+            value = score(spec, trial, gained)
+            if value is not None and (best is None or value > best[0]):
+                axis = PARTS.index(part)
+                before = (spec.blocks[i].heads, spec.blocks[i].head_dim, spec.blocks[i].mlp_dim)[axis]
+                best = (value, trial, WidthStep(i, part, before, widths[axis], gained, ()))
+    return None if best is None else (best[1], best[2])
+
+
+def fill(spec: ArchSpec, imp: UnitImportance, space: SearchSpace,
+         budgets: Sequence[tuple[Cost, float]]) -> tuple[ArchSpec, list[WidthStep]]:
+    """Widen one grid step at a time while every budget holds: each step is the one with the most importance
+    gained per share of budget spent (the largest share over the budgets)."""
+    steps: list[WidthStep] = []
+
+    def shares(s: ArchSpec) -> list[float]:
+        return [cost(s) / target for cost, target in budgets]
+
+    def score(now: ArchSpec, trial: ArchSpec, gained: float) -> float | None:
+        after = shares(trial)
+        if max(after) > 1:
+            return None
+        spent = max(max(a - b for a, b in zip(after, shares(now), strict=True)), 1e-12)
+        return gained / spent
+
+    if not budgets or max(shares(spec)) > 1:
+        return spec, steps
+    while (moved := _step(spec, imp, space, True, score)) is not None:
+        spec = moved[0]
+        steps.append(replace(moved[1], costs_after=tuple(c(spec) for c, _ in budgets)))
+    return spec, steps
+
+
+def trim(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, cost: Cost,
+         target: float) -> tuple[ArchSpec, list[WidthStep]]:
+    """Narrow one grid step at a time while ``cost`` is over ``target``: each step saves the most cost per
+    importance given up."""
+    steps: list[WidthStep] = []
+
+    def score(now: ArchSpec, trial: ArchSpec, gained: float) -> float | None:
+        saved = cost(now) - cost(trial)
+        return saved / max(-gained, 1e-12) if saved > 0 else None
+
+    while cost(spec) > target and (moved := _step(spec, imp, space, False, score)) is not None:
+        spec = moved[0]
+        steps.append(replace(moved[1], costs_after=(cost(spec),)))
+    return spec, steps
+
+
+# -- the latency loop ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """Pruned/dense latency ratios of repeated paired measurements of one architecture."""
+
+    ratios: tuple[float, ...]
+    dense_ms: float
+    pruned_ms: float
+
+    @property
+    def ratio(self) -> float:
+        ordered = sorted(self.ratios)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repeats: how much they disagree."""
+        return (max(self.ratios) - min(self.ratios)) / self.ratio
+
+
+Measure = Callable[[ArchSpec], Measurement]
+
+
+@dataclass
+class FitRound:
+    """One measured round of the latency loop."""
+
+    round: int
+    predicted_ratio: float
+    measured_ratio: float
+    repeats: int
+    spread: float
+    measurements: int  # how many times it was measured (more than 1: its repeats disagreed)
+    dense_ms: float
+    pruned_ms: float
+    action: str  # met, narrowed, widened, stuck (nothing left to move), last round
+    steps: list[str] = field(default_factory=list)  # widths changed for the next round (see changes())
+    spreads: list[float] = field(default_factory=list)  # of every measurement taken, the noisy ones too
+
+
+@dataclass
+class LatencyFit:
+    spec: ArchSpec
+    met: bool
+    rounds: list[FitRound]
+
+
+def latency_loop(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, *, predict: Cost, measure: Measure,
+                 target: float, tolerance: float, max_rounds: int, other_budgets: Sequence[tuple[Cost, float]] = (),
+                 learn: Callable[[ArchSpec, float], None] | None = None, max_measurements: int = 3) -> LatencyFit:
+    """Bring the measured pruned/dense latency ratio of ``spec`` into ``[target * (1 - tolerance), target]``.
+
+    ``predict`` is read again every round, so a ``learn`` that refits the table from each measurement steers
+    the next round. Widening also respects ``other_budgets`` (a FLOPs budget). The result is the last
+    architecture measured within the band, else the widest one measured under the target, else the last.
+    """
+    origin = spec
+    low, goal = target * (1 - tolerance), target * (1 - tolerance / 2)
+    rounds: list[FitRound] = []
+    measured: dict[ArchSpec, float] = {}
+    best: tuple[float, ArchSpec] | None = None
+    for index in range(max_rounds):
+        m, spreads = _stable(measure, spec, tolerance, max_measurements)
+        ratio = m.ratio
+        predicted = predict(spec) / predict(ArchSpec.dense(spec.base))
+        if learn is not None:
+            learn(spec, ratio)
+        measured[spec] = ratio
+        record = FitRound(index + 1, predicted, ratio, len(m.ratios), m.spread, len(spreads), m.dense_ms,
+                          m.pruned_ms, "last round", spreads=spreads)
+        rounds.append(record)
+        if ratio <= target and (best is None or ratio > best[0]):
+            best = (ratio, spec)
+        if low <= ratio <= target:
+            record.action = "met"
+            return LatencyFit(spec, True, rounds)
+        if index + 1 == max_rounds:
+            break
+        planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
+        record.action = "narrowed" if ratio > target else "widened"
+        record.steps = changes(spec, planned)
+        if not steps or planned in measured:  # nothing left to move, or back to a measured miss
+            record.action = "stuck"
+            break
+        spec = planned
+    chosen = best[1] if best is not None else spec
+    return LatencyFit(chosen, False, rounds)
+
+
+def changes(before: ArchSpec, after: ArchSpec) -> list[str]:
+    """The widths that differ between two architectures, "blocks.3.mlp_dim: 96 -> 128"."""
+    found = []
+    for i, (a, b) in enumerate(zip(before.blocks, after.blocks, strict=True)):
+        for part in PARTS:
+            if getattr(a, part) != getattr(b, part):
+                found.append(f"blocks.{i}.{part}: {getattr(a, part)} -> {getattr(b, part)}")
+    return found
+
+
+def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int) -> tuple[Measurement, list[float]]:
+    """A measurement whose repeats agree within ``tolerance``, measuring again (up to ``tries`` times) rather
+    than acting on noise; if none agrees, all repeats pooled. Also the spread of every measurement taken."""
+    taken = [measure(spec)]
+    while taken[-1].spread > tolerance and len(taken) < tries:
+        taken.append(measure(spec))
+    spreads = [m.spread for m in taken]
+    if taken[-1].spread <= tolerance:
+        return taken[-1], spreads
+    pooled = tuple(r for m in taken for r in m.ratios)
+    return Measurement(pooled, taken[-1].dense_ms, taken[-1].pruned_ms), spreads
+
+
+def _aim(points: list[tuple[float, float]], goal: float) -> float:
+    """The table's prediction at which the measured ratio should be ``goal``, from (predicted, measured) points.
+
+    Between the nearest measured points on either side of the goal: linear interpolation. On one side only:
+    the secant through the two nearest (when it rises), else the nearest point's prediction scaled by
+    goal/measured (the table's error taken as a factor).
+    """
+    under = [p for p in points if p[1] < goal]
+    over = [p for p in points if p[1] >= goal]
+    if under and over:
+        (pa, ra), (pb, rb) = max(under, key=lambda p: p[1]), min(over, key=lambda p: p[1])
+        return pa + (goal - ra) * (pb - pa) / (rb - ra) if rb > ra else pa
+    near = sorted(points, key=lambda p: abs(p[1] - goal))
+    (pa, ra), rest = near[0], near[1:]
+    if rest and abs(rest[0][0] - pa) > 1e-12 and (rest[0][1] - ra) / (rest[0][0] - pa) > 0:
+        pb, rb = rest[0]
+        return pa + (goal - ra) * (pb - pa) / (rb - ra)
+    return pa * goal / ra
+
+
+def _move(origin: ArchSpec, measured: dict[ArchSpec, float], goal: float, imp: UnitImportance, space: SearchSpace,
+          predict: Cost, other_budgets: Sequence[tuple[Cost, float]]) -> tuple[ArchSpec, list[WidthStep]]:
+    """Narrow or widen the searched architecture toward the prediction that the measurements say lands on
+    ``goal``. Planned from the same start every round, the greedy paths are nested, so a larger aim never
+    gives a narrower model and the interpolation between measured rounds closes in on the goal even where
+    the backend has cliffs the table does not know."""
+    aim = _aim([(predict(s), r) for s, r in measured.items()], goal)
+    narrowed, steps = trim(origin, imp, space, predict, aim)  # then widen into what the last step left
+    widened, more = fill(narrowed, imp, space, [(predict, aim), *other_budgets])
+    return widened, steps + more

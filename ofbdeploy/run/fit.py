@@ -1,0 +1,169 @@
+"""The ``fit`` stage: between materialisation and finetuning, the decided architecture is brought onto its
+budgets from both sides (:mod:`ofbdeploy.prune.fit`).
+
+- A FLOPs budget the search left under-filled is filled to within a grid step below it.
+- A latency budget (``search.latency``) is closed on measurements: the fitted model and the dense one are
+  exported and timed alternately on the target backend, precision and batch with the profile's protocol
+  (medians of ``search.latency.repeats`` calls, three paired measurements a round), and the widths move
+  until the measured ratio lies within ``search.latency.tolerance`` under the target, for at most
+  ``search.latency.max_rounds`` rounds. Every measurement is added to the latency table, the table is
+  fitted again and saved: in the run (``fit/lut.json``) and, when it describes this machine, in the cache
+  under its key, so the next run on this device starts better.
+
+The weights the search trained are kept: the model is resized (:mod:`ofbdeploy.models.resize`), units taken
+from the teacher where a group grows; the finetune then trains the fitted model. ``fit.json`` records every
+step and round; report.json carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.deploy.measure import measure_pair
+from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
+from ofbdeploy.families import load_arch
+from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.latency.lut import LatencyLUT, default_cache_dir, spec_runner
+from ofbdeploy.models.pruned import load_pruned, save_pruned
+from ofbdeploy.models.resize import UnitImportance, resize, unit_importance
+from ofbdeploy.prune.budget import resolve_target
+from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill, latency_loop
+from ofbdeploy.run.context import RunContext
+from ofbdeploy.run.rundir import write_json
+from ofbdeploy.train.data import calibration_batch
+
+log = logging.getLogger("ofbdeploy.run")
+
+PAIRS_PER_ROUND = 3  # paired measurements a round: their agreement is the round's stability
+CALIBRATION_IMAGES = 64  # real images an int8 target's files are calibrated and checked on
+
+
+def _steps(steps: list[WidthStep]) -> list[dict[str, Any]]:
+    return [{"step": s.describe(), "importance": s.importance, "costs_after": list(s.costs_after)} for s in steps]
+
+
+def _macs(spec: ArchSpec) -> float:
+    return spec.macs()
+
+
+class _Bench:
+    """Pruned (resized from the searched model) against dense on the latency target, measured as a profile
+    measures: exported, checked, timed alternately; medians."""
+
+    def __init__(self, cfg: LatencyTargetCfg, model: nn.Module, spec: ArchSpec, teacher: nn.Module, tmp: Path,
+                 threads: int | None, images: Tensor) -> None:
+        self.cfg, self.model, self.spec, self.teacher, self.tmp = cfg, model, spec, teacher, tmp
+        self.threads, self.images = threads, images
+        self.dense = spec_runner(ArchSpec.dense(spec.base), cfg.backend, cfg.precision, cfg.batch, tmp, threads,
+                                 model=teacher, images=images)
+
+    def __call__(self, spec: ArchSpec) -> Measurement:
+        c = self.cfg
+        candidate = resize(self.model, self.spec, self.teacher, spec)
+        runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
+                             images=self.images)
+        ratios, dense, pruned = [], 0.0, 0.0
+        for _ in range(PAIRS_PER_ROUND):
+            d, p = measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
+            ratios.append(p.median_ms / d.median_ms)
+            dense, pruned = d.median_ms, p.median_ms
+        return Measurement(tuple(ratios), dense, pruned)
+
+
+def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.Module, teacher: nn.Module,
+             importance: UnitImportance, space: SearchSpace,
+             flops: float | None) -> tuple[LatencyFit, LatencyLUT, float]:
+    lut = LatencyLUT.load(run.paths.lut)
+    dense_ms = lut.predict(ArchSpec.dense(spec.base))
+    target = cfg.target_ratio if cfg.target_ratio is not None else cfg.target_ms / dense_ms
+    others = [(_macs, flops)] if flops is not None else []
+
+    def learn(measured: ArchSpec, fraction: float) -> None:
+        if lut.learn(measured, fraction):
+            log.info("fit: measured %.1f%% of dense; latency table fitted again on %d models (fit error median "
+                     "%.1f%%)", 100 * fraction, lut.points, 100 * lut.fit_error["median_abs"])
+        else:
+            log.info("fit: measured %.1f%% of dense; the latency table has too few models to fit again (%d)",
+                     100 * fraction, len(lut.probes))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train, val, _ = run.data()  # int8 files are calibrated as the export calibrates them, on real images
+        images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), run.recipe.seed)
+        bench = _Bench(cfg, model, spec, teacher, Path(tmp), run.recipe.profile.threads, images)
+        fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
+                           tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
+    for r in fit.rounds:
+        log.info("fit round %d: predicted %.1f%%, measured %.1f%% of dense (%d repeats, spread %.1f%%, measured %d "
+                 "time(s)); %s%s", r.round, 100 * r.predicted_ratio, 100 * r.measured_ratio, r.repeats,
+                 100 * r.spread, r.measurements, r.action, f": {', '.join(r.steps)}" if r.steps else "")
+    (log.info if fit.met else log.warning)(
+        "fit: latency target %.1f%% %s after %d round(s)", 100 * target,
+        "met within tolerance" if fit.met else "not met", len(fit.rounds))
+    return fit, lut, target
+
+
+def save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:
+    """The learned table in the run, and in the cache when it describes this machine (the same key)."""
+    lut.save(path)
+    if lut.key.device != registry.get(cfg.backend).device_name():
+        return None
+    cached = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return str(lut.save(cached / lut.key.filename(lut.shape)))
+
+
+def fit_stage(run: RunContext) -> None:
+    """Budgets met from both sides; the fitted model is what the finetune trains. Rank 0's work alone."""
+    if not run.dist.is_main:
+        return
+    paths = run.paths
+    spec = load_arch(paths.pruned / "arch.json")
+    model = load_pruned(paths.pruned)
+    cfg = run.recipe.search
+    latency = cfg.latency_target
+    flops = resolve_target(cfg, spec.base)
+    record: dict[str, Any] = {"flops_target": flops, "flops_before": spec.macs(), "flops_steps": [],
+                              "latency": None, "skipped": None}
+    final = spec
+    if spec.family != "vit":
+        record["skipped"] = f"resizing is implemented for ViTs, not {spec.family}: the searched widths are kept"
+        log.info("fit: %s", record["skipped"])
+    else:
+        teacher = run.load_dense().cpu()
+        importance = unit_importance(model, spec, teacher)
+        space = run.space(spec.base)
+        if latency is not None and latency.max_rounds > 0:
+            try:
+                fit, lut, target = _latency(run, latency, spec, model, teacher, importance, space, flops)
+            except (BackendError, BackendUnavailable) as err:
+                record["skipped"] = f"latency not measured on {latency.backend}: {err}"
+                log.warning("fit: %s", record["skipped"])
+            else:
+                final = fit.spec
+                record["latency"] = {"target_ratio": target, "backend": latency.backend,
+                                     "precision": latency.precision, "batch": latency.batch,
+                                     "tolerance": latency.tolerance, "max_rounds": latency.max_rounds,
+                                     "met": fit.met, "rounds": [vars(r) for r in fit.rounds],
+                                     "table": {"points": lut.points, "fit_error": lut.fit_error,
+                                               "cache": save_table(lut, latency, paths.fit_lut)}}
+        if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below
+            final, steps = fill(spec, importance, space, [(_macs, flops)])
+            record["flops_steps"] = _steps(steps)
+            if steps:
+                log.info("fit: %d widening step(s) toward the FLOPs budget: %s", len(steps),
+                         ", ".join(s.describe() for s in steps))
+        if final != spec:
+            model = resize(model, spec, teacher, final)
+    record["flops_after"] = final.macs()
+    if flops is not None:
+        log.info("fit: FLOPs %.2f%% of the budget (%.2f%% before)", 100 * final.macs() / flops,
+                 100 * spec.macs() / flops)
+    save_pruned(model, final, paths.fitted)
+    write_json(paths.fit, record)

@@ -1,0 +1,133 @@
+"""Budgets met from both sides after the search (prune/fit.py): FLOPs filled, latency fitted to measurements."""
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.measure import measure_pair
+from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.latency.config import LatencyTargetCfg
+from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
+from ofbdeploy.models.resize import unit_importance
+from ofbdeploy.prune.fit import Measurement, fill, latency_loop
+from ofbdeploy.run.fit import save_table
+
+
+def _setup(cut_vit, seed=0, name="ofb_vit_tiny3_patch4_32"):
+    teacher, pruned, spec = cut_vit(seed, name=name)
+    return spec, unit_importance(pruned, spec, teacher), space_for(spec.base)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_flops_budget_under_filled_ends_within_one_percent_below(cut_vit, seed):
+    spec, importance, space = _setup(cut_vit, seed)
+    target = min(1.4 * spec.macs(), 0.95 * ArchSpec.dense(spec.base).macs())
+    filled, steps = fill(spec, importance, space, [(lambda s: s.macs(), target)])
+    assert steps and 0.99 * target <= filled.macs() <= target
+    assert steps[-1].costs_after[0] == filled.macs()
+    assert all(s.importance > 0 for s in steps)
+    for before, after in zip(spec.blocks, filled.blocks, strict=True):  # nothing narrowed, kept units stay
+        assert set(before.kept_mlp) <= set(after.kept_mlp) and after.mlp_dim >= before.mlp_dim
+
+
+def _ceil64(width: float) -> float:
+    return math.ceil(width / 64) * 64
+
+
+def fake_ms(spec: ArchSpec) -> float:
+    """A backend with per-op overheads and a width cliff at multiples of 64 (what a GEMM tiling does)."""
+    total = 0.3 + 0.002 * spec.embed_dim
+    for b in spec.blocks:
+        total += 0.04 + 0.015 * b.heads + 0.0015 * _ceil64(b.heads * b.head_dim) + 0.0008 * _ceil64(b.mlp_dim)
+    return total
+
+
+def _table(spec: ArchSpec, space):
+    """The latency table fitted on the fake backend's probe models, as `lut build` fits it: smooth, so it
+    knows nothing of the cliff."""
+    specs = probe_set(spec.base, space, random_points=8)
+    coefficients, _ = fit_coefficients(specs, [fake_ms(s) for s in specs])
+    return lambda s: float(arch_features(s) @ np.asarray(coefficients))
+
+
+@pytest.mark.parametrize("skew", [1.0, 1.6])  # 1.6: a table whose slope is wrong across the range
+@pytest.mark.parametrize("target", [0.5, 0.6, 0.7, 0.8])
+def test_the_loop_converges_on_a_nonlinear_backend_in_bounded_rounds(cut_vit, target, skew):
+    spec, importance, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+    dense = fake_ms(ArchSpec.dense(spec.base))
+    rng = random.Random(0)
+    calls = []
+
+    def measure(s: ArchSpec) -> Measurement:
+        calls.append(s)
+        ratios = tuple(fake_ms(s) / dense * (1 + rng.uniform(-0.004, 0.004)) for _ in range(3))
+        return Measurement(ratios, dense, fake_ms(s))
+
+    table = _table(spec, space)
+    fit = latency_loop(spec, importance, space, predict=lambda s: table(s) ** skew, measure=measure, target=target,
+                       tolerance=0.03, max_rounds=4)
+    assert fit.met and len(fit.rounds) <= 4
+    final = fake_ms(fit.spec) / dense
+    assert target * 0.97 - 0.005 <= final <= target + 0.005
+    assert fit.rounds[-1].action == "met" and all(r.action in ("narrowed", "widened") for r in fit.rounds[:-1])
+    assert fit.spec == calls[-1]  # the answer is an architecture that was measured
+
+
+def test_a_noisy_round_measures_again_before_acting(cut_vit):
+    spec, importance, space = _setup(cut_vit, 2)
+    dense = fake_ms(ArchSpec.dense(spec.base))
+    answers = iter([(0.3, 0.9, 0.6), (0.6, 0.6, 0.6)])
+
+    def measure(s: ArchSpec) -> Measurement:
+        ratios = next(answers, None) or (fake_ms(s) / dense,) * 3
+        return Measurement(ratios, dense, dense * ratios[0])
+
+    fit = latency_loop(spec, importance, space, predict=_table(spec, space), measure=measure, target=0.61,
+                       tolerance=0.03, max_rounds=1)
+    first = fit.rounds[0]
+    assert first.measurements == 2 and first.repeats == 3 and first.measured_ratio == pytest.approx(0.6)
+    assert first.spreads[0] == pytest.approx(1.0) and first.spread == 0
+    assert fit.met
+
+
+def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_vit, tmp_path):
+    spec, _, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+    probes = probe_set(spec.base, space, random_points=8)
+    measured = [fake_ms(s) for s in probes]
+    coefficients, _ = fit_coefficients(probes, measured)
+    dense = fake_ms(ArchSpec.dense(spec.base))
+    key = LutKey(registry.get("ort-cpu").device_name(), "ort-cpu", "fp32", 1, 32, spec.base.model_name)
+    records = [{"embed": s.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in s.blocks], "ms": ms}
+               for s, ms in zip(probes, measured, strict=True)]
+    lut = LatencyLUT(key, spec.base, coefficients, dense, records, points=len(probes))
+    slow = 1.3 * fake_ms(spec) / dense  # the backend turns out slower on this model than the table says
+    before = abs(lut.predict(spec) / dense - slow)
+    for _ in range(3):
+        assert lut.learn(spec, slow)
+    assert abs(lut.predict(spec) / dense - slow) < before and lut.points == len(probes) + 3
+    assert lut.probes[-1]["source"] == "fit" and "fit_error" in lut.probes[-1]
+    cfg = LatencyTargetCfg(target_ratio=0.5, cache_dir=str(tmp_path / "cache"))
+    cached = save_table(lut, cfg, tmp_path / "run" / "lut.json")  # this machine's table: the cache learns too
+    assert cached == str(tmp_path / "cache" / lut.key.filename(spec.base))
+    again = LatencyLUT.load(Path(cached))
+    assert again.key == lut.key and again.predict(spec) == pytest.approx(lut.predict(spec))
+    assert LatencyLUT.load(tmp_path / "run" / "lut.json").points == lut.points
+    lut.key = dataclasses.replace(lut.key, device="another machine")
+    assert save_table(lut, cfg, tmp_path / "run" / "lut.json") is None
+
+
+def test_an_int8_target_measures_the_int8_file(cut_vit, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, pruned, spec = cut_vit(3)
+    images = torch.rand(16, 3, 32, 32)
+    runner = spec_runner(spec, "ort-cpu", "int8", 1, tmp_path, threads=1, model=pruned, images=images)
+    assert runner._path.name == "probe-int8.onnx" and runner.precision == "int8"
+    _, measured = measure_pair(runner, runner, 1, warmup=1, repeats=5)
+    assert measured.median_ms > 0
