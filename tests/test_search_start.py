@@ -11,6 +11,7 @@ import torch
 import ofbdeploy.models.zoo  # noqa: F401  (the ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import OfbError
+from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.ofb.diagnostic import decision_diagnostic, spearman, summary
@@ -22,6 +23,7 @@ from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.schedule import scaled_lr
 
 NAME = "ofb_vit_pico_patch4_32"  # 64 channels, 4 blocks of 4 heads x 16, MLP 256
+SWIN = "ofb_swin_pico_patch2_32"
 
 
 def _vit(seed: int = 0):
@@ -271,3 +273,20 @@ def test_the_paper_exact_recipe_pins_the_published_search():
     assert search.scores_lr == search.lr == search.arch_lr
     assert search.init == "random" and search.logit_bias == 0 and not search.distill.enabled
     assert search.logit_init == "random" and search.widest_logit == 0
+
+
+def test_the_informed_start_covers_swin_stages():
+    """Swin: one embedding group per stage, written by the patch embedding or that stage's patch merging."""
+    torch.manual_seed(0)
+    swin = timm.create_model(SWIN)
+    shape = read_shape(swin, SWIN)
+    model = family_of(shape).searchable(swin, family_of(shape).space(shape), SWIN)
+    with torch.no_grad():  # stage 1's channel 3 written by a merging row 10x the others
+        swin.layers[1].downsample.reduction.weight[3].mul_(10.0)
+    magnitude_scores_(model)
+    groups = dict(model.groups())
+    assert int(torch.argmax(groups["stages.1.embedding"].score)) == 3
+    assert all(float(g.score.detach().std()) > 0 for _, g in model.groups())
+    target = 0.5 * ArchSpec.dense(model.shape).macs()
+    cells = bias_logits_(model, target, 1.0)
+    assert set(cells) == set(groups) and all(int(torch.argmax(groups[n].alpha)) == k for n, k in cells.items())
