@@ -48,7 +48,7 @@ def test_extends_cycle_is_an_error(tmp_path):
 def test_overrides_are_yaml_values(tmp_path):
     path = _write(tmp_path, "r.yaml", BASE)
     recipe = load_recipe(path, ["search.epochs=3", "search.align=16", "search.pmim.enabled=false", "data.root=/x"])
-    assert recipe.search.epochs == 3 and recipe.search.warmup_epochs == 0 and recipe.search.align == 16
+    assert recipe.search.epochs == 3 and recipe.search.warmup_epochs is None and recipe.search.align == 16
     assert not recipe.search.pmim.enabled
     assert recipe.data.root == "/x"
 

@@ -91,6 +91,10 @@ def test_run_writes_every_artifact(finished_run):
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     log = (finished_run / "run.log").read_text()
     assert "search epoch 1/4" in log and "stage report: finished" in log
+    rates = next(line for line in log.splitlines() if "learning rates per 256 images" in line)
+    assert all(f"search {group} " in rates for group in ("weights", "scores 0.3 ->", "arch", "decoder"))
+    decisions = json.loads((finished_run / "search/result.json").read_text())["state"]["decisions"]
+    assert len(decisions) == 9 and all("spearman" in g and "outside_start" in g for g in decisions.values())
     resolved = yaml.safe_load((finished_run / "recipe.yaml").read_text())
     assert resolved["search"]["epochs"] == 4 and resolved["search"]["shrinks_per_epoch"] == 3
 

@@ -28,10 +28,11 @@ def test_bench_search_cost_smoke(tmp_path, synthetic_lut):
     out = tmp_path / "cost.json"
     _run("bench_search_cost.py", "--model", "ofb_vit_pico_patch4_32", "--img-size", "32", "--batch", "4",
          "--steps", "2", "--warmup", "1", "--latency-lut", str(synthetic_lut(PICO, 32).save(tmp_path / "lut.json")),
-         "--json", str(out))
+         "--distill", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["search_step_s"] > 0 and result["dense_step_s"] > 0 and result["ratio"] > 0
     assert result["latency_search_step_s"] > 0 and result["latency_ratio"] > 0
+    assert result["distill_search_step_s"] > 0 and result["distill_ratio"] > 0
 
 
 def test_bench_loader_smoke(tmp_path):

@@ -1,6 +1,7 @@
 """Cost of an OFB search step (bi-masks + PMIM + one-hot/FLOPs losses + three optimisers) against a plain
 training step of the dense model, same model, batch and device; with --latency-lut, also the step of the
-latency-targeted search (the table's expected latency added to the loss); and, on CUDA, the projected
+latency-targeted search (the table's expected latency added to the loss); with --distill, also the step of a
+search that distils from the dense model (``search.distill``: one more dense forward); and, on CUDA, the projected
 GPU-hours of a DeiT-S ImageNet search with the paper's schedule.
 
 Under torchrun both steps run under DDP (the dense one as the trainer wraps it, the search as the search
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--latency-lut", type=Path, default=None,
                         help="a latency table file: also time the latency-targeted search step (50%% of dense)")
+    parser.add_argument("--distill", action="store_true",
+                        help="also time the search step that distils from the dense model (search.distill)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     ctx = init_distributed(args.device)
@@ -100,22 +103,27 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    def search_step(latency_lut: Path | None):
-        """One step of a fresh search: FLOPs-targeted, or latency-targeted with the given table."""
+    def search_step(latency_lut: Path | None, distill: bool = False):
+        """One step of a fresh search: FLOPs-targeted, or latency-targeted with the given table; distilling
+        from the dense model (in eval mode) when ``distill``."""
         searchable = SearchableViT(timm.create_model(args.model, img_size=args.img_size), model_name=args.model)
         searchable.to(device).train()
         loader = torch.utils.data.DataLoader([(images[0].cpu(), 0)] * args.batch, batch_size=args.batch)
-        cfg, objective = SearchCfg(target_flops_ratio=0.5, epochs=100), None
+        cfg, objective = SearchCfg(target_flops_ratio=0.5, epochs=100, distill={"enabled": distill}), None
         if latency_lut is not None:
             cfg = SearchCfg(epochs=100, latency={"target_ratio": 0.5, "lut": str(latency_lut)})
             objective = LatencyObjective(LatencyLUT.load(latency_lut), searchable.space, target_ratio=0.5)
-        search = Search(searchable, loader, cfg, ctx, 0, args.amp, logging.getLogger("bench"), objective)
+        teacher = timm.create_model(args.model, img_size=args.img_size).to(device).eval() if distill else None
+        search = Search(searchable, loader, cfg, ctx, 0, args.amp, logging.getLogger("bench"), objective,
+                        teacher=teacher)
         keep = search.schedules(search.steps * 10)  # mid warm-up: PMIM hides ~10% of the patches
         return lambda: search.step([(images, labels)], keep)
 
     steps = {"dense": dense_step, "search": search_step(None)}
     if args.latency_lut is not None:
         steps["latency"] = search_step(args.latency_lut)
+    if args.distill:
+        steps["distill"] = search_step(None, distill=True)
     times = _timed_alternately(steps, args.steps, args.warmup, ctx)
     dense_s, search_s = statistics.median(times["dense"]), statistics.median(times["search"])
     world = ctx.world_size
@@ -129,6 +137,9 @@ def main() -> None:
     if args.latency_lut is not None:
         latency_s = statistics.median(times["latency"])
         result.update(latency_search_step_s=latency_s, latency_ratio=latency_s / dense_s)
+    if args.distill:
+        distill_s = statistics.median(times["distill"])
+        result.update(distill_search_step_s=distill_s, distill_ratio=distill_s / dense_s)
     if device.type == "cuda":
         result["projected_search_gpu_hours_imagenet_100_epochs"] = (
             IMAGENET_TRAIN * PAPER_EPOCHS / (args.batch * world) * search_s * world / 3600)

@@ -27,16 +27,38 @@ class PMIMCfg(Strict):
                              "authors' code) or per patch")
 
 
+class SearchDistillCfg(Strict):
+    """Distillation from the dense teacher during the search (off in the paper's search)."""
+
+    enabled: bool = False
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha on labels)")
+
+
+# Keys added after runs were recorded: a plain dump leaves each out while it holds its default, so that the
+# digests of search stages and the resume records written before them still match.
+_LATER_KEYS = ("warmup_fraction", "score_lr", "init", "logit_bias", "distill")
+
+
 class SearchCfg(MethodCfg):
     """The OFB search (``method: ofb``, the default): weights, importance and sparsity learnt together."""
 
     method: Literal["ofb"] = "ofb"
     epochs: int = Field(100, ge=1)
-    warmup_epochs: int | None = Field(
-        None, ge=0, description="warm-up of lr, mixing weight and PMIM ratio; default: a fifth of epochs (20 of 100)"
+    warmup_fraction: float = Field(
+        0.2, ge=0, lt=1, description="warm-up of lr, mixing weight and PMIM keep ratio as a fraction of the search's "
+        "optimiser steps (0.2: 20 of 100 epochs, as published, and a warm-up in searches of any length)"
     )
-    lr: float = Field(2.5e-4, gt=0, description="weights and importance scores, per 256 images")
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="the warm-up in whole epochs instead (the paper's form: 20 of 100); wins over "
+        "warmup_fraction when given"
+    )
+    lr: float = Field(2.5e-4, gt=0, description="weights, per 256 images")
     arch_lr: float = Field(2.5e-4, gt=0, description="sparsity logits, per 256 images")
+    score_lr: float | None = Field(
+        None, gt=0, description="importance scores (their own group, no weight decay), per 256 images; default: "
+        "arch_lr, the published 1:1 ratio to the sparsity logits"
+    )
     decoder_lr: float = Field(2.5e-4, gt=0, description="PMIM decoder, per 256 images")
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
@@ -59,6 +81,16 @@ class SearchCfg(MethodCfg):
         "start, whose soft masks scale most units down at step 0 (a pretrained model drops to chance); "
         "4 starts near the dense model's function where the mixing weight is low (no warm-up)"
     )
+    init: Literal["random", "magnitude"] = Field(
+        "random", description="the importance scores' start: random draws (the method) or the dense weights' "
+        "coupled magnitudes, ranked and spread like the random draw"
+    )
+    logit_bias: float = Field(
+        0.0, ge=0, description="added at the start to each group's cell nearest a global allocation of the dense "
+        "weights' magnitudes per MAC at the FLOPs target (0: off; 1 exceeds the U(0, 1) draw's range, so that cell "
+        "starts as the most probable); needs a FLOPs budget"
+    )
+    distill: SearchDistillCfg = Field(default_factory=SearchDistillCfg)
     mix_start: float = Field(0.99, ge=0, le=1)
     mix_end: float = Field(0.1, ge=0, le=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -72,26 +104,42 @@ class SearchCfg(MethodCfg):
     def latency_target(self) -> LatencyTargetCfg | None:
         return self.latency
 
+    @property
+    def scores_lr(self) -> float:
+        """The importance scores' learning rate per 256 images (``score_lr``, else ``arch_lr``)."""
+        return self.score_lr if self.score_lr is not None else self.arch_lr
+
     def learning_rates(self) -> dict[str, float]:
-        return {"search": self.lr, "search arch": self.arch_lr}
+        return {"search weights": self.lr, "search scores": self.scores_lr, "search arch": self.arch_lr,
+                "search decoder": self.decoder_lr}
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of warm-up: ``warmup_epochs`` whole epochs when given, else the fraction of all."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs * steps_per_epoch
+        return round(self.warmup_fraction * self.epochs * steps_per_epoch)
 
     def searchable_options(self) -> dict[str, float]:
         return {"l1_attention": self.l1_attention, "l1_other": self.l1_other}
 
     @model_validator(mode="after")
-    def _default_warmup(self) -> SearchCfg:
-        if self.warmup_epochs is None:
-            object.__setattr__(self, "warmup_epochs", self.epochs // 5)
-        if self.warmup_epochs > self.epochs:
+    def _check(self) -> SearchCfg:
+        if self.warmup_epochs is not None and self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.logit_bias > 0 and self.target_flops_ratio is None and self.target_gflops is None:
+            raise ValueError("logit_bias allocates at the FLOPs target: give target_flops_ratio or target_gflops")
         return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         """Plain dumps leave the default method out, so the digests of run stages, resumable checkpoints and
-        baselines made before there were methods still match; the resolved recipe (dumped with the context
-        ``{"resolved": True}``) names it."""
+        baselines made before there were methods still match, and so for the later keys at their defaults;
+        the resolved recipe (dumped with the context ``{"resolved": True}``) names them all."""
         data = handler(self)
         if not (info.context or {}).get("resolved"):
             data.pop("method", None)
+            for key in _LATER_KEYS:
+                default = type(self).model_fields[key].get_default(call_default_factory=True)
+                if getattr(self, key) == default:
+                    data.pop(key, None)
         return data

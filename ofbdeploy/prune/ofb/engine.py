@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ofbdeploy.arch import ArchSpec, arch_to_dict
@@ -27,7 +27,9 @@ from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.prune.budget import check_budget, enforce_budget, fill_budget, macs_cost, resolve_target, spec_cost
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.ofb.config import SearchCfg
+from ofbdeploy.prune.ofb.diagnostic import decision_diagnostic, summary
 from ofbdeploy.prune.ofb.objective import LatencyObjective
+from ofbdeploy.prune.ofb.start import bias_logits_, magnitude_scores_
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.search.losses import flops_loss, onehot_loss
 from ofbdeploy.search.pmim import random_token_mask, reconstruction_loss
@@ -36,33 +38,64 @@ from ofbdeploy.train.checkpoint import load_checkpoint, save_checkpoint, seed_ep
 from ofbdeploy.train.distributed import Dist, Replicated, all_reduce_sum, barrier, broadcast_all_
 from ofbdeploy.train.drop_path import set_drop_path
 from ofbdeploy.train.schedule import linear, scaled_lr, warmup_cosine
+from ofbdeploy.train.trainer import distillation_loss
 
 _ARCH_BETAS = (0.5, 0.999)  # the authors' betas for the sparsity logits
 _POSTFIX_EVERY = 10  # steps between progress-bar updates (each reads values from the device)
 
 
+def _role(name: str, param: torch.nn.Parameter) -> str:
+    """Which optimiser group a parameter of the searchable model belongs to."""
+    if name.endswith(".alpha"):
+        return "arch"
+    if name.startswith("decoder."):
+        return "decoder"
+    if name.endswith(".score"):
+        return "scores"
+    if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token", ".multiplier")):
+        return "no_decay"
+    return "decay"
+
+
 def build_optimizers(searchable: SearchableViT, cfg: SearchCfg, global_batch: int) -> dict[str, torch.optim.AdamW]:
-    """Weights + importance scores, sparsity logits, PMIM decoder: three AdamW, stepped together."""
-    decay, no_decay, arch, decoder = [], [], [], []
+    """Weights + importance scores, sparsity logits, PMIM decoder: three AdamW, stepped together.
+
+    The weights' AdamW has three groups: decayed weights, undecayed ones, and the importance scores at their
+    own rate (``score_lr``) without decay.
+    """
+    params: dict[str, list] = {"decay": [], "no_decay": [], "scores": [], "arch": [], "decoder": []}
     for name, param in searchable.named_parameters():
-        if name.endswith(".alpha"):
-            arch.append(param)
-        elif name.startswith("decoder."):
-            decoder.append(param)
-        elif param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token", ".score", ".multiplier")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        params[_role(name, param)].append(param)
     return {
         "weights": torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": params["decay"], "weight_decay": cfg.weight_decay},
+             {"params": params["no_decay"], "weight_decay": 0.0},
+             {"params": params["scores"], "weight_decay": 0.0, "lr": scaled_lr(cfg.scores_lr, global_batch)}],
             lr=scaled_lr(cfg.lr, global_batch),
         ),
-        "arch": torch.optim.AdamW(arch, lr=scaled_lr(cfg.arch_lr, global_batch), betas=_ARCH_BETAS, weight_decay=0.0),
+        "arch": torch.optim.AdamW(params["arch"], lr=scaled_lr(cfg.arch_lr, global_batch), betas=_ARCH_BETAS,
+                                  weight_decay=0.0),
         "decoder": torch.optim.AdamW(
-            decoder, lr=scaled_lr(cfg.decoder_lr, global_batch), weight_decay=cfg.weight_decay
+            params["decoder"], lr=scaled_lr(cfg.decoder_lr, global_batch), weight_decay=cfg.weight_decay
         ),
     }
+
+
+def upgrade_weights_state(state: dict, searchable: SearchableViT) -> dict:
+    """A weights-optimiser state saved before the scores had their own group (two groups, the scores among
+    the undecayed parameters), renumbered for the three groups of :func:`build_optimizers`."""
+    if len(state["param_groups"]) != 2:
+        return state
+    roles = [_role(name, p) for name, p in searchable.named_parameters()]
+    weights = [k for k, role in enumerate(roles) if role in ("decay", "no_decay", "scores")]
+    old = [k for k in weights if roles[k] == "decay"] + [k for k in weights if roles[k] != "decay"]
+    new = [[k for k in weights if roles[k] == role] for role in ("decay", "no_decay", "scores")]
+    position = {k: i for i, k in enumerate(k for group in new for k in group)}
+    renumber = {i: position[k] for i, k in enumerate(old)}
+    groups = [{**state["param_groups"][0], "params": [position[k] for k in new[0]]},
+              {**state["param_groups"][1], "params": [position[k] for k in new[1]]},
+              {**state["param_groups"][1], "params": [position[k] for k in new[2]]}]
+    return {"state": {renumber[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 Batch = tuple[Tensor, Tensor]
@@ -76,17 +109,20 @@ class Search:
     """
 
     def __init__(self, model: SearchableViT, loader, cfg: SearchCfg, ctx: Dist, seed: int, amp: str,
-                 log: logging.Logger, latency: LatencyObjective | None, accum_steps: int = 1) -> None:
+                 log: logging.Logger, latency: LatencyObjective | None, accum_steps: int = 1,
+                 teacher: nn.Module | None = None) -> None:
         self.model, self.loader, self.cfg, self.ctx, self.seed, self.amp, self.log = (
             model, loader, cfg, ctx, seed, amp, log)
         self.latency = latency
+        self.teacher = teacher  # the dense model, in eval mode, distilled from when search.distill is on
         self.accum = accum_steps
         self.steps = min(len(loader) // accum_steps, cfg.max_steps_per_epoch or len(loader))
         if self.steps < 1:
             raise OfbError("search: the training split gives no full batch; lower data.batch_size")
         self.global_batch = loader.batch_size * ctx.world_size * accum_steps
         self.optimizers = build_optimizers(model, cfg, self.global_batch)
-        self.base_lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        self.base_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
+        self.warmup_steps = cfg.warmup_steps(self.steps)
         self.dtype = amp_dtype(amp, ctx.device)
         self.scaler = grad_scaler(self.dtype, ctx.device)
         self.target = resolve_target(cfg, model.shape)
@@ -95,6 +131,7 @@ class Search:
         # is off) need find_unused_parameters; the groups' buffers are the same on every rank by construction.
         self.replica = Replicated(model, ctx, find_unused_parameters=True, forward_sync_buffers=False)
         self.decided_epoch: int | None = None
+        self.start_scores: dict[str, Tensor] = {}  # importance scores at the start (the decision diagnostic)
         self.cut_steps: list[int] = []  # optimiser steps after which layers were cut (this call's)
         self.weights = cfg.loss_weights
         self.group_weight = {
@@ -110,6 +147,7 @@ class Search:
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "decided_epoch": self.decided_epoch,
+            "start_scores": self.start_scores,
         }
 
     def restore(self, ckpt: dict) -> int:
@@ -122,20 +160,21 @@ class Search:
                 group.alpha.requires_grad_(False)
                 group.score.requires_grad_(False)
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
+            saved = ckpt["optimizers"][name]
+            opt.load_state_dict(upgrade_weights_state(saved, self.model) if name == "weights" else saved)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.decided_epoch = ckpt["decided_epoch"]
+        self.start_scores = ckpt.get("start_scores", {})  # absent from checkpoints older than the diagnostic
         return int(ckpt["epoch"])
 
     # -- one step -------------------------------------------------------------------------------
     def schedules(self, it: int) -> float:
         """Set lrs and the mixing weight for optimiser step ``it``; return the PMIM keep ratio."""
-        cfg, total, warm = self.cfg, self.cfg.epochs * self.steps, self.cfg.warmup_epochs * self.steps
+        cfg, total, warm = self.cfg, self.cfg.epochs * self.steps, self.warmup_steps
         for name, opt in self.optimizers.items():
-            lr = warmup_cosine(it, total, warm, self.base_lrs[name], cfg.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group, base in zip(opt.param_groups, self.base_lrs[name], strict=True):
+                group["lr"] = warmup_cosine(it, total, warm, base, cfg.min_lr)
         self.model.set_mix(linear(it, warm, cfg.mix_start, cfg.mix_end))
         if not cfg.pmim.enabled or self.model.all_decided:
             return 1.0
@@ -168,11 +207,24 @@ class Search:
                 logits, recon = self.replica.net(images), None
             else:
                 logits, recon = self.replica.net(images, token_mask)
+            teacher_logits = self.teach(images)
         task = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        if teacher_logits is not None:
+            distill = self.cfg.distill
+            task = (1 - distill.alpha) * task + distill.alpha * distillation_loss(logits, teacher_logits,
+                                                                                  distill.temperature)
         if recon is None:
             return task, task.new_zeros(()), task
         pmim = reconstruction_loss(images, recon, token_mask, self.model.shape.patch_size, self.cfg.pmim.target)
         return task, pmim, task + (task.detach() / pmim.detach().clamp_min(1e-8)) * pmim
+
+    def teach(self, images: Tensor) -> Tensor | None:
+        """The teacher's logits on the whole images (no PMIM masking: the dense model never learnt the mask
+        token, and the student learns to predict, from the visible patches, what it sees in all of them)."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(images)
 
     def step(self, batches: list[Batch], keep: float) -> Tensor:
         """One optimiser step over ``batches`` (this process's micro-batches); returns the detached losses
@@ -244,14 +296,19 @@ def run_search(
     progress: bool = True,
     latency: LatencyObjective | None = None,
     accum_steps: int = 1,
+    teacher: nn.Module | None = None,
 ) -> SearchResult:
     """Search ``model`` (already on ``ctx.device``) on ``loader`` until every group is decided.
 
     ``latency`` (built from a LUT of the target device) adds the latency loss and budget. Each optimiser
-    step accumulates ``accum_steps`` batches of ``loader`` per process.
+    step accumulates ``accum_steps`` batches of ``loader`` per process. ``teacher`` (the dense model, in
+    eval mode) is distilled from when ``search.distill`` is enabled.
     """
     log = log or logging.getLogger("ofbdeploy.search")
-    search = Search(model, loader, cfg, ctx, seed, amp, log, latency, accum_steps)
+    if cfg.distill.enabled and teacher is None:
+        raise OfbError("search.distill is enabled but the search was given no teacher")
+    search = Search(model, loader, cfg, ctx, seed, amp, log, latency, accum_steps,
+                    teacher if cfg.distill.enabled else None)
     check_budget(search.target, model.space, model.shape)
     if latency is not None and latency.floor_ms(model.space) > latency.target_ms:
         raise OfbError(f"latency budget {latency.target_ms:.3f} ms cannot be met: the narrowest architecture the "
@@ -262,7 +319,11 @@ def run_search(
         start = resumed = search.restore(load_checkpoint(checkpoint_path, ctx.device))
         log.info("search resumed from %s at epoch %d", checkpoint_path, start)
     else:
-        model.start_logits_(cfg.logit_init, cfg.widest_logit)
+        start_(model, cfg, search.target, log)
+        search.start_scores = {name: g.score.detach().cpu().clone() for name, g in model.groups()}
+    log.info("search warm-up: %d of %d optimiser steps (lr, mixing weight %.2f -> %.2f, PMIM keep %.2f -> %.2f)",
+             search.warmup_steps, cfg.epochs * search.steps, cfg.mix_start, cfg.mix_end, cfg.pmim.keep_start,
+             cfg.pmim.keep_end)
     start = start or 0
     per_epoch = cfg.shrinks_per_epoch
     shrink_at = {max(0, round(search.steps * (k + 1) / per_epoch) - 1) for k in range(per_epoch)}
@@ -326,6 +387,12 @@ def run_search(
         log.warning("search over budget: narrowed %s from %s to %s (cost now %.4g)", step.group,
                     "x".join(map(str, step.before)), "x".join(map(str, step.after)), step.cost_after)
     seconds = time.perf_counter() - t0
+    decisions = decision_diagnostic(model, search.start_scores)
+    overall = summary(decisions)
+    if overall["mean_spearman"] is not None:
+        log.info("search decisions: start/final score rank correlation %.3f (mean over %d groups), %.1f%% of kept "
+                 "units outside the start's choice", overall["mean_spearman"], overall["groups"],
+                 100 * overall["mean_outside_start"])
     spec = model.arch_spec()
     achieved = spec.macs()
     log.info("search result %.4f GMACs (%.1f%% of dense)%s", achieved / 1e9, 100 * achieved / search.dense,
@@ -344,13 +411,30 @@ def run_search(
         target_latency_ms=latency.target_ms if latency else None,
         predicted_latency_ms=latency.lut.predict(spec) if latency else None,
         predicted_dense_latency_ms=latency.dense_ms if latency else None,
+        state={"decisions": decisions, "decision_summary": overall},
     )
 
 
 
+def start_(model: SearchableViT, cfg: SearchCfg, target: float | None, log: logging.Logger) -> None:
+    """A fresh search's start: the importance scores (``search.init``), the sparsity logits (``logit_init``,
+    ``widest_logit``), then the logit bias toward the global magnitude allocation (``logit_bias``)."""
+    if cfg.init == "magnitude":
+        magnitude_scores_(model)
+        log.info("search init: importance scores from the dense weights' coupled magnitudes")
+    model.start_logits_(cfg.logit_init, cfg.widest_logit)
+    if cfg.logit_bias > 0 and target is not None:
+        groups = dict(model.groups())
+        cells = bias_logits_(model, target, cfg.logit_bias)
+        log.info("search init: logits biased by %g toward the magnitude allocation at the target: %s", cfg.logit_bias,
+                 ", ".join(f"{name} {'x'.join(map(str, groups[name].cells[k].tolist()))}" for name, k in cells.items()))
+
+
 def decide(model: SearchableViT, cfg: SearchCfg, job: Job) -> SearchResult:
-    """The registry's entry point: the OFB search of ``model`` with the recipe's stochastic depth."""
+    """The registry's entry point: the OFB search of ``model`` with the recipe's stochastic depth (and the
+    dense teacher, when the search distils)."""
     set_drop_path(model, cfg.drop_path)
+    teacher = job.teacher().to(job.ctx.device).eval() if cfg.distill.enabled else None
     return run_search(model, job.loader, cfg, job.ctx, seed=job.seed, amp=job.amp,
                       checkpoint_path=job.checkpoint_path, resume=job.resume, log=job.log, progress=job.progress,
-                      latency=job.latency, accum_steps=job.accum_steps)
+                      latency=job.latency, accum_steps=job.accum_steps, teacher=teacher)
