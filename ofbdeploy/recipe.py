@@ -25,6 +25,7 @@ from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.prune.ofb.config import LossWeights, PMIMCfg, SearchCfg
 from ofbdeploy.prune.registry import METHODS, MethodConfig
 from ofbdeploy.report.config import BudgetCfg, LatencyLimit, SpeedupLimit
+from ofbdeploy.train.config import DistillCfg
 
 __all__ = [  # sections declared by the layers that read them, re-exported for recipe users
     "Backend", "BudgetCfg", "ExportCfg", "LatencyLimit", "LatencyTargetCfg", "LossWeights", "MethodCfg", "PMIMCfg",
@@ -102,12 +103,6 @@ class PretrainCfg(Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on optimiser steps per epoch")
-
-
-class DistillCfg(Strict):
-    enabled: bool = True
-    temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha on labels)")
 
 
 class FinetuneCfg(Strict):

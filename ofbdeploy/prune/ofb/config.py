@@ -9,6 +9,7 @@ from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, mo
 from ofbdeploy.config import Strict
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.prune.config import MethodCfg
+from ofbdeploy.train.config import DistillCfg
 
 
 class LossWeights(Strict):
@@ -27,12 +28,10 @@ class PMIMCfg(Strict):
                              "authors' code) or per patch")
 
 
-class SearchDistillCfg(Strict):
-    """Distillation from the dense teacher during the search (off in the paper's search)."""
+class SearchDistillCfg(DistillCfg):
+    """Distillation from the dense teacher during the search (off, as in the paper's search)."""
 
     enabled: bool = False
-    temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha on labels)")
 
 
 # Keys added after runs were recorded: a plain dump leaves each out while it holds its default, so that the

@@ -268,7 +268,7 @@ def test_the_search_result_records_the_diagnostic_per_group(caplog):
 
 # -- 6. the paper, one recipe away --------------------------------------------------------------------------
 def test_the_paper_exact_recipe_pins_the_published_search():
-    search = load_recipe(Path(__file__).parents[1] / "recipes" / "ofb_paper_exact.yaml").search
+    search = load_recipe(Path(__file__).parents[2] / "recipes" / "ofb_paper_exact.yaml").search
     assert search.warmup_epochs == 20 and search.epochs == 100
     assert search.scores_lr == search.lr == search.arch_lr
     assert search.init == "random" and search.logit_bias == 0 and not search.distill.enabled
