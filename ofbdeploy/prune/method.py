@@ -7,7 +7,6 @@ run then materialises, finetunes, exports and profiles that model the same way w
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ofbdeploy.errors import OfbError
-from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.prune.ofb.objective import LatencyObjective
-from ofbdeploy.prune.result import SearchResult
-from ofbdeploy.search.searchable import SearchableModel
 from ofbdeploy.train.distributed import Dist
 
 
@@ -40,34 +35,3 @@ class Job:
     progress: bool = True
     latency: LatencyObjective | None = None
     accum_steps: int = 1
-
-
-Decide = Callable[[SearchableModel, Any, Job], SearchResult]
-
-
-@dataclass(frozen=True)
-class Method:
-    """One registered pruning method."""
-
-    config: type[MethodCfg]
-    decide: Decide
-    trains: bool = False  # its decision trains the weights (they are kept, and its images count as training)
-    families: tuple[str, ...] | None = None  # model families it can prune (None: every family)
-    requires: str | None = None  # an optional module it needs, and how to install it
-    install: str = ""
-
-    @property
-    def name(self) -> str:
-        """The recipe's ``search.method`` for it: the default of its config's ``method`` literal."""
-        return str(self.config.model_fields["method"].default)
-
-    def check(self, family: str) -> None:
-        """Refuse, before anything is written, a method this install or this model cannot run (one line)."""
-        if self.families is not None and family not in self.families:
-            raise OfbError(f"search.method {self.name} prunes {', '.join(self.families)} models, not {family}; "
-                           f"use search.method ofb")
-        if self.requires is not None:
-            try:
-                importlib.import_module(self.requires)
-            except ImportError:
-                raise OfbError(f"search.method {self.name} needs the {self.requires} package: {self.install}") from None

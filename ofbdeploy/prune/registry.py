@@ -1,30 +1,75 @@
 """Every pruning method by its recipe name (``search.method``): its config class and its ``decide()``.
 
-Adding a method is one module with a config class (on :class:`~ofbdeploy.prune.config.MethodCfg`) and a
-``decide(model, cfg, job)``, plus one row here (its name is its config's ``method``); the recipe's ``search``
-union, its validation and the run's search stage follow from this table.
+A method is a ``decide(model, cfg, job)`` in a module of this package (see ``method.Job``) and a config class
+(on :class:`~ofbdeploy.prune.config.MethodCfg`) in a module free of torch, plus one row here naming both. The
+recipe's ``search`` union and its validation come from the config classes; ``decide`` is imported when a run
+asks for it, so reading a recipe or ``--help`` loads no torch (as the runtime registry does).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
 from ofbdeploy.errors import OfbError
-from ofbdeploy.prune import scored, torch_pruning
-from ofbdeploy.prune.method import Method
-from ofbdeploy.prune.ofb import engine as ofb
+from ofbdeploy.prune.config import (
+    TORCH_PRUNING,
+    TORCH_PRUNING_INSTALL,
+    L1Cfg,
+    MethodCfg,
+    RandomCfg,
+    TorchPruningCfg,
+    UniformCfg,
+)
 from ofbdeploy.prune.ofb.config import SearchCfg
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered pruning method: its section, where its ``decide`` lives, and what it can prune."""
+
+    config: type[MethodCfg]
+    decider: str  # "module:function" in this package
+    trains: bool = False  # its decision trains the weights (they are kept, and its images count as training)
+    families: tuple[str, ...] | None = None  # model families it can prune (None: every family)
+    requires: str | None = None  # an optional module it needs, and how to install it
+    install: str = ""
+
+    @property
+    def name(self) -> str:
+        """The recipe's ``search.method`` for it: the default of its config's ``method`` literal."""
+        return str(self.config.model_fields["method"].default)
+
+    @property
+    def decide(self) -> Callable[..., Any]:
+        """``decide(model, cfg, job) -> SearchResult``, imported now."""
+        module, function = self.decider.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+    def check(self, family: str) -> None:
+        """Refuse, before anything is written, a method this install or this model cannot run (one line)."""
+        if self.families is not None and family not in self.families:
+            raise OfbError(f"search.method {self.name} prunes {', '.join(self.families)} models, not {family}; "
+                           f"use search.method ofb")
+        if self.requires is not None:
+            try:
+                importlib.import_module(self.requires)
+            except ImportError:
+                raise OfbError(f"search.method {self.name} needs the {self.requires} package: {self.install}") from None
+
 
 DEFAULT = "ofb"
 METHODS: dict[str, Method] = {method.name: method for method in (
-    Method(SearchCfg, ofb.decide, trains=True),
-    Method(scored.UniformCfg, scored.decide_uniform_l1, families=("vit",)),
-    Method(scored.L1Cfg, scored.decide_l1, families=("vit",)),
-    Method(scored.RandomCfg, scored.decide_random, families=("vit",)),
-    Method(torch_pruning.TorchPruningCfg, torch_pruning.decide, families=("vit",), requires=torch_pruning.MODULE,
-           install=torch_pruning.INSTALL),
+    Method(SearchCfg, "ofb.engine:decide", trains=True),
+    Method(UniformCfg, "scored:decide_uniform_l1", families=("vit",)),
+    Method(L1Cfg, "scored:decide_l1", families=("vit",)),
+    Method(RandomCfg, "scored:decide_random", families=("vit",)),
+    Method(TorchPruningCfg, "torch_pruning:decide", families=("vit",), requires=TORCH_PRUNING,
+           install=TORCH_PRUNING_INSTALL),
 )}
 
 

@@ -12,7 +12,6 @@ multipliers are 1 and its scores only rank. Nothing is trained here; the run's f
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 
@@ -24,24 +23,6 @@ from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.search.groups import MaskGroup
-
-
-class L1Cfg(MethodCfg):
-    """``method: l1``: L1-magnitude importance, widths by the budget enforcement."""
-
-    method: Literal["l1"] = "l1"
-
-
-class RandomCfg(MethodCfg):
-    """``method: random``: random importance, widths by the budget enforcement."""
-
-    method: Literal["random"] = "random"
-
-
-class UniformCfg(MethodCfg):
-    """``method: uniform``: one width fraction for every group, units by L1 magnitude."""
-
-    method: Literal["uniform"] = "uniform"
 
 
 @torch.no_grad()

@@ -19,10 +19,8 @@ import copy
 import importlib
 import time
 from types import ModuleType
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from timm.layers import Attention, LayerScale
 from torch import Tensor, nn
 
@@ -31,30 +29,14 @@ from ofbdeploy.arch.cost import measure_macs
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.prune.budget import enforce_budget, resolve_target
-from ofbdeploy.prune.config import MethodCfg
+from ofbdeploy.prune.config import TORCH_PRUNING, TorchPruningCfg
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.result import SearchResult
-
-MODULE = "torch_pruning"
-INSTALL = "pip install 'ofbdeploy[bench]'"
-
-
-class TorchPruningCfg(MethodCfg):
-    """``method: torch-pruning``: Torch-Pruning's isomorphic global magnitude pruning to the FLOPs budget."""
-
-    method: Literal["torch-pruning"] = "torch-pruning"
-    prune_step: float = Field(0.01, gt=0, le=0.5, description="width fraction removed per pruning step")
-
-    @model_validator(mode="after")
-    def _no_align(self) -> TorchPruningCfg:
-        if self.align is not None:
-            raise ValueError("torch-pruning removes a fraction of every width, not grid steps: drop search.align")
-        return self
 
 
 def _torch_pruning() -> ModuleType:
     """The optional package (the registry refuses a recipe that names this method without it)."""
-    return importlib.import_module(MODULE)
+    return importlib.import_module(TORCH_PRUNING)
 
 
 def _attentions(model: nn.Module) -> list[Attention]:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).parents[2]
 
 
 def test_every_registered_runtime_is_found_in_its_module() -> None:
-    assert registry.names() == ["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+    assert registry.names() == ["torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "openvino"]
     assert registry.names() == cli.BACKENDS
     for name in registry.names():
         runtime = registry.get(name)
@@ -58,7 +58,7 @@ def new_runtime(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_a_new_runtime_is_one_module_and_one_row(new_runtime: str, tmp_path: Path) -> None:
     assert ProfileCfg(backends=[new_runtime]).backends == [new_runtime]  # the recipe validator
-    with pytest.raises(ValueError, match="'tensorrt' or 'standin'"):
+    with pytest.raises(ValueError, match="'openvino' or 'standin'"):
         ProfileCfg(backends=["nope"])
     assert lut._this_device(new_runtime).startswith("cpu: ")  # the latency table's key
     model = timm.create_model("ofb_vit_pico_patch4_32", img_size=16).eval()

@@ -20,10 +20,10 @@ from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.models.dense import build_dense
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.prune import torch_pruning
+from ofbdeploy.prune.config import L1Cfg
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.ofb.config import SearchCfg
 from ofbdeploy.prune.registry import METHODS, get_method
-from ofbdeploy.prune.scored import L1Cfg
 from ofbdeploy.recipe import RecipeError, load_recipe, parse_recipe
 from ofbdeploy.verify.exactness import set_fused_attention
 
