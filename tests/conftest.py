@@ -58,3 +58,15 @@ def cut_vit() -> Callable[..., tuple]:
         return teacher, pruned, spec
 
     return make
+
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that start several processes (DDP workers, torchrun) run first, in their usual order.
+
+    Late in a long session, with hundreds of tests' runtimes (ONNX Runtime, OpenVINO, torch pools) loaded in this
+    process, the test process itself was killed by SIGSEGV while it waited on such a test's workers (twice at
+    the torchrun quickstart, once at the trainer's DDP test; never when they ran in a shorter session). The
+    cause is not found yet; running them before the rest keeps the suite's verdict about the code under test.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("multiprocess") is None)

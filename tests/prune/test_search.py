@@ -368,6 +368,7 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiprocess
 def test_ddp_search_cuts_layers_mid_training_and_ranks_stay_identical(ddp_runs):
     r0, r1 = (r["straight"] for r in ddp_runs)
     assert r0["cut_steps"] and min(r0["cut_steps"]) < r0["steps_run"] - 1  # steps trained after a physical cut
@@ -378,6 +379,7 @@ def test_ddp_search_cuts_layers_mid_training_and_ranks_stay_identical(ddp_runs):
     assert spec.macs() <= 0.5 * ArchSpec.dense(spec.base).macs()
 
 
+@pytest.mark.multiprocess
 def test_ddp_search_killed_after_a_cut_resumes_to_the_uninterrupted_result(ddp_runs):
     for rank in ddp_runs:
         stopped = arch_from_dict(rank["stopped_arch"])

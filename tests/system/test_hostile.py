@@ -219,6 +219,7 @@ def test_a_stop_signal_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path,
     assert list(StageBook(tmp_path / "run").load()[0]) == ["dense"]
 
 
+@pytest.mark.multiprocess
 def test_the_torchrun_launcher_keeps_the_exit_codes(tmp_path):
     from ofbdeploy.torchrun import worker_exit_code
 

@@ -367,6 +367,7 @@ def test_export_and_profile_a_bare_model_directory(finished_run, tmp_path):
 QUICKSTART = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
 
 
+@pytest.mark.multiprocess
 def test_torchrun_quickstart_cuts_mid_search_and_finishes_with_a_report(tmp_path):
     """The README's multi-process command on the bundled recipe, shortened: the search cuts layers while it
     trains under DDP, the other rank leaves after the last collective stage, rank 0 reports."""

@@ -5,6 +5,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,6 +33,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     Path(out, f"{rank}.txt").write_text(f"{waited:.1f} {alone.world_size} {dist.is_initialized()}")
 
 
+@pytest.mark.multiprocess
 def test_the_others_wait_for_rank_0_longer_than_the_collective_timeout(tmp_path):
     # forked, not spawned: the workers only wait and talk, and start without importing torch again
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")

@@ -282,6 +282,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_cpu_ranks_end_identical(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
