@@ -39,6 +39,11 @@ from ofbdeploy.deploy.runtimes.base import (
 _PRECISIONS = ("fp32", "int8")
 
 
+def _cpu_config(count: int, **extra: str) -> dict[str, Any]:
+    """The CPU plugin's settings for every compile here: fp32 outside int8 products, ``count`` threads."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": count, **extra}
+
+
 def _missing() -> str | None:
     """Why OpenVINO cannot run here."""
     if importlib.util.find_spec("openvino") is None:
@@ -83,8 +88,7 @@ class OpenVinoRunner(Runner):
         try:
             model = self._core.read_model(str(self._path))
             model.reshape([batch, *self._input.chw])
-            return self._core.compile_model(model, "CPU", {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32",
-                                                           "INFERENCE_NUM_THREADS": self._threads})
+            return self._core.compile_model(model, "CPU", _cpu_config(self._threads, PERFORMANCE_HINT=hint))
         except RuntimeError as err:  # OpenVINO reports conversion and compile failures as RuntimeError
             lines = str(err).strip().splitlines()
             raise BackendUnavailable(f"{self.backend}: OpenVINO cannot compile {self._path.name}: "
@@ -108,8 +112,7 @@ def _classifier(path: Path) -> Classifier:
     """``path`` compiled with a free batch for evaluation (fp32 outside int8 products, as the runner)."""
     import openvino
 
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                "INFERENCE_NUM_THREADS": threads.current().intra_op})
+    compiled = openvino.Core().compile_model(str(path), "CPU", _cpu_config(threads.current().intra_op))
     return lambda images: np.asarray(compiled(images)[0], dtype=np.float32)
 
 
