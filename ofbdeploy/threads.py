@@ -5,11 +5,16 @@ A process sizes its thread pools for the CPUs it may actually use: its CPU affin
 run (``LOCAL_WORLD_SIZE``). What a user says wins: ``ofbdeploy --threads N``, then ``OFBDEPLOY_THREADS``, then
 ``OMP_NUM_THREADS`` (which torch itself honours, and which plain ``torchrun`` sets to 1).
 
-Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy): two
-runs on one machine otherwise burn each other's cores while waiting. OpenMP reads that policy, and torch reads
-``OMP_NUM_THREADS``, when torch is loaded, so :func:`configure` runs before the first ``import torch`` (the CLI
-calls it first thing) and only touches torch directly when it is already loaded. Nothing here imports torch: the
-CLI answers ``--help`` and refuses bad input without loading it.
+Two runs on one machine must not burn each other's cores. A process alone keeps OpenMP's spinning wait (a
+passive wait costs a small model about a fifth of its speed), so instead the automatic count adapts while it
+trains (:class:`Governor`, fed by :func:`tick` once per optimiser step): when this process gets clearly less CPU
+time than its threads ask for and is preempted often, other processes want these CPUs, and it drops to the CPUs
+it actually gets (one thread each for two runs on two cores: no OpenMP barrier left to spin at); once the CPUs
+are free again for a few seconds running, it takes them back. A count the user set is never changed.
+
+torch reads ``OMP_NUM_THREADS`` when it is loaded, so :func:`configure` runs before the first ``import torch``
+(the CLI calls it first thing) and only touches torch directly when it is already loaded. Nothing here imports
+torch: the CLI answers ``--help`` and refuses bad input without loading it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,15 +168,94 @@ def share_for_workers(nproc: int, env: MutableMapping[str, str] = os.environ) ->
         env["OMP_NUM_THREADS"] = str(plan_threads(None, {**env, "LOCAL_WORLD_SIZE": str(nproc)}).intra_op)
 
 
+CHECK_EVERY_S = 1.0  # the governor's look at the CPUs: no more often than this
+BUSY_SHARE = 0.8  # CPU seconds a second per thread under which this process is not getting its CPUs ...
+PREEMPTED_PER_THREAD_S = 50.0  # ... and involuntary context switches a second per thread over which others want them
+FREE_CHECKS = 3  # consecutive looks with a CPU free before the threads are taken back
+
+
+def _usage() -> tuple[float, float]:
+    """This process's CPU seconds (all threads) and its involuntary context switches so far."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime, float(use.ru_nivcsw)
+
+
+def _procs_running(stat: Path = Path("/proc/stat")) -> int | None:
+    """Threads running or runnable on the machine now (this one included); None where unknown (not Linux)."""
+    try:
+        for line in stat.read_text().splitlines():
+            if line.startswith("procs_running "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _set_torch_threads(count: int) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+
+
+class Governor:
+    """The automatic thread count, adapted to what other processes leave of the CPUs.
+
+    At ``full`` threads: a look that finds this process using under :data:`BUSY_SHARE` of its threads' CPU time
+    while preempted more than :data:`PREEMPTED_PER_THREAD_S` times a second per thread means others compete (a
+    process waiting on data or a GPU uses less CPU but is not preempted); it drops to the CPUs it got. Below
+    ``full``: when :data:`FREE_CHECKS` looks in a row find a CPU with nothing runnable on it, it goes back.
+    """
+
+    def __init__(self, full: int, allowed: int, *, clock: Callable[[], float] = time.perf_counter,
+                 usage: Callable[[], tuple[float, float]] = _usage,
+                 running: Callable[[], int | None] = _procs_running,
+                 apply: Callable[[int], None] = _set_torch_threads) -> None:
+        self.full, self.allowed, self.threads = full, allowed, full
+        self._clock, self._usage, self._running, self._apply = clock, usage, running, apply
+        self._at = clock()
+        self._cpu, self._switches = usage()
+        self._free = 0
+        self.changes: list[tuple[int, str]] = []  # (threads, why), in order
+
+    def tick(self) -> int:
+        """Look at the CPUs when :data:`CHECK_EVERY_S` has passed since the last look; the thread count now."""
+        now = self._clock()
+        elapsed = now - self._at
+        if elapsed < CHECK_EVERY_S:
+            return self.threads
+        cpu, switches = self._usage()
+        busy, preempted = (cpu - self._cpu) / elapsed, (switches - self._switches) / elapsed
+        self._at, self._cpu, self._switches = now, cpu, switches
+        if self.threads == self.full:
+            if busy < BUSY_SHARE * self.full and preempted > PREEMPTED_PER_THREAD_S * self.full:
+                self._change(max(1, min(self.full - 1, round(busy))),
+                             f"other processes compete for these CPUs: this one got {busy:.1f} CPUs of {self.full} "
+                             f"and was preempted {preempted:.0f} times a second")
+            return self.threads
+        running = self._running()
+        free = running is not None and self.allowed - running >= 1  # ``running`` counts this thread
+        self._free = self._free + 1 if free else 0
+        if self._free >= FREE_CHECKS:
+            self._change(self.full, f"the CPUs are free again ({FREE_CHECKS} looks in a row)")
+        return self.threads
+
+    def _change(self, threads: int, why: str) -> None:
+        self.threads, self._free = threads, 0
+        self._apply(threads)
+        self.changes.append((threads, why))
+        log.info("threads: %s: %d thread%s", why, threads, "s" if threads > 1 else "")
+
+
 _configured: ThreadPlan | None = None
+_governor: Governor | None = None
 
 
 def configure(requested: int | None = None, env: MutableMapping[str, str] = os.environ) -> ThreadPlan:
     """Decide once per process, before torch loads: sets the environment torch, OpenMP, MKL and child processes
-    read (the passive wait policy only where the user chose none), and torch's pools if it is already loaded."""
-    global _configured
+    read, and torch's pools if it is already loaded. An automatic count of more than one thread gets a
+    :class:`Governor`."""
+    global _configured, _governor
     plan = plan_threads(requested, env)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if plan.source in ("--threads", ENV) or (plan.source == "auto" and not env.get(name)):
             env[name] = str(plan.intra_op)  # what the user said replaces; the automatic share only fills gaps
@@ -181,8 +267,15 @@ def configure(requested: int | None = None, env: MutableMapping[str, str] = os.e
         except RuntimeError:  # its pool already started; torch allows sizing it only once
             log.debug("threads: torch's inter-op pool had started; left at %d", torch.get_num_interop_threads())
     _configured = plan
-    log.debug("%s; OMP_WAIT_POLICY=%s", plan.describe(), env["OMP_WAIT_POLICY"])
+    _governor = Governor(plan.intra_op, plan.allowed) if plan.source == "auto" and plan.intra_op > 1 else None
+    log.debug("%s", plan.describe())
     return plan
+
+
+def tick() -> int | None:
+    """Once per optimiser step: the governor's chance to look at the CPUs (cheap between looks); the thread
+    count it chose, None where the count is fixed."""
+    return _governor.tick() if _governor is not None else None
 
 
 def current() -> ThreadPlan:

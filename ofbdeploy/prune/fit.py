@@ -22,9 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from torch import nn
+
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.arch.grids import SearchSpace
-from ofbdeploy.models.resize import UnitImportance, resize_block
+from ofbdeploy.models.resize import UnitImportance, resize, resize_block, unit_importance
 
 Cost = Callable[[ArchSpec], float]
 PARTS = ("heads", "head_dim", "mlp_dim")
@@ -116,6 +118,20 @@ def fill(spec: ArchSpec, imp: UnitImportance, space: SearchSpace,
         spec = moved[0]
         steps.append(replace(moved[1], costs_after=tuple(c(spec) for c, _ in budgets)))
     return spec, steps
+
+
+def macs(spec: ArchSpec) -> float:
+    """The FLOPs cost of a spec (multiply-accumulates), as budgets count it."""
+    return spec.macs()
+
+
+def fill_flops(model: nn.Module, spec: ArchSpec, teacher: nn.Module, space: SearchSpace,
+               target: float) -> tuple[nn.Module, ArchSpec, list[WidthStep]]:
+    """A materialised model widened toward a FLOPs target from below (the run's fit stage without a latency
+    budget, and the accuracy benchmark's, so both train the same architecture); grown units come from the
+    teacher."""
+    final, steps = fill(spec, unit_importance(model, spec, teacher), space, [(macs, target)])
+    return (resize(model, spec, teacher, final) if steps else model), final, steps
 
 
 def trim(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, cost: Cost,

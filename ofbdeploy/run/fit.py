@@ -35,7 +35,7 @@ from ofbdeploy.latency.lut import LatencyLUT, default_cache_dir, spec_runner
 from ofbdeploy.models.pruned import load_pruned, save_pruned
 from ofbdeploy.models.resize import UnitImportance, resize, unit_importance
 from ofbdeploy.prune.budget import resolve_target
-from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill, latency_loop
+from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill_flops, latency_loop, macs
 from ofbdeploy.run.context import RunContext
 from ofbdeploy.run.rundir import write_json
 from ofbdeploy.train.data import calibration_batch
@@ -48,10 +48,6 @@ CALIBRATION_IMAGES = 64  # real images an int8 target's files are calibrated and
 
 def _steps(steps: list[WidthStep]) -> list[dict[str, Any]]:
     return [{"step": s.describe(), "importance": s.importance, "costs_after": list(s.costs_after)} for s in steps]
-
-
-def _macs(spec: ArchSpec) -> float:
-    return spec.macs()
 
 
 class _Bench:
@@ -84,7 +80,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     lut = LatencyLUT.load(run.paths.lut)
     dense_ms = lut.predict(ArchSpec.dense(spec.base))
     target = cfg.target_ratio if cfg.target_ratio is not None else cfg.target_ms / dense_ms
-    others = [(_macs, flops)] if flops is not None else []
+    others = [(macs, flops)] if flops is not None else []
 
     def learn(measured: ArchSpec, fraction: float) -> None:
         if lut.learn(measured, fraction):
@@ -137,11 +133,11 @@ def fit_stage(run: RunContext) -> None:
         log.info("fit: %s", record["skipped"])
     else:
         teacher = run.load_dense().cpu()
-        importance = unit_importance(model, spec, teacher)
         space = run.space(spec.base)
         if latency is not None and latency.max_rounds > 0:
             try:
-                fit, lut, target = _latency(run, latency, spec, model, teacher, importance, space, flops)
+                fit, lut, target = _latency(run, latency, spec, model, teacher, unit_importance(model, spec, teacher),
+                                            space, flops)
             except (BackendError, BackendUnavailable) as err:
                 record["skipped"] = f"latency not measured on {latency.backend}: {err}"
                 log.warning("fit: %s", record["skipped"])
@@ -154,12 +150,12 @@ def fit_stage(run: RunContext) -> None:
                                      "table": {"points": lut.points, "fit_error": lut.fit_error,
                                                "cache": save_table(lut, latency, paths.fit_lut)}}
         if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below
-            final, steps = fill(spec, importance, space, [(_macs, flops)])
+            model, final, steps = fill_flops(model, spec, teacher, space, flops)
             record["flops_steps"] = _steps(steps)
             if steps:
                 log.info("fit: %d widening step(s) toward the FLOPs budget: %s", len(steps),
                          ", ".join(s.describe() for s in steps))
-        if final != spec:
+        elif final != spec:
             model = resize(model, spec, teacher, final)
     record["flops_after"] = final.macs()
     if flops is not None:

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from ofbdeploy import threads
 from ofbdeploy.errors import OfbError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,8 +62,10 @@ def step_all(optimizers: Iterable[torch.optim.Optimizer], scaler: torch.amp.Grad
     """Step every optimiser that got a gradient, through the scaler when there is one.
 
     Optimisers without gradients (the PMIM decoder while PMIM is off, the sparsity logits once every group
-    is decided) are skipped: a scaler refuses to step them, and without one there is nothing to do.
+    is decided) are skipped: a scaler refuses to step them, and without one there is nothing to do. Every
+    training loop steps here, so this is where the thread governor looks at the CPUs.
     """
+    threads.tick()
     stepped = [opt for opt in optimizers if has_grad(opt)]
     for opt in stepped:
         if scaler is None:

@@ -17,6 +17,7 @@ from ofbdeploy import threads
 from ofbdeploy.cli import main
 from ofbdeploy.errors import InputError
 from ofbdeploy.threads import ENV, cgroup_cpu_quota, configure, plan_threads
+from ofbdeploy.train.amp import step_all
 
 ROOT = Path(__file__).parents[2]
 
@@ -116,7 +117,10 @@ def test_configure_sets_the_environment_and_a_loaded_torch(monkeypatch):
         configure(None, env)
     finally:
         torch.set_num_threads(before)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "9"}  # fills gaps only
+    assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "9"}  # fills gaps only; OpenMP's wait is left alone
+    assert threads._governor is not None and threads._governor.full == 2  # an automatic count adapts ...
+    configure(None, {"OMP_NUM_THREADS": "2"})
+    assert threads._governor is None and threads.tick() is None  # ... one the user set does not
 
 
 def test_the_launcher_gives_each_worker_its_share(monkeypatch):
@@ -137,7 +141,8 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 
 def test_the_cli_applies_it_before_torch_loads():
-    """``--threads`` reaches torch, and OpenMP really runs passive (libgomp prints its settings when it loads)."""
+    """``--threads`` reaches torch's OpenMP, whose wait stays the library's own (libgomp prints its settings when it
+    loads)."""
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
                            env=_cli_env(OMP_DISPLAY_ENV="VERBOSE"))
     if "GOMP_SPINCOUNT" not in probe.stderr:
@@ -145,7 +150,7 @@ def test_the_cli_applies_it_before_torch_loads():
     proc = subprocess.run([sys.executable, "-m", "ofbdeploy", "--threads", "1", "selfcheck", "--trials", "0"],
                           capture_output=True, text=True, env=_cli_env(OMP_DISPLAY_ENV="VERBOSE"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "GOMP_SPINCOUNT = '0'" in proc.stderr and "OMP_NUM_THREADS = '1'" in proc.stderr
+    assert "OMP_NUM_THREADS = '1'" in proc.stderr and "GOMP_SPINCOUNT = '0'" not in proc.stderr
     user_policy = subprocess.run([sys.executable, "-m", "ofbdeploy", "selfcheck", "--trials", "0"],
                                  capture_output=True, text=True, timeout=300,
                                  env=_cli_env(OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY="ACTIVE"))
@@ -183,3 +188,81 @@ def test_a_run_without_a_terminal_logs_lines_not_progress_bars(tmp_path):
     log = (tmp_path / "run" / "run.log").read_text()
     assert "threads: 1 intra-op threads (--threads)" in log and "\r" not in log
     assert json.loads((tmp_path / "run" / "report.json").read_text())["flops_ratio"] <= 0.5
+
+
+# -- the governor -----------------------------------------------------------------------------------------------------
+class _Machine:
+    """A clock, this process's CPU use and preemptions, and the machine's runnable threads, all made up."""
+
+    def __init__(self) -> None:
+        self.now, self.cpu, self.switches, self.running = 0.0, 0.0, 0.0, 1
+        self.applied: list[int] = []
+
+    def second(self, busy: float, preempted: float, running: int = 1) -> None:
+        self.now += 1.0
+        self.cpu += busy
+        self.switches += preempted
+        self.running = running
+
+    def governor(self, full: int = 2, allowed: int = 2) -> threads.Governor:
+        return threads.Governor(full, allowed, clock=lambda: self.now, usage=lambda: (self.cpu, self.switches),
+                                running=lambda: self.running, apply=self.applied.append)
+
+
+def test_the_governor_gives_up_threads_while_others_compete_and_takes_them_back():
+    m = _Machine()
+    gov = m.governor()
+    m.second(busy=1.98, preempted=60)  # alone: every thread busy, few preemptions
+    assert gov.tick() == 2
+    m.now += 0.5
+    assert gov.tick() == 2  # between looks: nothing read
+    m.second(busy=1.1, preempted=400, running=4)  # another run started: half the CPU time, preempted all along
+    assert gov.tick() == 1 and m.applied == [1]
+    m.second(busy=1.0, preempted=5, running=2)  # the other run is still there
+    assert gov.tick() == 1
+    for _ in range(threads.FREE_CHECKS - 1):
+        m.second(busy=1.0, preempted=5, running=1)  # it finished: a CPU is free
+        assert gov.tick() == 1
+    m.second(busy=1.0, preempted=5, running=1)
+    assert gov.tick() == 2 and m.applied == [1, 2]
+    assert [why.split(" ")[0] for _, why in gov.changes] == ["other", "the"]
+
+
+def test_a_process_waiting_on_data_keeps_its_threads():
+    """Low CPU use without preemptions is this process waiting (data, a GPU), not others competing."""
+    m = _Machine()
+    gov = m.governor(full=4, allowed=4)
+    for _ in range(5):
+        m.second(busy=1.5, preempted=20)
+        assert gov.tick() == 4
+    assert m.applied == [] and gov.changes == []
+
+
+def test_a_free_cpu_must_be_seen_in_a_row():
+    m = _Machine()
+    gov = m.governor(full=4, allowed=4)
+    m.second(busy=2.2, preempted=900, running=8)
+    assert gov.tick() == 2  # the CPUs it got
+    for running in (1, 1, 5, 1, 1):  # one busy look resets the count
+        m.second(busy=2.0, preempted=10, running=running)
+        assert gov.tick() == 2
+    m.second(busy=2.0, preempted=10, running=1)
+    assert gov.tick() == 4
+
+
+def test_the_governor_reads_this_machine():
+    cpu, switches = threads._usage()
+    running = threads._procs_running()
+    assert cpu > 0 and switches >= 0
+    assert running is None or running >= 1  # this thread is running while it reads
+
+
+def test_every_training_step_reaches_the_governor(monkeypatch):
+    """The loops step through ``step_all``; a governed process looks at the CPUs there."""
+    looks: list[int] = []
+    monkeypatch.setattr(threads, "_governor", type("G", (), {"tick": lambda self: looks.append(1) or 2})())
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    step_all([opt], None)
+    assert looks == [1]

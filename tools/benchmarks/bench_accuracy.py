@@ -70,7 +70,9 @@ from ofbdeploy.io import atomic_write_text
 from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_weights
+from ofbdeploy.prune.budget import resolve_target
 from ofbdeploy.prune.config import MethodCfg
+from ofbdeploy.prune.fit import fill_flops
 from ofbdeploy.prune.method import Job
 from ofbdeploy.prune.ofb.objective import build_objective
 from ofbdeploy.prune.registry import METHODS as REGISTERED
@@ -191,8 +193,12 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
     if not kind.keeps_weights:
         model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
     pruned, spec = materialize(model.eval())
-    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(),
-                      _extra(result, registered.trains, kind.by_latency))
+    extra = _extra(result, registered.trains, kind.by_latency)
+    if kind.search_is_training and kind.keeps_weights and not kind.by_latency:
+        # the run's fit stage: a FLOPs budget filled from below
+        pruned, spec, steps = fill_flops(pruned, spec, bench.teacher, model.space, resolve_target(cfg, spec.base))
+        extra["fill_steps"] = len(steps)
+    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(), extra)
 
 
 def widths(model: nn.Module) -> dict[str, Any]:
