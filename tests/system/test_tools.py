@@ -1,11 +1,18 @@
 """Smoke runs of the benchmark tools on tiny models, so that they keep working."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import timm
+import torch
+
+import ofbdeploy.models.zoo  # noqa: F401  (the pico config)
+from ofbdeploy.families.registry import read_shape
 
 TOOLS = Path(__file__).parents[2] / "tools"
 PICO = "ofb_vit_pico_patch4_32"
@@ -15,6 +22,14 @@ def _tool(script: str) -> Path:
     """The tool's file, in whichever of tools/'s kinds (benchmarks, scripts, qa) holds it."""
     (path,) = TOOLS.glob(f"*/{script}")
     return path
+
+
+def _load_tool(script: str) -> ModuleType:
+    """A tool's module, imported from its file (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), _tool(script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(script: str, *args: str, code: int = 0, stdout: bool = False) -> str:
@@ -181,3 +196,29 @@ def test_hostile_suite_runs_a_case():
     """One cheap case end to end through the harness: the real CLI refuses an unknown command in one line."""
     out = _run("hostile_inputs.py", "--only", "options", "--case", "unknown command", stdout=True)
     assert "| options | unknown command | 2 | 2 | yes | yes |" in out and "1/1 handled" in out
+
+
+def test_remeasure_builds_the_recorded_widths_independently(tmp_path):
+    """The independent harness's plain model has the parameters ofbdeploy counts for the same widths, and it
+    times a run directory end to end."""
+    remeasure = _load_tool("remeasure.py")
+    shape = read_shape(timm.create_model(PICO, num_classes=10, img_size=32), PICO)
+    widths = {"embedding": 40, **{f"blocks.{i}.attn": (2 + i % 2, 12) for i in range(shape.depth)},
+              **{f"blocks.{i}.mlp": (96 + 32 * i,) for i in range(shape.depth)}}
+    spec = shape.spec_from_widths(widths)
+    arch = {"embed_dim": 40, "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim}
+                                        for b in spec.blocks]}
+    plain = remeasure.plain_model(PICO, 32, 10, arch)
+    assert sum(p.numel() for p in plain.parameters()) == spec.params()
+    assert plain(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    run = tmp_path / "run"
+    (run / "finetuned").mkdir(parents=True)
+    (run / "finetuned" / "arch.json").write_text(json.dumps({"base": {"model_name": PICO, "img_size": 32,
+                                                                      "num_classes": 10}}))
+    (run / "report.json").write_text(json.dumps({"arch": arch, "flops_ratio": 0.5, "latency": [
+        {"backend": "ort-cpu", "batch": 1, "precision": "fp32", "latency_ms_dense": 2.0, "latency_ms_pruned": 1.0}]}))
+    out = tmp_path / "re.json"
+    log = _run("remeasure.py", str(run), "--rounds", "2", "--repeats", "3", "--threads", "1", "--json", str(out),
+               stdout=True)
+    (result,) = json.loads(out.read_text())
+    assert result["run_ratio"] == 0.5 and result["plain_export"]["ratio"] > 0 and "plain export" in log
