@@ -217,8 +217,13 @@ def test_remeasure_builds_the_recorded_widths_independently(tmp_path):
                                                                       "num_classes": 10}}))
     (run / "report.json").write_text(json.dumps({"arch": arch, "flops_ratio": 0.5, "latency": [
         {"backend": "ort-cpu", "batch": 1, "precision": "fp32", "latency_ms_dense": 2.0, "latency_ms_pruned": 1.0}]}))
+    (run / "export").mkdir()
+    remeasure.export(plain, run / "export" / "pruned.onnx", 32, 1)
+    remeasure.export(timm.create_model(PICO, num_classes=10, img_size=32).eval(), run / "export" / "dense.onnx", 32, 1)
     out = tmp_path / "re.json"
-    log = _run("remeasure.py", str(run), "--rounds", "2", "--repeats", "3", "--threads", "1", "--json", str(out),
-               stdout=True)
+    log = _run("remeasure.py", str(run), "--rounds", "2", "--repeats", "3", "--threads", "1", "--files",
+               "--json", str(out), stdout=True)
     (result,) = json.loads(out.read_text())
     assert result["run_ratio"] == 0.5 and result["plain_export"]["ratio"] > 0 and "plain export" in log
+    assert set(result["files"]) == {"ort:dense", "ort:pruned"}
+    assert result["files"]["ort:dense"]["speedup_vs_dense_fp32"] == 1.0

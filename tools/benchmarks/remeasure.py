@@ -5,10 +5,14 @@ A latency budget is only delivered if another harness sees it too. This one read
 of those widths by hand (random weights: latency does not depend on their values), exports it and the dense
 model with a bare ``torch.onnx.export``, and times both in plain ONNX Runtime sessions (default options, the
 thread count given) alternately, ``--rounds`` rounds of ``--repeats`` calls each; the ratio is the median over
-rounds of pruned/dense medians. ``--files`` also times the run's own exported ONNX files (fp32 and, when
-present, int8) in the same plain sessions.
+rounds of pruned/dense medians. ``--files`` also times the ONNX files in the run's ``export/`` (``dense.onnx``,
+``pruned.onnx`` and their ``-int8`` files where present), each against dense fp32, in plain sessions of every
+``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin compiled with two settings only (the
+latency hint, and f32 inference precision: without it OpenVINO runs fp32 files in bf16 on CPUs that have it).
+A directory of such files (``tools/benchmarks/bench_int8.py --keep``) can be given instead of a run.
 
     python tools/benchmarks/remeasure.py runs/lat50 runs/lat30 --batch 1 --json remeasure.json
+    python tools/benchmarks/remeasure.py /tmp/int8files --files --backend ort --backend openvino
 
 Prints one line per run with the run's own measured ratio (its report) beside this harness's.
 """
@@ -21,11 +25,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+try:
+    import openvino
+except ImportError:  # optional: only --backend openvino needs it
+    openvino = None
 import timm
 import torch
 from torch import nn
@@ -73,39 +83,71 @@ def export(model: nn.Module, path: Path, img_size: int, batch: int) -> Path:
     return path
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+Call = Callable[[np.ndarray], object]
+
+
+def session(path: Path, threads: int, backend: str = "ort") -> Call:
+    """A plain inference call on ``path``: an ONNX Runtime CPU session, or an OpenVINO CPU compile."""
+    if backend == "openvino":
+        if openvino is None:
+            raise SystemExit("--backend openvino: the openvino package is not installed (pip install openvino)")
+        compiled = openvino.Core().compile_model(str(path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        return lambda x: request.infer([x])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
 
 
-def _median_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int) -> float:
+def _median_ms(call: Call, x: np.ndarray, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sess.run(None, feed)
+        call(x)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
-def paired_ratio(dense: ort.InferenceSession, pruned: ort.InferenceSession, shape: tuple[int, ...], rounds: int,
-                 repeats: int) -> dict[str, Any]:
-    """Alternating rounds after a warm-up; the ratio of each round's medians, and their median."""
-    feeds = [{s.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-             for s in (dense, pruned)]
-    for sess, feed in zip((dense, pruned), feeds, strict=True):
-        _median_ms(sess, feed, max(3, repeats // 5))
-    pairs = []
-    for _ in range(rounds):
-        d = _median_ms(dense, feeds[0], repeats)
-        p = _median_ms(pruned, feeds[1], repeats)
-        pairs.append((d, p))
+def alternate(calls: list[Call], shape: tuple[int, ...], rounds: int, repeats: int) -> list[list[float]]:
+    """Each call's median per round, the calls taking turns round after round (after a warm-up of each)."""
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    for call in calls:
+        _median_ms(call, x, max(3, repeats // 5))
+    return [[_median_ms(call, x, repeats) for call in calls] for _ in range(rounds)]
+
+
+def paired_ratio(dense: Call, pruned: Call, shape: tuple[int, ...], rounds: int, repeats: int) -> dict[str, Any]:
+    """The ratio of pruned to dense medians per round, and its median over rounds."""
+    pairs = alternate([dense, pruned], shape, rounds, repeats)
     ratios = [p / d for d, p in pairs]
     return {"ratio": statistics.median(ratios), "ratios": ratios,
             "dense_ms": statistics.median(d for d, _ in pairs), "pruned_ms": statistics.median(p for _, p in pairs)}
 
 
-def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int, files: bool) -> dict[str, Any]:
+FILES = ("dense.onnx", "dense-int8.onnx", "pruned.onnx", "pruned-int8.onnx")
+
+
+def time_files(folder: Path, shape: tuple[int, ...], threads: int, backends: list[str], rounds: int,
+               repeats: int) -> dict[str, Any]:
+    """Every file of ``folder`` on every backend, all alternating in one loop; each against dense fp32 of the
+    same backend (the median over rounds of per-round ratios)."""
+    present = [folder / f for f in FILES if (folder / f).is_file()]
+    keys = [(b, p.stem) for b in backends for p in present]
+    medians = alternate([session(p, threads, b) for b in backends for p in present], shape, rounds, repeats)
+    out: dict[str, Any] = {}
+    for j, (backend, name) in enumerate(keys):
+        dense = keys.index((backend, "dense"))
+        out[f"{backend}:{name}"] = {
+            "median_ms": statistics.median(r[j] for r in medians),
+            "speedup_vs_dense_fp32": statistics.median(r[dense] / r[j] for r in medians)}
+    return out
+
+
+def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int) -> dict[str, Any]:
+    """The run's recorded widths rebuilt and timed against dense, with the run's own ratio beside."""
     report = json.loads((run / "report.json").read_text())
     base = json.loads((run / "finetuned" / "arch.json").read_text())["base"]
     name, img, classes = base["model_name"], base["img_size"], base["num_classes"]
@@ -121,38 +163,48 @@ def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int, fi
         pruned = export(plain_model(name, img, classes, report["arch"]), Path(tmp) / "pruned.onnx", img, batch)
         out["plain_export"] = paired_ratio(session(dense, threads), session(pruned, threads), (batch, 3, img, img),
                                            rounds, repeats)
-    if files:
-        for precision in ("fp32", "int8"):
-            suffix = "" if precision == "fp32" else ".int8"
-            paths = [run / "export" / f"{m}{suffix}.onnx" for m in ("dense", "pruned")]
-            if all(p.is_file() for p in paths):
-                out[f"run_files_{precision}"] = paired_ratio(session(paths[0], threads), session(paths[1], threads),
-                                                             (batch, 3, img, img), rounds, repeats)
     return out
+
+
+def _input_shape(path: Path, batch: int) -> tuple[int, ...]:
+    dims = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    return (batch, *dims[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with report.json)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run directories (each with report.json), or with --files folders of ONNX files")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--rounds", type=int, default=5, help="alternating dense/pruned rounds")
     parser.add_argument("--repeats", type=int, default=30, help="calls per model per round")
-    parser.add_argument("--files", action="store_true", help="also time the run's exported ONNX files")
+    parser.add_argument("--files", action="store_true",
+                        help="time the ONNX files of each run's export/ (or of each folder given)")
+    parser.add_argument("--backend", action="append", choices=["ort", "openvino"],
+                        help="plain sessions to time --files in (repeatable; default ort)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results = []
     for run in args.runs:
-        if not (run / "report.json").is_file():
-            print(f"{run}: no report.json (expected a finished run directory)", file=sys.stderr)
+        is_run = (run / "report.json").is_file()
+        folder = run / "export" if is_run else run
+        if not is_run and not (args.files and (folder / "dense.onnx").is_file()):
+            print(f"{run}: expected a finished run directory (report.json), or with --files a folder with "
+                  "dense.onnx", file=sys.stderr)
             return 2
-        res = remeasure(run, args.batch, args.threads, args.rounds, args.repeats, args.files)
+        res: dict[str, Any] = {"run": str(run)}
+        if is_run:
+            res = remeasure(run, args.batch, args.threads, args.rounds, args.repeats)
+            own = f"{res['run_ratio']:.3f}" if res["run_ratio"] is not None else "-"
+            print(f"{run}: pruned/dense, run's profile {own}, plain export {res['plain_export']['ratio']:.3f} "
+                  f"(dense {res['plain_export']['dense_ms']:.2f} ms)")
+        if args.files:
+            res["files"] = time_files(folder, _input_shape(folder / "dense.onnx", args.batch), args.threads,
+                                      args.backend or ["ort"], args.rounds, args.repeats)
+            for key, timing in res["files"].items():
+                print(f"{run}: {key} {timing['median_ms']:.2f} ms, {timing['speedup_vs_dense_fp32']:.2f}x dense fp32")
         results.append(res)
-        extra = "".join(f", run files {p}: {res[f'run_files_{p}']['ratio']:.3f}" for p in ("fp32", "int8")
-                        if f"run_files_{p}" in res)
-        own = f"{res['run_ratio']:.3f}" if res["run_ratio"] is not None else "-"
-        print(f"{run}: run's profile {own}, plain export {res['plain_export']['ratio']:.3f} "
-              f"(dense {res['plain_export']['dense_ms']:.2f} ms){extra}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
