@@ -70,8 +70,9 @@ def measure_group(
     prepared: bool = False,
 ) -> list[LatencyStats]:
     """Time every runner in ``rounds`` blocks, forward order in even rounds and reversed in odd ones; each gets
-    ``ceil(repeats / rounds)`` calls a block. Every runner is prepared (unless ``prepared``: the caller did it
-    at ``batch``) and warmed up before any is timed."""
+    ``ceil(repeats / rounds)`` calls a block, after one untimed call (the switch between runtimes settles: the
+    previous one's idle threads stop spinning, caches refill). Every runner is prepared (unless ``prepared``: the
+    caller did it at ``batch``) and warmed up before any is timed."""
     _check_counts(batch, repeats, rounds)
     for runner in runners:
         _warm_up(runner, batch, warmup, prepare=not prepared)
@@ -81,6 +82,8 @@ def measure_group(
     order = list(range(len(runners)))
     for index in range(rounds):
         for k in order if index % 2 == 0 else order[::-1]:
+            runners[k].run()
+            runners[k].synchronize()
             times[k].extend(_timed_calls(runners[k], timers[k], block, 0.0))
     return [_summarise(runner, batch, t) for runner, t in zip(runners, times, strict=True)]
 

@@ -8,8 +8,8 @@ grown units come from the teacher), one grid step of one block at a time:
 - :func:`fill` widens while every budget holds, by importance gained per share of budget spent;
 - :func:`trim` narrows while a cost is over its target, by cost saved per importance given up;
 - :func:`latency_loop` closes the loop on a latency budget: measure pruned against dense on the target,
-  and, while the measured ratio is outside ``[target * (1 - tolerance), target]``, move the predicted
-  latency (the table's, corrected by the last measurement) toward the middle of that band with
+  and, while the measured ratio is outside the middle half of ``[target * (1 - tolerance), target]``, move
+  the predicted latency (the table's, corrected by the measurements) toward the middle of that band with
   :func:`fill` or :func:`trim`, then measure again. Rounds are bounded; a round whose repeats disagree by
   more than the tolerance measures again instead of acting; every round is recorded.
 
@@ -196,6 +196,7 @@ class LatencyFit:
     spec: ArchSpec
     met: bool
     rounds: list[FitRound]
+    kept_round: int  # the round that measured ``spec``
 
 
 def latency_loop(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, *, predict: Cost, measure: Measure,
@@ -203,41 +204,50 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, *, pre
                  learn: Callable[[ArchSpec, float], None] | None = None, max_measurements: int = 3) -> LatencyFit:
     """Bring the measured pruned/dense latency ratio of ``spec`` into ``[target * (1 - tolerance), target]``.
 
+    A measurement near an edge of that band is not yet a delivery: measured again elsewhere (the profile, another
+    harness), the host's noise moves it by a few percent and may carry it out. So a round stops the loop only in
+    the middle half of the band; a round elsewhere moves toward its middle while rounds remain, and the answer is
+    then the measured architecture nearest the middle among those inside the band (met), else the widest one
+    measured under the target, else the last.
+
     ``predict`` is read again every round, so a ``learn`` that refits the table from each measurement steers
-    the next round. Widening also respects ``other_budgets`` (a FLOPs budget). The result is the last
-    architecture measured within the band, else the widest one measured under the target, else the last.
+    the next round. Widening also respects ``other_budgets`` (a FLOPs budget).
     """
     origin = spec
     low, goal = target * (1 - tolerance), target * (1 - tolerance / 2)
+    middle = (target * (1 - 3 * tolerance / 4), target * (1 - tolerance / 4))
     rounds: list[FitRound] = []
     measured: dict[ArchSpec, float] = {}
-    best: tuple[float, ArchSpec] | None = None
+    round_of: dict[ArchSpec, int] = {}
     for index in range(max_rounds):
         m, spreads = _stable(measure, spec, tolerance, max_measurements)
         ratio = m.ratio
         predicted = predict(spec) / predict(ArchSpec.dense(spec.base))
         if learn is not None:
             learn(spec, ratio)
-        measured[spec] = ratio
+        measured[spec], round_of[spec] = ratio, index + 1
         record = FitRound(index + 1, predicted, ratio, len(m.ratios), m.spread, len(spreads), m.dense_ms,
                           m.pruned_ms, "last round", spreads=spreads)
         rounds.append(record)
-        if ratio <= target and (best is None or ratio > best[0]):
-            best = (ratio, spec)
-        if low <= ratio <= target:
+        if middle[0] <= ratio <= middle[1]:
             record.action = "met"
-            return LatencyFit(spec, True, rounds)
+            return LatencyFit(spec, True, rounds, index + 1)
         if index + 1 == max_rounds:
             break
         planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
-        record.action = "narrowed" if ratio > target else "widened"
+        record.action = "narrowed" if ratio > goal else "widened"
         record.steps = changes(spec, planned)
-        if not steps or planned in measured:  # nothing left to move, or back to a measured miss
+        if not steps or planned in measured:  # nothing left to move, or back to an architecture measured already
             record.action = "stuck"
             break
         spec = planned
-    chosen = best[1] if best is not None else spec
-    return LatencyFit(chosen, False, rounds)
+    inside = [(abs(r - goal), s) for s, r in measured.items() if low <= r <= target]
+    if inside:
+        chosen = min(inside, key=lambda p: p[0])[1]
+        return LatencyFit(chosen, True, rounds, round_of[chosen])
+    under = [(r, s) for s, r in measured.items() if r <= target]
+    chosen = max(under, key=lambda p: p[0])[1] if under else spec
+    return LatencyFit(chosen, False, rounds, round_of[chosen])
 
 
 def changes(before: ArchSpec, after: ArchSpec) -> list[str]:

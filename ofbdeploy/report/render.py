@@ -105,7 +105,9 @@ def fit_lines(fit: dict[str, Any] | None) -> list[str]:
     if latency:
         lines.append(f"Latency closed loop on {latency['backend']} {latency['precision']} batch {latency['batch']}, "
                      f"target {latency['target_ratio']:.1%} of dense (tolerance {latency['tolerance']:.0%}): "
-                     f"{'met' if latency['met'] else 'not met'} after {len(latency['rounds'])} round(s).")
+                     f"{'met' if latency['met'] else 'not met'} after {len(latency['rounds'])} round(s)"
+                     + (f", the architecture of round {latency['kept_round']} kept." if "kept_round" in latency
+                        else "."))
         lines += [f"- round {r['round']}: predicted {r['predicted_ratio']:.1%}, measured {r['measured_ratio']:.1%} "
                   f"({r['repeats']} repeats, spread {r['spread']:.1%}, measured {r['measurements']}x); {r['action']}"
                   + (f": {', '.join(r['steps'])}" if r["steps"] else "") for r in latency["rounds"]]

@@ -101,8 +101,8 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
                  "time(s)); %s%s", r.round, 100 * r.predicted_ratio, 100 * r.measured_ratio, r.repeats,
                  100 * r.spread, r.measurements, r.action, f": {', '.join(r.steps)}" if r.steps else "")
     (log.info if fit.met else log.warning)(
-        "fit: latency target %.1f%% %s after %d round(s)", 100 * target,
-        "met within tolerance" if fit.met else "not met", len(fit.rounds))
+        "fit: latency target %.1f%% %s after %d round(s); the architecture of round %d is kept", 100 * target,
+        "met within tolerance" if fit.met else "not met", len(fit.rounds), fit.kept_round)
     return fit, lut, target
 
 
@@ -146,7 +146,8 @@ def fit_stage(run: RunContext) -> None:
                 record["latency"] = {"target_ratio": target, "backend": latency.backend,
                                      "precision": latency.precision, "batch": latency.batch,
                                      "tolerance": latency.tolerance, "max_rounds": latency.max_rounds,
-                                     "met": fit.met, "rounds": [vars(r) for r in fit.rounds],
+                                     "met": fit.met, "kept_round": fit.kept_round,
+                                     "rounds": [vars(r) for r in fit.rounds],
                                      "table": {"points": lut.points, "fit_error": lut.fit_error,
                                                "cache": save_table(lut, latency, paths.fit_lut)}}
         if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below

@@ -148,7 +148,8 @@ def test_measure_pair_alternates_blocks() -> None:
     dense, pruned = _FakeRunner("D", log), _FakeRunner("P", log)
     stats_dense, stats_pruned = measure_pair(dense, pruned, 8, warmup=1, repeats=6, rounds=3)
     warm = ["prepare D", "D", "prepare P", "P"]
-    abba = ["D", "D", "P", "P", "P", "P", "D", "D", "D", "D", "P", "P"]  # who goes first alternates by round
+    # who goes first alternates by round; each block opens with an untimed call (the switch settles)
+    abba = ["D"] * 3 + ["P"] * 3 + ["P"] * 3 + ["D"] * 3 + ["D"] * 3 + ["P"] * 3
     assert log == [*warm, *abba]
     assert (stats_dense.backend, stats_pruned.backend) == ("D", "P")
     assert stats_dense.repeats == stats_pruned.repeats == 6
