@@ -257,8 +257,12 @@ def configure(requested: int | None = None, env: MutableMapping[str, str] = os.e
     global _configured, _governor
     plan = plan_threads(requested, env)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if plan.source in ("--threads", ENV) or (plan.source == "auto" and not env.get(name)):
-            env[name] = str(plan.intra_op)  # what the user said replaces; the automatic share only fills gaps
+        # what the user said replaces; the automatic share only fills gaps, and only where the libraries' own
+        # default (one thread per CPU of the affinity) would be wrong: a quota, a DDP share. A process alone on
+        # its CPUs starts exactly as it did before any of this (measured: solo speed).
+        if plan.source in ("--threads", ENV) or (plan.source == "auto" and not env.get(name)
+                                                 and plan.intra_op != plan.affinity):
+            env[name] = str(plan.intra_op)
     torch = sys.modules.get("torch")  # loaded already (a caller in Python): the environment is read, so set it
     if torch is not None:
         torch.set_num_threads(plan.intra_op)

@@ -112,12 +112,19 @@ def test_configure_sets_the_environment_and_a_loaded_torch(monkeypatch):
         torch.set_num_threads(before)
     assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the user's policy
     env = {"MKL_NUM_THREADS": "9"}
-    monkeypatch.setattr(threads, "plan_threads", lambda requested, env: plan_threads(requested, env, (2, None)))
+    monkeypatch.setattr(threads, "plan_threads", lambda requested, env: plan_threads(requested, env, (4, 2.0)))
     try:
         configure(None, env)
     finally:
         torch.set_num_threads(before)
     assert env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "9"}  # fills gaps only; OpenMP's wait is left alone
+    env = {}
+    monkeypatch.setattr(threads, "plan_threads", lambda requested, env: plan_threads(requested, env, (2, None)))
+    try:
+        configure(None, env)
+    finally:
+        torch.set_num_threads(before)
+    assert env == {}  # alone on its CPUs: the libraries' own default, untouched
     assert threads._governor is not None and threads._governor.full == 2  # an automatic count adapts ...
     configure(None, {"OMP_NUM_THREADS": "2"})
     assert threads._governor is None and threads.tick() is None  # ... one the user set does not
