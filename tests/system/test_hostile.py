@@ -199,6 +199,13 @@ def test_interrupt_is_exit_130_and_releases_the_lock(tiny_run, tmp_path, monkeyp
     assert not (run / "run.lock").exists() and "interrupted during evaluate" in (run / "run.log").read_text()
 
 
+def _as_from_a_terminal() -> None:
+    """The run starts with the stop signals a terminal gives it, whatever pytest inherited (under ``nohup`` or as a
+    background job of a script both are ignored, and a run honours an ignored signal by ignoring it)."""
+    for stop in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
 def test_a_stop_signal_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path, stop):
     """Ctrl-C, or the terminal that started the run going away (SIGHUP): exit 130, lock released, done stages
@@ -206,7 +213,7 @@ def test_a_stop_signal_to_a_real_run_exits_130_and_keeps_the_directory(tmp_path,
     recipe = _write_recipe(tmp_path, tmp_path / "run", search={**TINY["search"], "epochs": 200})
     proc = subprocess.Popen([sys.executable, "-m", "ofbdeploy", "run", str(recipe), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_as_from_a_terminal)
     log = tmp_path / "run" / "run.log"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and "search epoch 2/200" in log.read_text()):
