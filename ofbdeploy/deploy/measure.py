@@ -82,8 +82,7 @@ def measure_group(
     order = list(range(len(runners)))
     for index in range(rounds):
         for k in order if index % 2 == 0 else order[::-1]:
-            runners[k].run()
-            runners[k].synchronize()
+            _warm_up(runners[k], batch, 1, prepare=False)
             times[k].extend(_timed_calls(runners[k], timers[k], block, 0.0))
     return [_summarise(runner, batch, t) for runner, t in zip(runners, times, strict=True)]
 

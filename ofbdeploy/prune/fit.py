@@ -120,17 +120,12 @@ def fill(spec: ArchSpec, imp: UnitImportance, space: SearchSpace,
     return spec, steps
 
 
-def macs(spec: ArchSpec) -> float:
-    """The FLOPs cost of a spec (multiply-accumulates), as budgets count it."""
-    return spec.macs()
-
-
 def fill_flops(model: nn.Module, spec: ArchSpec, teacher: nn.Module, space: SearchSpace,
                target: float) -> tuple[nn.Module, ArchSpec, list[WidthStep]]:
     """A materialised model widened toward a FLOPs target from below (the run's fit stage without a latency
     budget, and the accuracy benchmark's, so both train the same architecture); grown units come from the
     teacher."""
-    final, steps = fill(spec, unit_importance(model, spec, teacher), space, [(macs, target)])
+    final, steps = fill(spec, unit_importance(model, spec, teacher), space, [(ArchSpec.macs, target)])
     return (resize(model, spec, teacher, final) if steps else model), final, steps
 
 

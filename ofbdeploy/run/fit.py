@@ -35,7 +35,7 @@ from ofbdeploy.latency.lut import LatencyLUT, default_cache_dir, spec_runner
 from ofbdeploy.models.pruned import load_pruned, save_pruned
 from ofbdeploy.models.resize import UnitImportance, resize, unit_importance
 from ofbdeploy.prune.budget import resolve_target
-from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill_flops, latency_loop, macs
+from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill_flops, latency_loop
 from ofbdeploy.run.context import RunContext
 from ofbdeploy.run.rundir import write_json
 from ofbdeploy.train.data import calibration_batch
@@ -80,7 +80,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     lut = LatencyLUT.load(run.paths.lut)
     dense_ms = lut.predict(ArchSpec.dense(spec.base))
     target = cfg.target_ratio if cfg.target_ratio is not None else cfg.target_ms / dense_ms
-    others = [(macs, flops)] if flops is not None else []
+    others = [(ArchSpec.macs, flops)] if flops is not None else []
 
     def learn(measured: ArchSpec, fraction: float) -> None:
         if lut.learn(measured, fraction):
