@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import yaml
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the small test ViTs)
 from ofbdeploy.arch import ArchSpec
@@ -70,3 +72,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cause is not found yet; running them before the rest keeps the suite's verdict about the code under test.
     """
     items.sort(key=lambda item: item.get_closest_marker("multiprocess") is None)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Writes ``tmp_path/r.yaml``: the pico ViT on synthetic data, one search and one finetune epoch, no export or
+    profile, output in ``tmp_path/run``; ``name`` and ``limit_train`` vary between the tests that use it."""
+    def write(name: str, limit_train: int) -> Path:
+        recipe = {"name": name, "seed": 1, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                  "model": {"name": "ofb_vit_pico_patch4_32", "img_size": 16},
+                  "data": {"kind": "synthetic", "limit_train": limit_train, "limit_val": 32, "batch_size": 32,
+                           "eval_batch_size": 32},
+                  "search": {"target_flops_ratio": 0.5, "epochs": 1, "warmup_epochs": 0},
+                  "finetune": {"epochs": 1, "warmup_epochs": 0}, "export": {"enabled": False},
+                  "profile": {"enabled": False}}
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+    return write

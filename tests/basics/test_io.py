@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ofbdeploy.errors import InputError
 from ofbdeploy.io import (
@@ -171,16 +170,9 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return [line for line in proc.stderr.splitlines() if line.strip()][-1]
 
 
-def test_a_run_refuses_a_planted_run_log_link_and_a_fifo_recipe(tmp_path, outside):
+def test_a_run_refuses_a_planted_run_log_link_and_a_fifo_recipe(tmp_path, outside, tiny_recipe):
     """A rerun whose run.log is a link out of the run writes nothing there; a FIFO recipe does not hang."""
-    recipe = {"name": "io", "seed": 1, "device": "cpu", "output_dir": str(tmp_path / "run"),
-              "model": {"name": "ofb_vit_pico_patch4_32", "img_size": 16},
-              "data": {"kind": "synthetic", "limit_train": 32, "limit_val": 32, "batch_size": 32,
-                       "eval_batch_size": 32},
-              "search": {"target_flops_ratio": 0.5, "epochs": 1, "warmup_epochs": 0},
-              "finetune": {"epochs": 1, "warmup_epochs": 0}, "export": {"enabled": False},
-              "profile": {"enabled": False}}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    tiny_recipe("io", limit_train=32)
     first = _cli("run", str(tmp_path / "r.yaml"), "--no-progress")
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "run"

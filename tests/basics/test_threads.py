@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from ofbdeploy import threads
@@ -174,17 +173,10 @@ def test_a_bad_threads_value_is_exit_2_in_one_line(monkeypatch):
 
 
 # -- logs CI can read -------------------------------------------------------------------------------------------------
-def test_a_run_without_a_terminal_logs_lines_not_progress_bars(tmp_path):
+def test_a_run_without_a_terminal_logs_lines_not_progress_bars(tmp_path, tiny_recipe):
     """stderr redirected to a file (as CI runs it, without --no-progress): no carriage-return bar updates, the same
     per-epoch lines as --no-progress, and the thread decision in run.log."""
-    recipe = {"name": "tty", "seed": 1, "device": "cpu", "output_dir": str(tmp_path / "run"),
-              "model": {"name": "ofb_vit_pico_patch4_32", "img_size": 16},
-              "data": {"kind": "synthetic", "limit_train": 64, "limit_val": 32, "batch_size": 32,
-                       "eval_batch_size": 32},
-              "search": {"target_flops_ratio": 0.5, "epochs": 1, "warmup_epochs": 0},
-              "finetune": {"epochs": 1, "warmup_epochs": 0}, "export": {"enabled": False},
-              "profile": {"enabled": False}}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    tiny_recipe("tty", limit_train=64)
     with (tmp_path / "stderr.txt").open("w") as err:
         proc = subprocess.run([sys.executable, "-m", "ofbdeploy", "--threads", "1", "run", str(tmp_path / "r.yaml")],
                               stdout=subprocess.DEVNULL, stderr=err, env=_cli_env(), timeout=600)
