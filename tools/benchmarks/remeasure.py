@@ -90,7 +90,8 @@ def session(path: Path, threads: int, backend: str = "ort") -> Call:
     """A plain inference call on ``path``: an ONNX Runtime CPU session, or an OpenVINO CPU compile."""
     if backend == "openvino":
         if openvino is None:
-            raise SystemExit("--backend openvino: the openvino package is not installed (pip install openvino)")
+            print("--backend openvino: the openvino package is not installed (pip install openvino)", file=sys.stderr)
+            raise SystemExit(2)
         compiled = openvino.Core().compile_model(str(path), "CPU", {
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
         request = compiled.create_infer_request()
