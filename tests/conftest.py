@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the small test ViTs)
+from ofbdeploy import threads
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.families.vit.searchable import SearchableViT
 from ofbdeploy.families.vit.space import space_for
@@ -28,6 +29,14 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_state_between_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CLI invoked in-process configures the process's threads (and may start a governor that changes torch's
+    thread count from the training step); that state ends with the test that made it."""
+    monkeypatch.setattr(threads, "_configured", None)
+    monkeypatch.setattr(threads, "_governor", None)
 
 
 @pytest.fixture
