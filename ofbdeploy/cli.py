@@ -404,7 +404,6 @@ def lut_build(model_name: str, img_size: int | None, backend: str, batch: int, p
     _check_backends([backend])
     cache = check_output_dir(cache_dir or default_cache_dir(), "--cache-dir")
     shape = read_shape(build_dense(model_name, img_size=img_size), model_name)
-    family_of(shape).check_latency()
     space = family_of(shape).space(shape, int(align) if align else None)
     table = load_or_build(shape, space, backend=backend, precision=precision, batch=batch, cache_dir=cache,
                           embed_points=embed_points, width_points=width_points, random_points=random_points,

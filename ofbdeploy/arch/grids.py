@@ -70,6 +70,12 @@ class SearchSpace:
         return cls(attention, tuple(mlp_grid(mlp_dim, align)), tuple(embed_grid(embed_dim, align)))
 
 
+    @property
+    def stage_spaces(self) -> tuple[SearchSpace, ...]:
+        """The grids per stage: one stack of blocks has one space for all of them (a Swin's has one per stage)."""
+        return (self,)
+
+
 def unaligned(widths: list[int], multiple: int = 8) -> list[int]:
     """The widths that are not multiples of ``multiple`` (what ``ofbdeploy info`` warns about)."""
     return [w for w in widths if w % multiple]

@@ -122,6 +122,15 @@ def load_arch(path: str | Path, shape_types: ShapeTypes) -> ArchSpec:
     return arch_from_dict(data, shape_types, str(path))
 
 
+def shape_from_dict(family: Any, data: Any, shape_types: ShapeTypes, where: str = "shape") -> Any:
+    """A dense shape of a registered family from its JSON fields (another file than arch.json keeps one: a
+    latency table); every problem is one :class:`ArchError` naming ``where`` and the field."""
+    require(family in shape_types,
+            f"{where}: unknown model family {str(family)[:40]!r} (known: {', '.join(shape_types)})")
+    require(isinstance(data, dict), f"{where}: expected an object with the dense model's shape")
+    return _strict(shape_types[family], data, where)
+
+
 def _strict(kind: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in fields(kind)}
     _known(data, names, where)

@@ -32,6 +32,7 @@ class ModelShape(Protocol):
     """What every family's dense shape offers the family-agnostic code: its sizes, its cost and its checks."""
 
     family: ClassVar[str]
+    latency_feature_names: ClassVar[tuple[str, ...]]
     model_name: str
     img_size: int
     in_chans: int
@@ -52,6 +53,12 @@ class ModelShape(Protocol):
     def macs_at(self, embeds: Sequence[Any], attn_dims: Sequence[Any], mlp_dims: Sequence[Any]) -> Any:
         """MACs at per-stage embedding and per-block attention (heads x width) and MLP widths: numbers, or
         tensors of expected widths (then differentiable: the search's FLOPs loss)."""
+
+    def latency_features(self, embeds: Sequence[Any], attn: Sequence[tuple[Any, Any]],
+                         mlp_dims: Sequence[Any]) -> list[Any]:
+        """The work counts a latency table weighs (one per name of ``latency_feature_names``) at per-stage
+        embedding and per-block (heads, heads x head width) and MLP widths: numbers, or tensors of expected
+        widths (then differentiable: the search's latency loss)."""
 
     def params(self, spec: ArchSpec) -> int:
         """Parameters of the plain model the family builds for ``spec``."""

@@ -13,6 +13,7 @@ from ofbdeploy.families.registry import (
     load_arch,
     read_shape,
     register_family,
+    shape_from_dict,
     shape_types,
 )
 from ofbdeploy.families.swin.family import SwinFamily
@@ -22,4 +23,4 @@ register_family(SwinFamily())
 register_family(ViTFamily())
 
 __all__ = ["arch_from_dict", "families", "family_of", "family_of_model", "get_family", "load_arch", "read_shape",
-           "register_family", "shape_types"]
+           "register_family", "shape_from_dict", "shape_types"]

@@ -3,9 +3,10 @@ family-agnostic.
 
 A family adapter knows one kind of timm model (the plain ViT and its variants, Swin, ...): how to read a
 dense model's shape (refusing, in one line, what the search has no unit for), which groups a search has and
-how they attach (its searchable model), how to rebuild a plain timm model from an :class:`ArchSpec`, and
-whether the latency table models it. What a spec costs and which specs are consistent, the family's dense
-*shape* answers (see :class:`~ofbdeploy.arch.ModelShape`). The refusals every family shares live here too.
+how they attach (its searchable model) and how to rebuild a plain timm model from an :class:`ArchSpec`.
+What a spec costs (MACs, and the work counts a latency table weighs) and which specs are consistent, the
+family's dense *shape* answers (see :class:`~ofbdeploy.arch.ModelShape`). The refusals every family shares
+live here too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.errors import ModelError, OfbError
+from ofbdeploy.errors import ModelError
 from ofbdeploy.search.searchable import SearchableModel
 
 
@@ -26,8 +27,6 @@ class Family(ABC):
     name: ClassVar[str]
     shape_type: ClassVar[type]
     model_types: ClassVar[tuple[type, ...]]  # timm classes of this family (exact types: subclasses differ)
-    # Why the latency table cannot steer a search of this family (None: it can).
-    latency_refusal: ClassVar[str | None] = None
 
     def handles(self, model: nn.Module) -> bool:
         return type(model) in self.model_types
@@ -63,11 +62,6 @@ class Family(ABC):
     def summary(self, shape: Any) -> str:
         """One line on the dense model's structure and options, for selfcheck and logs."""
         return ""
-
-    def check_latency(self) -> None:
-        """Refuse a latency budget for a family the latency table does not model."""
-        if self.latency_refusal is not None:
-            raise OfbError(f"latency budgets are not available for {self.name} models: {self.latency_refusal}")
 
 
 def kind(module: object) -> str:

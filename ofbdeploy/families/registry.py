@@ -78,6 +78,11 @@ def arch_from_dict(data: Any, source: str = "arch.json") -> ArchSpec:
     return arch_record.arch_from_dict(data, shape_types(), source)
 
 
+def shape_from_dict(family: str, data: Any, where: str = "shape") -> Any:
+    """The dense shape of a registered family from its JSON fields (as a latency table stores it)."""
+    return arch_record.shape_from_dict(family, data, shape_types(), where)
+
+
 def load_arch(path: str | Path) -> ArchSpec:
     """Read and validate an ``arch.json`` of any registered family."""
     return arch_record.load_arch(path, shape_types())

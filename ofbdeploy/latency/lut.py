@@ -1,13 +1,15 @@
 """A latency model of the target: measured on the device, fitted, usable inside the search loss.
 
-Latency of a ViT is modelled as stem-and-head(E) + sum over blocks of attention(E, heads, head width) +
-MLP(E, hidden width), each part a non-negative combination of the work it does (GEMM sizes, heads,
-widths). The coefficients are fitted to whole probe models exported and timed through the same backends
-and protocol as the final models: uniform ones on a coarse grid of widths, and random uneven ones like
-the architectures a search ends with. Every probe is timed alternately with the dense model and enters
-the fit as a fraction of it, so a machine that is busier or quieter from one probe to the next does not
-bend the table. The fitted model interpolates (and extrapolates) smoothly to every width the search can
-choose, aligned or not, from a few dozen measured models.
+Latency is modelled as a non-negative combination of the work counts the model family names
+(``shape.latency_features``): for a ViT, the stem-and-head's fixed cost and width, and per block its
+attention GEMMs, attention matmuls, softmax, MLP GEMMs and activation; for a Swin the same kinds of work
+counted with each stage's tokens and window, plus its patch mergings. The coefficients are fitted to whole
+probe models exported and timed through the same backends and protocol as the final models: uniform ones
+on a coarse grid of widths, and random uneven ones like the architectures a search ends with. Every probe
+is timed alternately with the dense model and enters the fit as a fraction of it, so a machine that is
+busier or quieter from one probe to the next does not bend the table. The fitted model interpolates (and
+extrapolates) smoothly to every width the search can choose, aligned or not, from a few dozen measured
+models.
 """
 
 from __future__ import annotations
@@ -31,15 +33,13 @@ from scipy.optimize import nnls
 from torch import Tensor
 from tqdm import tqdm
 
-from ofbdeploy.arch import ArchSpec, BlockSpec
-from ofbdeploy.arch.grids import SearchSpace
+from ofbdeploy.arch import ArchSpec, BlockSpec, ModelShape
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
 from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, make_runner, with_random_weights
 from ofbdeploy.errors import OfbError
-from ofbdeploy.families import family_of
-from ofbdeploy.families.vit.shape import ViTShape
+from ofbdeploy.families import family_of, shape_from_dict
 from ofbdeploy.io import atomic_write_text, read_json
 
 log = logging.getLogger("ofbdeploy.lut")
@@ -58,7 +58,7 @@ class LutKey:
     img_size: int
     family: str
 
-    def filename(self, shape: ViTShape) -> str:
+    def filename(self, shape: ModelShape) -> str:
         """The cache file of this key for models of ``shape`` (a digest of the latency-relevant shape keeps,
         e.g., a layer-scale variant apart; the classifier's width is left out, see :func:`latency_shape`)."""
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{self.family}-{self.img_size}-{self.backend}-{self.precision}-"
@@ -68,35 +68,24 @@ class LutKey:
         return f"{slug}-{digest}.json"
 
 
-def latency_shape(shape: ViTShape) -> ViTShape:
+def latency_shape(shape: ModelShape) -> ModelShape:
     """``shape`` without its number of classes: the classifier is one E x classes product next to
     billions of multiply-accumulates, so a table measured with a 1000-class head serves a 10-class model of
     the same family (and `ofbdeploy lut build` serves a recipe that finetunes to its own classes)."""
     return dataclasses.replace(shape, num_classes=0)
 
 
-def _subsample(values: Sequence[int], count: int) -> list[int]:
-    """Up to ``count`` values spread evenly over ``values``, both ends included."""
-    values = sorted(set(values))
-    if len(values) <= count:
-        return values
-    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
-    return sorted({values[i] for i in picks})
-
-
 @dataclass
 class LatencyLUT:
     """Fitted part latencies (ms) of one model family on one device/backend/precision/batch.
 
-    ``coefficients`` weigh :data:`FEATURES`: the stem-and-head's fixed cost and its embedding width,
-    then per block the attention GEMMs (E x heads x head width), the attention matmuls and softmax
-    (heads x head width, heads) and the MLP GEMMs and activation (E x hidden, hidden). ``probes`` keeps
-    every measured model (as a fraction of dense, times ``dense_ms``), so a table can be re-fitted and
-    audited.
+    ``coefficients`` weigh the family's work counts (:attr:`features`, from ``shape.latency_feature_names``).
+    ``probes`` keeps every measured model (as a fraction of dense, times ``dense_ms``), so a table can be
+    re-fitted and audited.
     """
 
     key: LutKey
-    shape: ViTShape
+    shape: Any  # the family's dense shape (a ModelShape)
     coefficients: list[float]
     dense_ms: float  # median of every dense measurement taken while building
     probes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -105,29 +94,19 @@ class LatencyLUT:
     build_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.coefficients) != len(FEATURES):
-            raise OfbError(f"latency table: expected {len(FEATURES)} coefficients, got {len(self.coefficients)}")
+        if len(self.coefficients) != len(self.features):
+            raise OfbError(f"latency table: expected {len(self.features)} coefficients for a {self.shape.family} "
+                           f"model, got {len(self.coefficients)}")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The names of the work counts the coefficients weigh."""
+        return self.shape.latency_feature_names
 
     # -- evaluation -----------------------------------------------------------------------------
-    def stem(self, embed: float) -> float:
-        return float(stem_features(embed) @ np.asarray(self.coefficients))
-
-    def attention(self, embed: float, heads: float, width: float) -> float:
-        return float(attention_features(embed, heads, width) @ np.asarray(self.coefficients))
-
-    def mlp_part(self, embed: float, hidden: float) -> float:
-        return float(mlp_features(embed, hidden) @ np.asarray(self.coefficients))
-
     def predict(self, spec: ArchSpec) -> float:
         """Predicted latency (ms) of an architecture of this family."""
         return float(arch_features(spec) @ np.asarray(self.coefficients))
-
-    def tables(self, space: SearchSpace) -> dict[str, Tensor]:
-        """Per-cell tables for the differentiable expected latency of a search over ``space``."""
-        stem = [self.stem(e) for e in space.embedding]
-        attn = [[self.attention(e, n, c) for n, c in space.attention] for e in space.embedding]
-        mlp = [[self.mlp_part(e, k) for k in space.mlp] for e in space.embedding]
-        return {"stem": torch.tensor(stem), "attn": torch.tensor(attn), "mlp": torch.tensor(mlp)}
 
     # -- learning -------------------------------------------------------------------------------
     def learn(self, spec: ArchSpec, fraction: float, source: str = "fit") -> bool:
@@ -135,11 +114,9 @@ class LatencyLUT:
         probes and fit the coefficients again on all of them, so the next prediction on this device starts
         from what was measured. Too few models for the coefficients (a hand-made table without probes) keep
         them as they are; returns whether the table was fitted again."""
-        self.probes.append({"embed": spec.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in spec.blocks],
-                            "ms": self.dense_ms * fraction, "source": source})
-        specs = [ArchSpec(self.shape, (p["embed"],), tuple(BlockSpec(*blk) for blk in p["blocks"]))
-                 for p in self.probes]
-        if len(specs) < len(FEATURES):
+        self.probes.append({**_probe_record(spec), "ms": self.dense_ms * fraction, "source": source})
+        specs = [ArchSpec(self.shape, p["embed"], tuple(BlockSpec(*blk) for blk in p["blocks"])) for p in self.probes]
+        if len(specs) < len(self.features):
             return False
         self.coefficients, errors = fit_coefficients(specs, [p["ms"] for p in self.probes])
         for probe, err in zip(self.probes, errors, strict=True):
@@ -150,8 +127,9 @@ class LatencyLUT:
 
     # -- storage --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format": LUT_FORMAT, "key": dataclasses.asdict(self.key), "shape": dataclasses.asdict(self.shape),
-                "features": list(FEATURES), "coefficients": self.coefficients, "dense_ms": self.dense_ms,
+        return {"format": LUT_FORMAT, "key": dataclasses.asdict(self.key), "family": self.shape.family,
+                "shape": dataclasses.asdict(self.shape), "features": list(self.features),
+                "coefficients": self.coefficients, "dense_ms": self.dense_ms,
                 "fit_error": self.fit_error, "points": self.points, "build_seconds": self.build_seconds,
                 "probes": self.probes}
 
@@ -183,7 +161,7 @@ class LatencyLUT:
             _expect(isinstance(key[name], str), f"key.{name}: expected a string")
         for name in ("batch", "img_size"):
             _expect(_is_int(key[name]) and key[name] >= 1, f"key.{name}: expected a positive integer")
-        _expect(isinstance(shape, dict), "shape: expected an object")
+        shape = shape_from_dict(data.get("family", "vit"), shape)  # tables of format 2 before Swin: ViTs
         coefficients = data["coefficients"]
         _expect(isinstance(coefficients, list) and all(_is_number(c) and c >= 0 for c in coefficients),
                 "coefficients: expected a list of non-negative numbers")
@@ -196,14 +174,15 @@ class LatencyLUT:
         _expect(_is_number(data.get("build_seconds", 0.0)), "build_seconds: expected a number")
         fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds")
                   if k in data}
-        return cls(LutKey(**key), ViTShape(**shape), **fields)
+        return cls(LutKey(**key), shape, **fields)
 
-    def check_fits(self, shape: ViTShape, backend: str, precision: str, batch: int, source: str) -> None:
+    def check_fits(self, shape: ModelShape, backend: str, precision: str, batch: int, source: str) -> None:
         """Refuse a table of another model family or target than the search it is given to."""
         k = self.key
         if latency_shape(self.shape) != latency_shape(shape):
-            raise OfbError(f"{source}: the latency table is for {self.shape.model_name or 'another model'} "
-                           f"({self.shape.embed_dim} wide, {self.shape.depth} deep, {self.shape.img_size} px), "
+            s = self.shape
+            raise OfbError(f"{source}: the latency table is for {s.model_name or 'another model'} ({s.family}, "
+                           f"{'/'.join(map(str, s.embed_dims))} wide, {s.depth} deep, {s.img_size} px), "
                            f"not for this run's model")
         if (k.backend, k.precision, k.batch) != (backend, precision, batch):
             raise OfbError(f"{source}: the latency table was measured on {k.backend} {k.precision} batch {k.batch}, "
@@ -223,31 +202,18 @@ def _expect(ok: bool, message: str) -> None:
         raise OfbError(message)
 
 
-FEATURES = ("stem", "stem x embed", "embed x heads x head width", "heads x head width", "heads",
-            "embed x mlp", "mlp")
-
-
-def stem_features(embed: float) -> np.ndarray:
-    """The stem-and-head's work counts (the first two of :data:`FEATURES`)."""
-    return np.array([1.0, embed, 0.0, 0.0, 0.0, 0.0, 0.0])
-
-
-def attention_features(embed: float, heads: float, width: float) -> np.ndarray:
-    """One attention's work counts: its GEMMs, its matmuls and softmax, its heads."""
-    return np.array([0.0, 0.0, embed * heads * width, heads * width, heads, 0.0, 0.0])
-
-
-def mlp_features(embed: float, hidden: float) -> np.ndarray:
-    """One MLP's work counts: its GEMMs and its activation."""
-    return np.array([0.0, 0.0, 0.0, 0.0, 0.0, embed * hidden, hidden])
+def _probe_record(spec: ArchSpec) -> dict[str, Any]:
+    return {"embed": list(spec.embed_dims), "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in spec.blocks]}
 
 
 def arch_features(spec: ArchSpec) -> np.ndarray:
-    """The work counts the latency model weighs, summed over the parts of ``spec`` (the same part
-    functions the search's per-cell tables use, so the fit and the search cannot disagree)."""
-    e = float(spec.embed_dim)
-    return stem_features(e) + sum(attention_features(e, b.heads, b.head_dim) + mlp_features(e, b.mlp_dim)
-                                  for b in spec.blocks)
+    """The work counts the latency model weighs for ``spec`` (the family's ``latency_features``: the same
+    function the search's expected latency evaluates, so the fit and the search cannot disagree)."""
+    blocks = spec.blocks
+    counts = spec.base.latency_features([float(e) for e in spec.embed_dims],
+                                        [(float(b.heads), float(b.attn_dim)) for b in blocks],
+                                        [float(b.mlp_dim) for b in blocks])
+    return np.asarray(counts, dtype=float)
 
 
 def fit_coefficients(specs: Sequence[ArchSpec], latency_ms: Sequence[float]) -> tuple[list[float], np.ndarray]:
@@ -267,22 +233,41 @@ def fit_coefficients(specs: Sequence[ArchSpec], latency_ms: Sequence[float]) -> 
 
 
 # -- building -------------------------------------------------------------------------------------
-def sample_arch(shape: ViTShape, space: SearchSpace, fraction: float, rng: np.random.Generator,
+def _pick(values: Sequence, at: float) -> Any:
+    """The value at relative position ``at`` (0 narrowest, 1 widest) of a grid (attention cells by size)."""
+    ordered = sorted(dict.fromkeys(values), key=lambda v: v[0] * v[1] if isinstance(v, tuple) else v)
+    return ordered[round(float(np.clip(at, 0.0, 1.0)) * (len(ordered) - 1))]
+
+
+def sample_arch(shape: ModelShape, space: Any, fraction: float, rng: np.random.Generator,
                 spread: float = 0.3) -> ArchSpec:
-    """A random uneven architecture around ``fraction`` of each grid (0 narrowest, 1 dense).
+    """A random uneven architecture around ``fraction`` of each grid (0 narrowest, 1 dense), every stage's
+    embedding at ``fraction`` of its own grid.
 
     Searched models differ block to block; fitting and checking the table on such models, rather than on
     uniform ones only, tests it where it is used.
     """
-    def pick(values: Sequence, at: float) -> Any:
-        ordered = sorted(values, key=lambda v: v[0] * v[1] if isinstance(v, tuple) else v)
-        return ordered[round(float(np.clip(at, 0.0, 1.0)) * (len(ordered) - 1))]
-
     def jitter() -> float:
         return fraction + rng.uniform(-spread, spread)
 
-    blocks = tuple(BlockSpec(*pick(space.attention, jitter()), pick(space.mlp, jitter())) for _ in range(shape.depth))
-    return ArchSpec(shape, pick(space.embedding, fraction), blocks)
+    spaces = space.stage_spaces
+    blocks = []
+    for i in range(shape.depth):
+        grids = spaces[shape.stage_of(i)]
+        blocks.append(BlockSpec(*_pick(grids.attention, jitter()), _pick(grids.mlp, jitter())))
+    return ArchSpec(shape, tuple(_pick(s.embedding, fraction) for s in spaces), tuple(blocks))
+
+
+def _spec_at(shape: ModelShape, space: Any, embed: float, heads: float, width: float, mlp: float) -> ArchSpec:
+    """Every stage at the same relative positions of its own grids (0 narrowest, 1 widest) and all blocks
+    of a stage alike: a uniform model, whatever the stages' sizes."""
+    spaces = space.stage_spaces
+    blocks = []
+    for i in range(shape.depth):
+        grids = spaces[shape.stage_of(i)]
+        cell = (_pick([n for n, _ in grids.attention], heads), _pick([c for _, c in grids.attention], width))
+        blocks.append(BlockSpec(*cell, _pick(grids.mlp, mlp)))
+    return ArchSpec(shape, tuple(_pick(s.embedding, embed) for s in spaces), tuple(blocks))
 
 
 def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None,
@@ -309,23 +294,31 @@ def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: P
                        ProfileCfg(backends=[backend], precision=precision, batches=[batch], threads=threads))
 
 
-def probe_set(shape: ViTShape, space: SearchSpace, embed_points: int = 4, width_points: int = 3,
+def _positions(grid: Sequence, count: int) -> list[float]:
+    """Relative positions of up to ``count`` values spread evenly over ``grid``, both ends included."""
+    n = min(count, len(set(grid)))
+    return [0.0] if n == 1 else [k / (n - 1) for k in range(n)]
+
+
+def probe_set(shape: ModelShape, space: Any, embed_points: int = 4, width_points: int = 3,
               random_points: int = 16, seed: int = 0) -> list[ArchSpec]:
-    """The models a table is fitted on: the narrowest, uniform ones on a coarse grid (attention cells
-    with the narrowest MLP, MLP widths with the narrowest attention, at each of ``embed_points``
-    embedding widths) and ``random_points`` uneven ones spread from narrow to dense."""
-    embed = _subsample(space.embedding, embed_points)
-    heads = sorted({n for n, _ in space.attention})
-    widths = _subsample([c for _, c in space.attention], width_points)
-    mlp = _subsample(space.mlp, width_points)
-    specs = [ArchSpec.uniform(shape, e, n, c, mlp[0]) for e in embed for n in heads for c in widths]
-    specs += [ArchSpec.uniform(shape, e, heads[0], widths[0], k) for e in embed for k in mlp[1:]]
+    """The models a table is fitted on: the narrowest, uniform ones on a coarse grid (every head count of
+    the first stage's grid times ``width_points`` head widths with the narrowest MLP, and ``width_points``
+    MLP widths with the narrowest attention, at each of ``embed_points`` embedding widths; a Swin's stages
+    at the same relative positions of their grids) and ``random_points`` uneven ones from narrow to dense."""
+    first = space.stage_spaces[0]
+    embed = _positions(first.embedding, embed_points)
+    heads = _positions([n for n, _ in first.attention], len(first.attention))
+    widths = _positions([c for _, c in first.attention], width_points)
+    mlp = _positions(first.mlp, width_points)
+    specs = [_spec_at(shape, space, e, n, c, 0.0) for e in embed for n in heads for c in widths]
+    specs += [_spec_at(shape, space, e, 0.0, 0.0, k) for e in embed for k in mlp[1:]]
     rng = np.random.default_rng(seed)
     specs += [sample_arch(shape, space, float(f), rng) for f in np.linspace(0.0, 1.0, random_points)]
     return [ArchSpec.narrowest(shape, space), *specs]
 
 
-def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
+def build_lut(shape: ModelShape, space: Any, *, backend: str, precision: str, batch: int,
               embed_points: int = 4, width_points: int = 3, random_points: int = 16, repeats: int = 20,
               threads: int | None = None, progress: bool = True) -> LatencyLUT:
     """Measure the probes on this machine and return the fitted table (keyed by the device they ran on).
@@ -335,8 +328,9 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
     and fast spells of a shared machine cancel in the ratios.
     """
     specs = probe_set(shape, space, embed_points, width_points, random_points)
-    if len(specs) + 1 < len(FEATURES):  # the dense model is measured too
-        raise OfbError(f"latency table: {len(specs) + 1} probe models cannot fit {len(FEATURES)} coefficients; "
+    features = shape.latency_feature_names
+    if len(specs) + 1 < len(features):  # the dense model is measured too
+        raise OfbError(f"latency table: {len(specs) + 1} probe models cannot fit {len(features)} coefficients; "
                        "raise random_points (or embed_points, width_points)")
     dense = ArchSpec.dense(shape)
     t0 = time.perf_counter()
@@ -354,8 +348,8 @@ def build_lut(shape: ViTShape, space: SearchSpace, *, backend: str, precision: s
     reference = float(np.median(dense_ms))
     specs, measured = [dense, *specs], [reference, *(reference * f for f in fractions)]
     coefficients, errors = fit_coefficients(specs, measured)
-    probes = [{"embed": s.embed_dim, "blocks": [[b.heads, b.head_dim, b.mlp_dim] for b in s.blocks], "ms": ms,
-               "fit_error": float(err)} for s, ms, err in zip(specs, measured, errors, strict=True)]
+    probes = [{**_probe_record(s), "ms": ms, "fit_error": float(err)}
+              for s, ms, err in zip(specs, measured, errors, strict=True)]
     lut = LatencyLUT(LutKey(device, backend, precision, batch, shape.img_size, shape.model_name), shape,
                      coefficients, reference, probes,
                      {"median_abs": float(np.median(np.abs(errors))), "max_abs": float(np.max(np.abs(errors)))},
@@ -370,7 +364,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "ofbdeploy" / "lut"
 
 
-def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precision: str, batch: int,
+def load_or_build(shape: ModelShape, space: Any, *, backend: str, precision: str, batch: int,
                   cache_dir: Path | None = None, **options: Any) -> LatencyLUT:
     """The cached table for this device/backend/precision/batch/family, built and cached when missing (or
     when the cached file is of an older format or another model)."""
@@ -383,9 +377,9 @@ def load_or_build(shape: ViTShape, space: SearchSpace, *, backend: str, precisio
         except (OfbError, ValueError, KeyError, TypeError) as err:
             log.warning("latency table cache %s unusable (%s): measuring a new one", path, err)
         else:
-            if 0 < lut.points < len(FEATURES):  # 0: a table that does not say (hand-made)
+            if 0 < lut.points < len(lut.features):  # 0: a table that does not say (hand-made)
                 log.warning("latency table cache %s was fitted on %d models for %d coefficients: measuring a new "
-                            "one", path, lut.points, len(FEATURES))
+                            "one", path, lut.points, len(lut.features))
             elif lut.key == wanted and latency_shape(lut.shape) == latency_shape(shape):
                 log.info("latency table from cache: %s", path)
                 return lut

@@ -204,6 +204,14 @@ class HeadGroup(MaskGroup):
         head_rank = ranks(torch.sigmoid(self.score).sum(dim=1))
         return rank_mask[head_rank].gather(1, ranks(self.score, dim=1))
 
+    def expected_heads(self) -> Tensor | float:
+        """Expected number of live heads (differentiable in the logits): the latency loss counts per-head work
+        (softmax, the attention matmuls' launches) apart from per-channel work."""
+        if self.is_decided:
+            return float(self.shape[0])
+        heads = torch.minimum(self.cells[:, 0], self.cells.new_tensor(self.shape[0]))
+        return (self.probs() * heads.to(self.alpha.dtype)).sum()
+
     @torch.no_grad()
     def cut_(self, extents: Sequence[int], optimizers: Iterable[torch.optim.Optimizer] = ()) -> Tensor:
         heads = _top_sorted(torch.sigmoid(self.score).sum(dim=1), int(extents[0]))

@@ -146,6 +146,15 @@ class SearchableModel(nn.Module, ABC):
         mlp = [g.expected_units() for g in self.mlp_groups]
         return self.alpha_zero() + self.shape.macs_at(embeds, attn, mlp)  # a tensor even when all are decided
 
+    def expected_latency_features(self) -> Tensor:
+        """The latency table's work counts (``shape.latency_features``) at the expected widths. Exact
+        expectations: every count is linear in each group's widths and the groups are independent."""
+        embeds = [g.expected_units() for g in self.embed_groups]
+        attn = [(g.expected_heads(), g.expected_units()) for g in self.attn_groups]
+        mlp = [g.expected_units() for g in self.mlp_groups]
+        zero = self.alpha_zero()
+        return torch.stack([zero + f for f in self.shape.latency_features(embeds, attn, mlp)])
+
     def _check_images(self, images: Tensor) -> None:
         s = self.shape
         expected = (s.in_chans, s.img_size, s.img_size)

@@ -15,8 +15,8 @@ from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.cli import main
-from ofbdeploy.errors import OfbError
-from ofbdeploy.families import family_of, read_shape
+from ofbdeploy.families import family_of, load_arch, read_shape
+from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_pruned
 from ofbdeploy.prune.budget import check_budget, enforce_budget, resolve_target
@@ -148,10 +148,13 @@ def test_budget_enforcement_narrows_swin_stages_and_blocks():
     assert {s.group.split(".")[0] for s in steps} <= {"stages", "blocks"}
 
 
-def test_latency_budget_is_refused_for_swin_in_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["lut", "build", "--model", PICO])
-    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
-    assert "latency budgets are not available for swin models" in result.output
+def test_lut_build_measures_a_swin_table(tmp_path):
+    args = ["lut", "build", "--model", PICO, "--cache-dir", str(tmp_path), "--embed-points", "1", "--width-points",
+            "2", "--random-points", "1", "--repeats", "5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*.json")
+    assert str(path) in result.output and LatencyLUT.load(path).shape.family == "swin"
 
 
 @pytest.mark.parametrize(("recipe", "gflops"), [("ofb_swin_a", 1.0), ("ofb_swin_b", 2.6), ("ofb_swin_c", 3.1)])
@@ -185,18 +188,34 @@ def test_swin_quickstart_runs_end_to_end(tmp_path):
     assert type(load_pruned(tmp_path / "run" / "finetuned")).__name__ == "SwinTransformer"
 
 
-def test_swin_latency_recipe_is_refused_before_training(tmp_path):
+def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_table(tmp_path):
+    """A latency budget on a Swin: the run measures a table of its stages on ONNX Runtime, the search meets the
+    budget on it, and the profile measures the result against the budget (the fit stage keeps a Swin's widths)."""
     data = yaml.safe_load((RECIPES / "swin_quickstart.yaml").read_text())
     data.update(output_dir=str(tmp_path / "run"), device="cpu")
-    data["search"]["latency"] = {"target_ratio": 0.5}
-    data["profile"] = {"batches": [1]}
+    data["data"] = {"kind": "synthetic", "limit_train": 96, "limit_val": 32, "batch_size": 32, "eval_batch_size": 32}
+    data["pretrain"].update(epochs=0)
+    del data["search"]["target_flops_ratio"]
+    data["search"].update(epochs=2, warmup_epochs=1, latency={
+        "target_ratio": 0.6, "cache_dir": str(tmp_path / "lut"), "embed_points": 1, "width_points": 2,
+        "random_points": 2, "repeats": 5})
+    data["finetune"].update(epochs=1)
+    data["export"] = {"int8": False}
+    data["profile"] = {"batches": [1], "backends": ["ort-cpu"], "repeats": 10}
     path = tmp_path / "swin.yaml"
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
-    assert result.exit_code == 2 and "latency budgets are not available for swin" in result.output
-    assert not (tmp_path / "run" / "dense").exists()
-    with pytest.raises(OfbError, match="swin"):
-        family_of(read_shape(timm.create_model(PICO))).check_latency()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    table = LatencyLUT.load(tmp_path / "run" / "search" / "lut.json")
+    assert table.shape.family == "swin" and len(table.coefficients) == len(table.features) == 8
+    searched = load_arch(tmp_path / "run" / "pruned" / "arch.json")
+    assert table.predict(searched) <= report["latency_target_ms"] + 1e-9  # the search met its budget on the table
+    assert report["latency_target_ms"] == pytest.approx(0.6 * table.dense_ms)
+    assert "swin" in report["fit"]["skipped"]
+    check = next(c for c in report["budget"] if c["name"].startswith("search latency target"))
+    row = next(r for r in report["latency"] if r["batch"] == 1)
+    assert check["measured"] == f"{row['latency_ms_pruned'] / row['latency_ms_dense']:.1%}"
+    assert result.exit_code == (0 if check["ok"] else 1), result.output
 
 
 def test_info_describes_a_pruned_swin(tmp_path):

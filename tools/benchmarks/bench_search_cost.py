@@ -112,7 +112,7 @@ def main() -> None:
         cfg, objective = SearchCfg(target_flops_ratio=0.5, epochs=100, distill={"enabled": distill}), None
         if latency_lut is not None:
             cfg = SearchCfg(epochs=100, latency={"target_ratio": 0.5, "lut": str(latency_lut)})
-            objective = LatencyObjective(LatencyLUT.load(latency_lut), searchable.space, target_ratio=0.5)
+            objective = LatencyObjective(LatencyLUT.load(latency_lut), target_ratio=0.5)
         teacher = timm.create_model(args.model, img_size=args.img_size).to(device).eval() if distill else None
         search = Search(searchable, loader, cfg, ctx, 0, args.amp, logging.getLogger("bench"), objective,
                         teacher=teacher)

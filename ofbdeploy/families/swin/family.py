@@ -21,11 +21,6 @@ class SwinFamily(Family):
     name = "swin"
     shape_type = SwinShape
     model_types = (SwinTransformer,)
-    latency_refusal = (
-        "the latency table fits one token count and one residual width shared by every block (a plain ViT), "
-        "while a Swin's four stages differ in both and add window padding and patch merging, which the table "
-        "has no terms for; use a FLOPs budget (search.target_gflops or target_flops_ratio)"
-    )
 
     def read_shape(self, model: nn.Module, model_name: str = "") -> SwinShape:
         return read_swin_shape(model, model_name)

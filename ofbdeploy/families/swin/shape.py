@@ -32,6 +32,10 @@ class SwinShape:
     """The dense timm ``SwinTransformer``: per-stage widths, depths, heads and (requested) window sizes."""
 
     family: ClassVar[str] = "swin"
+    # The work counts a latency table weighs (see latency_features).
+    latency_feature_names: ClassVar[tuple[str, ...]] = (
+        "fixed", "tokens x embed", "patch merging", "tokens x embed x attention", "window attention", "softmax",
+        "tokens x embed x mlp", "tokens x mlp")
 
     img_size: int
     patch_size: int
@@ -149,6 +153,39 @@ class SwinShape:
                          + 2 * side * side * width * mlp_dims[i])
         return total + embeds[-1] * self.num_classes
 
+    def latency_features(self, embeds: Sequence[Width], attn: Sequence[tuple[Width, Width]],
+                         mlp_dims: Sequence[Width]) -> list[Width]:
+        """The work counts of :attr:`latency_feature_names` at the given widths (``attn``: per block, heads and
+        heads x head width), each summed over the stages with the tokens of its stage, as :meth:`macs_at`
+        counts them: a fixed cost; per-token work on the residual width (norms, residual adds, window
+        partition and shift, the patch embedding); the patch mergings' products; the attention GEMMs on the
+        padded windows; the windows' attention matmuls and their softmax; the MLP GEMMs and activation. The
+        stages differ by 4x in tokens, so one coefficient per kind of work serves every stage. Numbers or
+        tensors of expected widths (then differentiable)."""
+        side = self.grid(0)
+        per_token = side * side * embeds[0]
+        merging = attention = windows = softmax = mlp = activation = 0.0
+        ends = _ends(self.depths)
+        for s in range(self.stages):
+            width = embeds[s]
+            side = self.grid(s)
+            tokens = side * side
+            if s > 0:
+                merging = merging + tokens * 4 * embeds[s - 1] * width
+                per_token = per_token + tokens * 4 * embeds[s - 1]
+            window = self.window(s)
+            windowed = (math.ceil(side / window) * window) ** 2
+            area = window * window
+            per_token = per_token + tokens * width * self.depths[s]
+            for i in range(ends[s] - self.depths[s], ends[s]):
+                heads, channels = attn[i]
+                attention = attention + windowed * width * channels
+                windows = windows + windowed * area * channels
+                softmax = softmax + windowed * area * heads
+                mlp = mlp + tokens * width * mlp_dims[i]
+                activation = activation + tokens * mlp_dims[i]
+        return [1.0, per_token, merging, attention, windows, softmax, mlp, activation]
+
     def params(self, spec: ArchSpec) -> int:
         """Parameters of the plain Swin the family builds for ``spec``."""
         e = spec.embed_dims
@@ -173,3 +210,7 @@ class SwinSpace:
     """One ViT-style search space per stage (the stages differ in width, heads and MLP width)."""
 
     stages: tuple[SearchSpace, ...]
+
+    @property
+    def stage_spaces(self) -> tuple[SearchSpace, ...]:
+        return self.stages

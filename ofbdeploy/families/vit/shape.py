@@ -47,6 +47,9 @@ class ViTShape:
     """
 
     family: ClassVar[str] = "vit"
+    # The work counts a latency table weighs (see latency_features).
+    latency_feature_names: ClassVar[tuple[str, ...]] = (
+        "stem", "stem x embed", "embed x heads x head width", "heads x head width", "heads", "embed x mlp", "mlp")
 
     img_size: int
     patch_size: int
@@ -148,6 +151,18 @@ class ViTShape:
         if self.global_pool == "map":
             total = total + self._attention_pool_macs(embed)
         return total + embed * self.num_classes * (2 if self.distilled else 1)
+
+    def latency_features(self, embeds: Sequence[Width], attn: Sequence[tuple[Width, Width]],
+                         mlp_dims: Sequence[Width]) -> list[Width]:
+        """The work counts of :attr:`latency_feature_names` at the given widths (``attn``: per block, heads and
+        heads x head width): the stem-and-head's fixed cost and its embedding width, the attention GEMMs, the
+        attention matmuls and softmax, the MLP GEMMs and activation. Every block sees the same token count, so
+        it is folded into the coefficients. Numbers or tensors of expected widths (then differentiable)."""
+        embed = embeds[0]
+        heads = sum(h for h, _ in attn)
+        channels = sum(c for _, c in attn)
+        mlp = sum(mlp_dims)
+        return [1.0, embed, embed * channels, channels, heads, embed * mlp, mlp]
 
     def params(self, spec: ArchSpec) -> int:
         """Parameters (weights, biases, norms, tokens, position embedding, heads) of the plain ViT of ``spec``."""
