@@ -15,8 +15,7 @@ import yaml
 import ofbdeploy.models.zoo  # noqa: F401  (registers the small test ViTs)
 from ofbdeploy import threads
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.families.vit.searchable import SearchableViT
-from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families import family_of, read_shape
 from ofbdeploy.families.vit.support import read_vit_shape
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
 from ofbdeploy.models.materialize import materialize
@@ -53,16 +52,19 @@ def synthetic_lut() -> Callable[[str, int], LatencyLUT]:
 
 
 @pytest.fixture
-def cut_vit() -> Callable[..., tuple]:
-    """A teacher and a plain model cut from it by a random decision (embedding kept whole), untrained: with
-    ``multipliers`` the decided multipliers are random (a trained-like fold), else 1 (the teacher's own units)."""
+def cut_model() -> Callable[..., tuple]:
+    """A teacher and a plain model cut from it by a random decision (every embedding kept whole), untrained: with
+    ``multipliers`` the decided multipliers are random (a trained-like fold), else 1 (the teacher's own units).
+    Any family: ``name`` is a timm model (a ViT by default)."""
     def make(seed: int, multipliers: bool = False, name: str = "ofb_vit_pico_patch4_32"):
         torch.manual_seed(seed)
         teacher = timm.create_model(name).eval()
-        searchable = SearchableViT(copy.deepcopy(teacher), space_for(read_vit_shape(teacher)), name)
+        shape = read_shape(teacher, name)
+        family = family_of(shape)
+        searchable = family.searchable(copy.deepcopy(teacher), family.space(shape), name)
         rng = random.Random(seed)
         for group_name, group in searchable.groups():
-            widest = group_name == "embedding"
+            widest = group_name.endswith("embedding")
             searchable.force_cell(group_name, group.widest_cell() if widest else rng.randrange(len(group.cells)))
             group.multiplier.data.uniform_(0.25, 1.75) if multipliers else group.multiplier.data.fill_(1.0)
         pruned, spec = materialize(searchable.eval())

@@ -47,6 +47,10 @@ class Family(ABC):
     def build_plain(self, spec: ArchSpec) -> nn.Module:
         """A plain timm model of the family's own class with the widths of ``spec`` (weights uninitialised)."""
 
+    @abstractmethod
+    def block_prefix(self, shape: Any, index: int) -> str:
+        """The state-dict prefix of block ``index`` (numbered across stages) in the plain timm model."""
+
     def checkpoint_filter(self, state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         """Adapt a checkpoint's state dict to ``model`` the way timm adapts hub weights (identity by default)."""
         return state

@@ -1,10 +1,12 @@
-"""Narrow or grow the groups of a materialised ViT after its search: the teacher gives back what the cut took.
+"""Narrow or grow the groups of a materialised model (a ViT, a Swin) after its search: the teacher gives back
+what the cut took.
 
 After the search a decided group has physically lost the units it did not keep, so widening it needs units
 that are gone. The dense model the run started from (the teacher) still has them: a grown group re-inserts
 dense units the spec did not keep, with the teacher's weights (restricted to the embedding channels the
 pruned model kept); the finetune that follows distils from that teacher and trains them. A narrowed group
-drops its kept units of least importance. The embedding stays as searched: growing it would change every
+drops its kept units of least importance; a Swin head brings its column of the relative-position bias table
+along. The embedding (every stage's) stays as searched: growing it would change every
 layer's input and every LayerNorm's statistics, which a re-inserted teacher row cannot make up for.
 
 Importance (:func:`unit_importance`) is one number per dense unit, so one rule ranks kept and missing units:
@@ -46,8 +48,6 @@ class UnitImportance:
 
 
 def _check(spec: ArchSpec) -> None:
-    if spec.family != "vit":
-        raise ArchError(f"resizing a pruned model is implemented for ViTs, not {spec.family}")
     if not spec.kept_embeds or any(not b.kept_mlp or not b.kept_heads or not b.kept_channels for b in spec.blocks):
         raise ArchError("resizing needs an architecture record with kept unit indices")
 
@@ -72,6 +72,11 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def _block(spec: ArchSpec, i: int) -> tuple[str, Tensor]:
+    """Block ``i``'s state-dict prefix and the dense embedding channels its stage kept."""
+    return family_of(spec.base).block_prefix(spec.base, i), torch.tensor(spec.kept_embeds[spec.base.stage_of(i)])
+
+
 def _q_unfold(spec: ArchSpec, i: int) -> float:
     """The factor materialisation folded into block ``i``'s q rows: sqrt(c/d)."""
     return (spec.blocks[i].head_dim / spec.base.block_dims(i)[1]) ** 0.5
@@ -82,11 +87,10 @@ def unit_importance(model: nn.Module, spec: ArchSpec, teacher: nn.Module) -> Uni
     """Importance of every dense unit of every block's MLP and attention (see the module's rule)."""
     _check(spec)
     p, t = _state(model), _state(teacher)
-    embed = torch.tensor(spec.kept_embed)
     mlp, channels = [], []
     for i, blk in enumerate(spec.blocks):
         heads, d, _ = spec.base.block_dims(i)
-        pre = f"blocks.{i}."
+        pre, embed = _block(spec, i)
         tw = _rows(t[pre + "mlp.fc1.weight"][:, embed], t.get(pre + "mlp.fc1.bias"))
         tw = tw + t[pre + "mlp.fc2.weight"][embed].double().pow(2).sum(dim=0)
         pw = _rows(p[pre + "mlp.fc1.weight"], p.get(pre + "mlp.fc1.bias"))
@@ -168,10 +172,9 @@ def resize(model: nn.Module, spec: ArchSpec, teacher: nn.Module, new: ArchSpec) 
         raise ArchError("resizing changes block widths only: the base model and the embedding must stay")
     p, t = _state(model), _state(teacher)
     state = {k: v.clone() for k, v in p.items()}
-    embed = torch.tensor(spec.kept_embed)
     for i, (old, blk) in enumerate(zip(spec.blocks, new.blocks, strict=True)):
         heads, d, _ = spec.base.block_dims(i)
-        pre = f"blocks.{i}."
+        pre, embed = _block(spec, i)
         at = {j: k for k, j in enumerate(old.kept_mlp)}
 
         def pick(name: str, dim: int, teacher_cut: Tensor, index: dict[int, int], units: Sequence[int]) -> None:
@@ -206,6 +209,9 @@ def resize(model: nn.Module, spec: ArchSpec, teacher: nn.Module, new: ArchSpec) 
         for name, value in parts:
             state[pre + name] = value
         pick(pre + "attn.proj.weight", 1, t[pre + "attn.proj.weight"][embed], at, units)
+        table = pre + "attn.relative_position_bias_table"  # a Swin's: one column per head
+        if table in p:
+            pick(table, 1, t[table], {h: a for a, h in enumerate(old.kept_heads)}, blk.kept_heads)
     plain = family_of(new.base).build_plain(new)
     plain.load_state_dict(state, strict=True)
     return plain.eval()

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.models.resize import UnitImportance, resize, resize_block, unit_importance
 
 Cost = Callable[[ArchSpec], float]
@@ -54,12 +54,13 @@ def _kept_importance(imp: UnitImportance, spec: ArchSpec, i: int) -> float:
                                                                                  strict=True))
 
 
-def _neighbours(space: SearchSpace, spec: ArchSpec, i: int, wider: bool) -> list[tuple[str, tuple[int, int, int]]]:
-    """Block ``i``'s widths one grid step wider (or narrower) along one part, staying on the grids."""
+def _neighbours(space: Any, spec: ArchSpec, i: int, wider: bool) -> list[tuple[str, tuple[int, int, int]]]:
+    """Block ``i``'s widths one grid step wider (or narrower) along one part, staying on its stage's grids."""
     blk = spec.blocks[i]
     now = (blk.heads, blk.head_dim, blk.mlp_dim)
-    cells = set(space.attention)
-    grids = (sorted({n for n, _ in cells}), sorted({c for _, c in cells}), sorted(set(space.mlp)))
+    grid = space.stage_spaces[spec.base.stage_of(i)]  # a Swin's stages have their own grids
+    cells = set(grid.attention)
+    grids = (sorted({n for n, _ in cells}), sorted({c for _, c in cells}), sorted(set(grid.mlp)))
     found = []
     for axis, (part, grid) in enumerate(zip(PARTS, grids, strict=True)):
         steps = [v for v in grid if (v > now[axis] if wider else v < now[axis])]
@@ -79,7 +80,7 @@ def _moved(spec: ArchSpec, imp: UnitImportance, i: int, widths: tuple[int, int, 
     return ArchSpec(spec.base, spec.embed_dims, tuple(blocks), spec.kept_embeds)
 
 
-def _step(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, wider: bool,
+def _step(spec: ArchSpec, imp: UnitImportance, space: Any, wider: bool,
           score: Callable[[ArchSpec, ArchSpec, float], float | None]) -> tuple[ArchSpec, WidthStep] | None:
     """The best-scoring one-step move of any block (``score`` None: the move is not allowed)."""
     best = None
@@ -96,7 +97,7 @@ def _step(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, wider: bool,
     return None if best is None else (best[1], best[2])
 
 
-def fill(spec: ArchSpec, imp: UnitImportance, space: SearchSpace,
+def fill(spec: ArchSpec, imp: UnitImportance, space: Any,
          budgets: Sequence[tuple[Cost, float]]) -> tuple[ArchSpec, list[WidthStep]]:
     """Widen one grid step at a time while every budget holds: each step is the one with the most importance
     gained per share of budget spent (the largest share over the budgets)."""
@@ -120,7 +121,7 @@ def fill(spec: ArchSpec, imp: UnitImportance, space: SearchSpace,
     return spec, steps
 
 
-def fill_flops(model: nn.Module, spec: ArchSpec, teacher: nn.Module, space: SearchSpace,
+def fill_flops(model: nn.Module, spec: ArchSpec, teacher: nn.Module, space: Any,
                target: float) -> tuple[nn.Module, ArchSpec, list[WidthStep]]:
     """A materialised model widened toward a FLOPs target from below (the run's fit stage without a latency
     budget, and the accuracy benchmark's, so both train the same architecture); grown units come from the
@@ -129,7 +130,7 @@ def fill_flops(model: nn.Module, spec: ArchSpec, teacher: nn.Module, space: Sear
     return (resize(model, spec, teacher, final) if steps else model), final, steps
 
 
-def trim(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, cost: Cost,
+def trim(spec: ArchSpec, imp: UnitImportance, space: Any, cost: Cost,
          target: float) -> tuple[ArchSpec, list[WidthStep]]:
     """Narrow one grid step at a time while ``cost`` is over ``target``: each step saves the most cost per
     importance given up."""
@@ -194,7 +195,7 @@ class LatencyFit:
     kept_round: int  # the round that measured ``spec``
 
 
-def latency_loop(spec: ArchSpec, imp: UnitImportance, space: SearchSpace, *, predict: Cost, measure: Measure,
+def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Cost, measure: Measure,
                  target: float, tolerance: float, max_rounds: int, other_budgets: Sequence[tuple[Cost, float]] = (),
                  learn: Callable[[ArchSpec, float], None] | None = None, max_measurements: int = 3) -> LatencyFit:
     """Bring the measured pruned/dense latency ratio of ``spec`` into ``[target * (1 - tolerance), target]``.
@@ -288,7 +289,7 @@ def _aim(points: list[tuple[float, float]], goal: float) -> float:
     return pa * goal / ra
 
 
-def _move(origin: ArchSpec, measured: dict[ArchSpec, float], goal: float, imp: UnitImportance, space: SearchSpace,
+def _move(origin: ArchSpec, measured: dict[ArchSpec, float], goal: float, imp: UnitImportance, space: Any,
           predict: Cost, other_budgets: Sequence[tuple[Cost, float]]) -> tuple[ArchSpec, list[WidthStep]]:
     """Narrow or widen the searched architecture toward the prediction that the measurements say lands on
     ``goal``. Planned from the same start every round, the greedy paths are nested, so a larger aim never

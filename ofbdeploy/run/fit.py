@@ -25,7 +25,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.arch.grids import SearchSpace
 from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
@@ -75,7 +74,7 @@ class _Bench:
 
 
 def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.Module, teacher: nn.Module,
-             importance: UnitImportance, space: SearchSpace,
+             importance: UnitImportance, space: Any,
              flops: float | None) -> tuple[LatencyFit, LatencyLUT, float]:
     lut = LatencyLUT.load(run.paths.lut)
     dense_ms = lut.predict(ArchSpec.dense(spec.base))
@@ -128,36 +127,32 @@ def fit_stage(run: RunContext) -> None:
     record: dict[str, Any] = {"flops_target": flops, "flops_before": spec.macs(), "flops_steps": [],
                               "latency": None, "skipped": None}
     final = spec
-    if spec.family != "vit":
-        record["skipped"] = f"resizing is implemented for ViTs, not {spec.family}: the searched widths are kept"
-        log.info("fit: %s", record["skipped"])
-    else:
-        teacher = run.load_dense().cpu()
-        space = run.space(spec.base)
-        if latency is not None and latency.max_rounds > 0:
-            try:
-                fit, lut, target = _latency(run, latency, spec, model, teacher, unit_importance(model, spec, teacher),
-                                            space, flops)
-            except (BackendError, BackendUnavailable) as err:
-                record["skipped"] = f"latency not measured on {latency.backend}: {err}"
-                log.warning("fit: %s", record["skipped"])
-            else:
-                final = fit.spec
-                record["latency"] = {"target_ratio": target, "backend": latency.backend,
-                                     "precision": latency.precision, "batch": latency.batch,
-                                     "tolerance": latency.tolerance, "max_rounds": latency.max_rounds,
-                                     "met": fit.met, "kept_round": fit.kept_round,
-                                     "rounds": [vars(r) for r in fit.rounds],
-                                     "table": {"points": lut.points, "fit_error": lut.fit_error,
-                                               "cache": save_table(lut, latency, paths.fit_lut)}}
-        if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below
-            model, final, steps = fill_flops(model, spec, teacher, space, flops)
-            record["flops_steps"] = _steps(steps)
-            if steps:
-                log.info("fit: %d widening step(s) toward the FLOPs budget: %s", len(steps),
-                         ", ".join(s.describe() for s in steps))
-        elif final != spec:
-            model = resize(model, spec, teacher, final)
+    teacher = run.load_dense().cpu()
+    space = run.space(spec.base)
+    if latency is not None and latency.max_rounds > 0:
+        try:
+            fit, lut, target = _latency(run, latency, spec, model, teacher, unit_importance(model, spec, teacher),
+                                        space, flops)
+        except (BackendError, BackendUnavailable) as err:
+            record["skipped"] = f"latency not measured on {latency.backend}: {err}"
+            log.warning("fit: %s", record["skipped"])
+        else:
+            final = fit.spec
+            record["latency"] = {"target_ratio": target, "backend": latency.backend,
+                                 "precision": latency.precision, "batch": latency.batch,
+                                 "tolerance": latency.tolerance, "max_rounds": latency.max_rounds,
+                                 "met": fit.met, "kept_round": fit.kept_round,
+                                 "rounds": [vars(r) for r in fit.rounds],
+                                 "table": {"points": lut.points, "fit_error": lut.fit_error,
+                                           "cache": save_table(lut, latency, paths.fit_lut)}}
+    if record["latency"] is None and flops is not None:  # no closed loop: the FLOPs budget from below
+        model, final, steps = fill_flops(model, spec, teacher, space, flops)
+        record["flops_steps"] = _steps(steps)
+        if steps:
+            log.info("fit: %d widening step(s) toward the FLOPs budget: %s", len(steps),
+                     ", ".join(s.describe() for s in steps))
+    elif final != spec:
+        model = resize(model, spec, teacher, final)
     record["flops_after"] = final.macs()
     if flops is not None:
         log.info("fit: FLOPs %.2f%% of the budget (%.2f%% before)", 100 * final.macs() / flops,

@@ -190,7 +190,7 @@ def test_swin_quickstart_runs_end_to_end(tmp_path):
 
 def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_table(tmp_path):
     """A latency budget on a Swin: the run measures a table of its stages on ONNX Runtime, the search meets the
-    budget on it, and the profile measures the result against the budget (the fit stage keeps a Swin's widths)."""
+    budget on it, the fit stage closes the loop on measurements, and the profile measures the result."""
     data = yaml.safe_load((RECIPES / "swin_quickstart.yaml").read_text())
     data.update(output_dir=str(tmp_path / "run"), device="cpu")
     data["data"] = {"kind": "synthetic", "limit_train": 96, "limit_val": 32, "batch_size": 32, "eval_batch_size": 32}
@@ -198,7 +198,7 @@ def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_tab
     del data["search"]["target_flops_ratio"]
     data["search"].update(epochs=2, warmup_epochs=1, latency={
         "target_ratio": 0.6, "cache_dir": str(tmp_path / "lut"), "embed_points": 1, "width_points": 2,
-        "random_points": 2, "repeats": 5})
+        "random_points": 2, "repeats": 5, "max_rounds": 2})
     data["finetune"].update(epochs=1)
     data["export"] = {"int8": False}
     data["profile"] = {"batches": [1], "backends": ["ort-cpu"], "repeats": 10}
@@ -211,7 +211,10 @@ def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_tab
     searched = load_arch(tmp_path / "run" / "pruned" / "arch.json")
     assert table.predict(searched) <= report["latency_target_ms"] + 1e-9  # the search met its budget on the table
     assert report["latency_target_ms"] == pytest.approx(0.6 * table.dense_ms)
-    assert "swin" in report["fit"]["skipped"]
+    fit = report["fit"]["latency"]
+    assert fit is not None and 1 <= len(fit["rounds"]) <= 2 and report["fit"]["skipped"] is None
+    assert all(r["measured_ratio"] > 0 and r["repeats"] >= 3 for r in fit["rounds"])
+    assert report["arch"]["family"] == "swin"
     check = next(c for c in report["budget"] if c["name"].startswith("search latency target"))
     row = next(r for r in report["latency"] if r["batch"] == 1)
     assert check["measured"] == f"{row['latency_ms_pruned'] / row['latency_ms_dense']:.1%}"

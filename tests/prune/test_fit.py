@@ -12,7 +12,7 @@ import torch
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
-from ofbdeploy.families.vit.space import space_for
+from ofbdeploy.families import family_of
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
 from ofbdeploy.models.resize import unit_importance
@@ -20,14 +20,14 @@ from ofbdeploy.prune.fit import Measurement, fill, latency_loop
 from ofbdeploy.run.fit import save_table
 
 
-def _setup(cut_vit, seed=0, name="ofb_vit_tiny3_patch4_32"):
-    teacher, pruned, spec = cut_vit(seed, name=name)
-    return spec, unit_importance(pruned, spec, teacher), space_for(spec.base)
+def _setup(cut_model, seed=0, name="ofb_vit_tiny3_patch4_32"):
+    teacher, pruned, spec = cut_model(seed, name=name)
+    return spec, unit_importance(pruned, spec, teacher), family_of(spec.base).space(spec.base)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_a_flops_budget_under_filled_ends_within_one_percent_below(cut_vit, seed):
-    spec, importance, space = _setup(cut_vit, seed)
+def test_a_flops_budget_under_filled_ends_within_one_percent_below(cut_model, seed):
+    spec, importance, space = _setup(cut_model, seed)
     target = min(1.4 * spec.macs(), 0.95 * ArchSpec.dense(spec.base).macs())
     filled, steps = fill(spec, importance, space, [(lambda s: s.macs(), target)])
     assert steps and 0.99 * target <= filled.macs() <= target
@@ -59,8 +59,8 @@ def _table(spec: ArchSpec, space):
 
 @pytest.mark.parametrize("skew", [1.0, 1.6])  # 1.6: a table whose slope is wrong across the range
 @pytest.mark.parametrize("target", [0.5, 0.6, 0.7, 0.8])
-def test_the_loop_converges_on_a_nonlinear_backend_in_bounded_rounds(cut_vit, target, skew):
-    spec, importance, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+def test_the_loop_converges_on_a_nonlinear_backend_in_bounded_rounds(cut_model, target, skew):
+    spec, importance, space = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
     dense = fake_ms(ArchSpec.dense(spec.base))
     rng = random.Random(0)
     calls = []
@@ -82,10 +82,43 @@ def test_the_loop_converges_on_a_nonlinear_backend_in_bounded_rounds(cut_vit, ta
     assert target * 0.97 <= kept.measured_ratio <= target  # ... inside the band
 
 
-def test_a_round_at_the_edge_of_the_band_moves_toward_its_middle(cut_vit):
+def fake_swin_ms(spec: ArchSpec) -> float:
+    """A Swin backend: per-token work of each stage (4x fewer tokens a stage), per-op and per-head overheads,
+    cliffs at multiples of 16 channels."""
+    base = spec.base
+    total = 0.3
+    for i, b in enumerate(spec.blocks):
+        stage = base.stage_of(i)
+        tokens, embed = base.grid(stage) ** 2, spec.embed_dims[stage]
+        total += 0.04 + 0.01 * b.heads + 2e-7 * tokens * embed * (math.ceil(b.heads * b.head_dim / 16) * 16
+                                                               + math.ceil(b.mlp_dim / 16) * 16)
+    return total
+
+
+@pytest.mark.parametrize("target", [0.6, 0.75])
+def test_the_loop_converges_on_a_swin_with_its_stage_grids(cut_model, target):
+    spec, importance, space = _setup(cut_model, 1, "ofb_swin_pico_patch2_32")
+    dense = fake_swin_ms(ArchSpec.dense(spec.base))
+    specs = probe_set(spec.base, space, random_points=8)
+    coefficients, _ = fit_coefficients(specs, [fake_swin_ms(s) for s in specs])
+    calls = []
+
+    def measure(s: ArchSpec) -> Measurement:
+        calls.append(s)
+        return Measurement((fake_swin_ms(s) / dense,) * 3, dense, fake_swin_ms(s))
+
+    fit = latency_loop(spec, importance, space, predict=lambda s: float(arch_features(s) @ np.asarray(coefficients)),
+                       measure=measure, target=target, tolerance=0.03, max_rounds=4)
+    assert fit.met and len(fit.rounds) <= 4 and fit.spec == calls[fit.kept_round - 1]
+    assert target * 0.97 <= fake_swin_ms(fit.spec) / dense <= target
+    moved = {step.split(":")[0] for r in fit.rounds for step in r.steps}
+    assert moved  # the loop changed widths (the cut starts far from the target)
+
+
+def test_a_round_at_the_edge_of_the_band_moves_toward_its_middle(cut_model):
     """Measured just under the target, a model is inside the band but one noisy re-measurement from missing
     it: the loop spends a round moving toward the middle, and keeps whichever measured model is nearest it."""
-    spec, importance, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+    spec, importance, space = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
     dense = fake_ms(ArchSpec.dense(spec.base))
     target = fake_ms(spec) / dense / 0.998  # the searched model measures 0.2% under the target
     measured: list[float] = []
@@ -102,8 +135,8 @@ def test_a_round_at_the_edge_of_the_band_moves_toward_its_middle(cut_vit):
     assert abs(chosen - target * 0.985) <= abs(measured[0] - target * 0.985)  # nearer the middle than the start
 
 
-def test_a_noisy_round_measures_again_before_acting(cut_vit):
-    spec, importance, space = _setup(cut_vit, 2)
+def test_a_noisy_round_measures_again_before_acting(cut_model):
+    spec, importance, space = _setup(cut_model, 2)
     dense = fake_ms(ArchSpec.dense(spec.base))
     answers = iter([(0.3, 0.9, 0.6), (0.6, 0.6, 0.6)])
 
@@ -119,8 +152,8 @@ def test_a_noisy_round_measures_again_before_acting(cut_vit):
     assert fit.met
 
 
-def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_vit, tmp_path):
-    spec, _, space = _setup(cut_vit, 1, "ofb_vit_micro_patch4_32")
+def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_model, tmp_path):
+    spec, _, space = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
     probes = probe_set(spec.base, space, random_points=8)
     measured = [fake_ms(s) for s in probes]
     coefficients, _ = fit_coefficients(probes, measured)
@@ -145,9 +178,9 @@ def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_vit, t
     assert save_table(lut, cfg, tmp_path / "run" / "lut.json") is None
 
 
-def test_an_int8_target_measures_the_int8_file(cut_vit, tmp_path):
+def test_an_int8_target_measures_the_int8_file(cut_model, tmp_path):
     pytest.importorskip("onnxruntime")
-    _, pruned, spec = cut_vit(3)
+    _, pruned, spec = cut_model(3)
     images = torch.rand(16, 3, 32, 32)
     runner = spec_runner(spec, "ort-cpu", "int8", 1, tmp_path, threads=1, model=pruned, images=images)
     assert runner._path.name == "probe-int8.onnx" and runner.precision == "int8"

@@ -40,6 +40,10 @@ class SwinFamily(Family):
     def head_keys(self, model: nn.Module) -> tuple[str, ...]:
         return ("head.fc.weight", "head.fc.bias")
 
+    def block_prefix(self, shape: SwinShape, index: int) -> str:
+        stage = shape.stage_of(index)
+        return f"layers.{stage}.blocks.{index - sum(shape.depths[:stage])}."
+
     def check_img_size(self, shape: SwinShape) -> int:
         return min(shape.img_size, CHECK_GRID * shape.patch_size)
 

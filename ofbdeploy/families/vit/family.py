@@ -35,6 +35,9 @@ class ViTFamily(Family):
     def build_plain(self, spec: ArchSpec) -> VisionTransformer:
         return build_vit(spec)
 
+    def block_prefix(self, shape: ViTShape, index: int) -> str:
+        return f"blocks.{index}."
+
     def check_img_size(self, shape: ViTShape) -> int:
         return min(shape.img_size, CHECK_GRID * shape.patch_size)
 
