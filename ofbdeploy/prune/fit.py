@@ -29,6 +29,7 @@ from ofbdeploy.arch import ArchSpec
 from ofbdeploy.models.resize import UnitImportance, resize, resize_block, unit_importance
 
 Cost = Callable[[ArchSpec], float]
+REPLANS = 8  # plans a round may make when its plans come back to architectures measured already
 PARTS = ("heads", "head_dim", "mlp_dim")
 
 
@@ -294,8 +295,18 @@ def _move(origin: ArchSpec, measured: dict[ArchSpec, float], goal: float, imp: U
     """Narrow or widen the searched architecture toward the prediction that the measurements say lands on
     ``goal``. Planned from the same start every round, the greedy paths are nested, so a larger aim never
     gives a narrower model and the interpolation between measured rounds closes in on the goal even where
-    the backend has cliffs the table does not know."""
+    the backend has cliffs the table does not know.
+
+    Where the table is wrong about what the last steps cost (it predicts a saving that the backend does not
+    show), the plan comes back to an architecture measured already; then the aim moves by that architecture's
+    measured miss, in the table's units, and the plan is made again, up to :data:`REPLANS` times."""
     aim = _aim([(predict(s), r) for s, r in measured.items()], goal)
-    narrowed, steps = trim(origin, imp, space, predict, aim)  # then widen into what the last step left
-    widened, more = fill(narrowed, imp, space, [(predict, aim), *other_budgets])
-    return widened, steps + more
+    scale = predict(ArchSpec.dense(origin.base))
+    for _ in range(REPLANS):
+        narrowed, steps = trim(origin, imp, space, predict, aim)  # then widen into what the last step left
+        planned, more = fill(narrowed, imp, space, [(predict, aim), *other_budgets])
+        miss = measured.get(planned, goal) - goal
+        if miss == 0:
+            break
+        aim -= miss * scale
+    return planned, steps + more

@@ -135,6 +135,27 @@ def test_a_round_at_the_edge_of_the_band_moves_toward_its_middle(cut_model):
     assert abs(chosen - target * 0.985) <= abs(measured[0] - target * 0.985)  # nearer the middle than the start
 
 
+def test_a_plan_the_backend_does_not_feel_is_pushed_further_instead_of_stopping(cut_model):
+    """A round's narrowing that the backend does not feel (the table is wrong about what those steps cost) makes
+    the next plan come back to the same model: the loop moves its aim by the measured miss and plans further,
+    rather than stopping with the budget missed."""
+    spec, importance, space = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
+    table = _table(spec, space)
+    dense = table(ArchSpec.dense(spec.base))
+    measured: list[ArchSpec] = []
+
+    def measure(s: ArchSpec) -> Measurement:  # every model measures the same: nothing the loop does shows
+        measured.append(s)
+        return Measurement((0.8,) * 3, dense, 0.8 * dense)
+
+    fit = latency_loop(spec, importance, space, predict=table, measure=measure, target=0.6, tolerance=0.03,
+                       max_rounds=3)
+    assert [r.action for r in fit.rounds] == ["narrowed", "narrowed", "last round"]
+    assert len(set(measured)) == 3  # three different models measured
+    predicted = [r.predicted_ratio for r in fit.rounds]
+    assert predicted[0] > predicted[1] > predicted[2]
+
+
 def test_a_noisy_round_measures_again_before_acting(cut_model):
     spec, importance, space = _setup(cut_model, 2)
     dense = fake_ms(ArchSpec.dense(spec.base))

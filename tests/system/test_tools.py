@@ -12,7 +12,8 @@ import timm
 import torch
 
 import ofbdeploy.models.zoo  # noqa: F401  (the pico config)
-from ofbdeploy.families.registry import read_shape
+from ofbdeploy.arch import ArchSpec
+from ofbdeploy.families.registry import family_of, read_shape
 
 TOOLS = Path(__file__).parents[2] / "tools"
 PICO = "ofb_vit_pico_patch4_32"
@@ -196,6 +197,25 @@ def test_hostile_suite_runs_a_case():
     """One cheap case end to end through the harness: the real CLI refuses an unknown command in one line."""
     out = _run("hostile_inputs.py", "--only", "options", "--case", "unknown command", stdout=True)
     assert "| options | unknown command | 2 | 2 | yes | yes |" in out and "1/1 handled" in out
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.4, 1.0])
+def test_remeasure_builds_a_swin_of_the_recorded_stage_widths(fraction):
+    """The harness's hand-made Swin (every stage's width, heads with their bias-table columns) has the parameters
+    ofbdeploy counts for the same widths."""
+    remeasure = _load_tool("remeasure.py")
+    name = "ofb_swin_pico_patch2_32"
+    shape = read_shape(timm.create_model(name, num_classes=10), name)
+    space = family_of(shape).space(shape)
+    narrowest = ArchSpec.narrowest(shape, space)
+    spec = narrowest if fraction == 0.0 else ArchSpec.dense(shape) if fraction == 1.0 else ArchSpec(
+        shape, tuple(s.embedding[len(s.embedding) // 2] for s in space.stage_spaces), tuple(
+            type(b)(b.heads, b.head_dim, b.mlp_dim + 8 * (i % 3)) for i, b in enumerate(narrowest.blocks)))
+    arch = {"family": "swin", "embed_dims": list(spec.embed_dims),
+            "blocks": [{"heads": b.heads, "head_dim": b.head_dim, "mlp_dim": b.mlp_dim} for b in spec.blocks]}
+    plain = remeasure.plain_model(name, 32, 10, arch)
+    assert sum(p.numel() for p in plain.parameters()) == spec.params()
+    assert plain(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_remeasure_builds_the_recorded_widths_independently(tmp_path):

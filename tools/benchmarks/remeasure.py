@@ -1,15 +1,15 @@
 """Measure a run's final model again, with nothing of ofbdeploy's deploy or latency code in the path.
 
 A latency budget is only delivered if another harness sees it too. This one reads the widths a run recorded
-(``report.json``'s ``arch``; the model's name and image size from its ``arch.json``), builds a plain timm model
-of those widths by hand (random weights: latency does not depend on their values), exports it and the dense
-model with a bare ``torch.onnx.export``, and times both in plain ONNX Runtime sessions (default options, the
-thread count given) alternately, ``--rounds`` rounds of ``--repeats`` calls each; the ratio is the median over
-rounds of pruned/dense medians. ``--files`` also times the ONNX files in the run's ``export/`` (``dense.onnx``,
-``pruned.onnx`` and their ``-int8`` files where present), each against dense fp32, in plain sessions of every
-``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin compiled with two settings only (the
-latency hint, and f32 inference precision: without it OpenVINO runs fp32 files in bf16 on CPUs that have it).
-A directory of such files (``tools/benchmarks/bench_int8.py --keep``) can be given instead of a run.
+(``report.json``'s ``arch``; the model's name and image size from its ``arch.json``), builds a plain timm model (a
+ViT, or a Swin with one width per stage) of those widths by hand (random weights: latency does not depend on their
+values), exports it and the dense model with a bare ``torch.onnx.export``, and times both in plain ONNX Runtime
+sessions (default options, the thread count given) alternately, ``--rounds`` rounds of ``--repeats`` calls each; the
+ratio is the median over rounds of pruned/dense medians. ``--files`` also times the ONNX files in the run's
+``export/`` (``dense.onnx``, ``pruned.onnx`` and their ``-int8`` files where present), each against dense fp32, in
+plain sessions of every ``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin compiled with two
+settings only (the latency hint, and f32 inference precision: without it OpenVINO runs fp32 files in bf16 on CPUs
+that have it). A directory of such files (``tools/benchmarks/bench_int8.py --keep``) can be given instead of a run.
 
     python tools/benchmarks/remeasure.py runs/lat50 runs/lat30 --batch 1 --json remeasure.json
     python tools/benchmarks/remeasure.py /tmp/int8files --files --backend ort --backend openvino
@@ -51,9 +51,45 @@ def _shrink_norm(norm: nn.Module, width: int) -> nn.Module:
     return nn.LayerNorm(width, eps=norm.eps) if isinstance(norm, nn.LayerNorm) else norm
 
 
+def _shrink_attention(attn: nn.Module, embed: int, heads: int, head_dim: int) -> None:
+    attn.qkv = _shrink_linear(attn.qkv, embed, 3 * heads * head_dim)
+    attn.proj = _shrink_linear(attn.proj, heads * head_dim, embed)
+    attn.num_heads, attn.head_dim, attn.attn_dim = heads, head_dim, heads * head_dim
+    attn.scale = head_dim ** -0.5
+    table = getattr(attn, "relative_position_bias_table", None)  # a Swin window attention's, one column per head
+    if table is not None:
+        attn.relative_position_bias_table = nn.Parameter(torch.zeros(table.shape[0], heads))
+
+
+def plain_swin(model: nn.Module, num_classes: int, arch: dict[str, Any]) -> nn.Module:
+    """timm's Swin with each layer replaced by a plain one of the recorded widths (one per stage)."""
+    embeds, blocks = arch["embed_dims"], iter(arch["blocks"])
+    conv = model.patch_embed.proj
+    model.patch_embed.proj = nn.Conv2d(conv.in_channels, embeds[0], conv.kernel_size, conv.stride,
+                                       bias=conv.bias is not None)
+    model.patch_embed.norm = _shrink_norm(model.patch_embed.norm, embeds[0])
+    previous = embeds[0]
+    for stage, embed in zip(model.layers, embeds, strict=True):
+        if isinstance(stage.downsample, nn.Module) and hasattr(stage.downsample, "reduction"):
+            stage.downsample.norm = _shrink_norm(stage.downsample.norm, 4 * previous)
+            stage.downsample.reduction = _shrink_linear(stage.downsample.reduction, 4 * previous, embed)
+        for block in stage.blocks:
+            widths = next(blocks)
+            block.norm1, block.norm2 = _shrink_norm(block.norm1, embed), _shrink_norm(block.norm2, embed)
+            _shrink_attention(block.attn, embed, widths["heads"], widths["head_dim"])
+            block.mlp.fc1 = _shrink_linear(block.mlp.fc1, embed, widths["mlp_dim"])
+            block.mlp.fc2 = _shrink_linear(block.mlp.fc2, widths["mlp_dim"], embed)
+        previous = embed
+    model.norm = _shrink_norm(model.norm, previous)
+    model.head.fc = _shrink_linear(model.head.fc, previous, num_classes)
+    return model.eval()
+
+
 def plain_model(name: str, img_size: int, num_classes: int, arch: dict[str, Any]) -> nn.Module:
     """timm's own model with each layer replaced by a plain one of the recorded width."""
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size).eval()
+    if arch.get("family") == "swin":
+        return plain_swin(model, num_classes, arch)
     embed = arch["embed_dim"]
     conv = model.patch_embed.proj
     model.patch_embed.proj = nn.Conv2d(conv.in_channels, embed, conv.kernel_size, conv.stride,
@@ -64,11 +100,7 @@ def plain_model(name: str, img_size: int, num_classes: int, arch: dict[str, Any]
     for block, widths in zip(model.blocks, arch["blocks"], strict=True):
         heads, head_dim, mlp = widths["heads"], widths["head_dim"], widths["mlp_dim"]
         block.norm1, block.norm2 = _shrink_norm(block.norm1, embed), _shrink_norm(block.norm2, embed)
-        attn = block.attn
-        attn.qkv = _shrink_linear(attn.qkv, embed, 3 * heads * head_dim)
-        attn.proj = _shrink_linear(attn.proj, heads * head_dim, embed)
-        attn.num_heads, attn.head_dim, attn.attn_dim = heads, head_dim, heads * head_dim
-        attn.scale = head_dim ** -0.5
+        _shrink_attention(block.attn, embed, heads, head_dim)
         block.mlp.fc1 = _shrink_linear(block.mlp.fc1, embed, mlp)
         block.mlp.fc2 = _shrink_linear(block.mlp.fc2, mlp, embed)
     model.norm = _shrink_norm(model.norm, embed)
