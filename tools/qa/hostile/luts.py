@@ -12,6 +12,7 @@ from .harness import PICO, TINY, Proc, Workspace, case
 def lut_case(ws: Workspace, name: str, make: Callable[[dict], object]) -> tuple[Proc, bool, str]:
     import timm
 
+    import ofbdeploy.models.zoo  # noqa: F401  (the pico config, when no other case imported it)
     from ofbdeploy.arch import ArchSpec
     from ofbdeploy.families.vit.support import read_vit_shape
     from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features
@@ -39,3 +40,7 @@ case("luts", "LUT of another batch", 2)(lambda ws: lut_case(ws, "lut-batch", lam
                                                                                                     "batch": 8}}))
 case("luts", "LUT missing its coefficients", 2)(
     lambda ws: lut_case(ws, "lut-missing", lambda d: {k: v for k, v in d.items() if k != "coefficients"}))
+case("luts", "LUT of an unknown model family", 2)(
+    lambda ws: lut_case(ws, "lut-family", lambda d: {**d, "family": "convnext"}))
+case("luts", "LUT with a shape of the wrong family", 2)(
+    lambda ws: lut_case(ws, "lut-shape", lambda d: {**d, "family": "swin"}))
