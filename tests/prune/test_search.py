@@ -194,6 +194,18 @@ def test_budget_and_onehot_losses_are_fp32_under_fp16_autocast():
         assert b.dtype == torch.float32 and torch.isfinite(b) and torch.allclose(a, b)
 
 
+def test_a_step_with_pmim_on_hides_patches_and_trains_the_decoder():
+    model = _model()
+    search = Search(model, _loader(), _cfg(pmim={"enabled": True}), Dist(), 0, "off", logging.getLogger("test"),
+                    None)
+    keep = search.schedules(search.warmup_steps)  # after the warm-up: a quarter of the patches hidden
+    assert keep == pytest.approx(0.75)
+    images, labels = next(iter(_loader()))
+    task, pmim, _, _ = search.step([(images, labels)], keep).tolist()
+    assert task > 0 and pmim > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
 def test_fp16_step_with_pmim_off_skips_the_decoder_that_got_no_gradient():
     model = _model()
     search = Search(model, _loader(), _cfg(pmim={"enabled": False}), Dist(), 0, "fp16", logging.getLogger("test"),

@@ -52,7 +52,7 @@ def _search(cfg: SearchCfg, model: SearchableViT | None = None, **kwargs) -> Sea
 
 # -- 1. warm-up in steps ---------------------------------------------------------------------------------
 def test_a_one_epoch_search_warms_up_over_a_fifth_of_its_steps_and_ramps_the_mixing_weight(caplog):
-    search = _search(_cfg(epochs=1))
+    search = _search(_cfg(epochs=1, pmim={"enabled": True}))
     assert search.steps == 8 and search.warmup_steps == 2  # round(0.2 x 8); the old default gave 0 // 5 = 0
     mixes, keeps, lrs = [], [], []
     for it in range(4):
@@ -62,6 +62,7 @@ def test_a_one_epoch_search_warms_up_over_a_fifth_of_its_steps_and_ramps_the_mix
     assert mixes[0] == pytest.approx(0.99) and 0.1 < mixes[1] < 0.99 and mixes[2] == pytest.approx(0.1)
     assert keeps[0] == pytest.approx(0.95) and 0.75 < keeps[1] < 0.95 and keeps[2] == pytest.approx(0.75)
     assert lrs[0] < lrs[1] < lrs[2]  # linear warm-up to the peak, then the cosine
+    assert _search(_cfg(epochs=1)).schedules(1) == 1.0  # PMIM off (the default): nothing hidden
     # the paper's per-epoch form wins when a recipe gives it, 0 included
     assert _search(_cfg(epochs=2, warmup_epochs=1)).warmup_steps == 8
     assert _search(_cfg(epochs=1, warmup_epochs=0)).warmup_steps == 0

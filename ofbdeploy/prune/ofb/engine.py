@@ -321,9 +321,9 @@ def run_search(
     else:
         start_(model, cfg, search.target, log)
         search.start_scores = {name: g.score.detach().cpu().clone() for name, g in model.groups()}
-    log.info("search warm-up: %d of %d optimiser steps (lr, mixing weight %.2f -> %.2f, PMIM keep %.2f -> %.2f)",
-             search.warmup_steps, cfg.epochs * search.steps, cfg.mix_start, cfg.mix_end, cfg.pmim.keep_start,
-             cfg.pmim.keep_end)
+    pmim = (f"PMIM keep {cfg.pmim.keep_start:.2f} -> {cfg.pmim.keep_end:.2f}" if cfg.pmim.enabled else "PMIM off")
+    log.info("search warm-up: %d of %d optimiser steps (lr, mixing weight %.2f -> %.2f, %s)", search.warmup_steps,
+             cfg.epochs * search.steps, cfg.mix_start, cfg.mix_end, pmim)
     start = start or 0
     per_epoch = cfg.shrinks_per_epoch
     shrink_at = {max(0, round(search.steps * (k + 1) / per_epoch) - 1) for k in range(per_epoch)}
