@@ -15,6 +15,7 @@ from ofbdeploy import load_pruned
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.arch.cost import count_params, measure_macs
 from ofbdeploy.cli import main
+from ofbdeploy.errors import OfbError
 from ofbdeploy.families import family_of, load_arch, read_shape
 from ofbdeploy.latency.lut import LatencyLUT
 from ofbdeploy.models.materialize import materialize
@@ -148,13 +149,30 @@ def test_budget_enforcement_narrows_swin_stages_and_blocks():
     assert {s.group.split(".")[0] for s in steps} <= {"stages", "blocks"}
 
 
-def test_lut_build_measures_a_swin_table(tmp_path):
-    args = ["lut", "build", "--model", PICO, "--cache-dir", str(tmp_path), "--embed-points", "1", "--width-points",
-            "2", "--random-points", "1", "--repeats", "5"]
+@pytest.fixture(scope="module")
+def swin_tables(tmp_path_factory) -> tuple[Path, str]:
+    """A cache with a Swin table measured on ONNX Runtime by `ofbdeploy lut build` (the swin quickstart's 16 px),
+    and what the command printed."""
+    cache = tmp_path_factory.mktemp("swin-lut")
+    args = ["lut", "build", "--model", PICO, "--img-size", "16", "--cache-dir", str(cache), "--embed-points", "1",
+            "--width-points", "2", "--random-points", "1", "--repeats", "5"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    (path,) = tmp_path.glob("*.json")
-    assert str(path) in result.output and LatencyLUT.load(path).shape.family == "swin"
+    return cache, result.output
+
+
+def test_lut_build_measures_a_swin_table_that_round_trips_and_orders_models(swin_tables):
+    cache, output = swin_tables
+    (path,) = cache.glob("*.json")
+    table = LatencyLUT.load(path)
+    assert str(path) in output and table.shape.family == "swin" and len(table.coefficients) == 8
+    assert LatencyLUT.load(table.save(path.with_name("again.json"))).to_dict() == table.to_dict()
+    shape, space = table.shape, family_of(table.shape).space(table.shape)
+    assert table.predict(ArchSpec.narrowest(shape, space)) < table.predict(ArchSpec.dense(shape))
+    vit = read_shape(timm.create_model("ofb_vit_pico_patch4_32", img_size=16), "ofb_vit_pico_patch4_32")
+    with pytest.raises(OfbError, match="not for this run's model"):
+        table.check_fits(vit, "ort-cpu", "fp32", 1, "search.latency.lut")
+    path.with_name("again.json").unlink()
 
 
 @pytest.mark.parametrize(("recipe", "gflops"), [("ofb_swin_a", 1.0), ("ofb_swin_b", 2.6), ("ofb_swin_c", 3.1)])
@@ -188,17 +206,17 @@ def test_swin_quickstart_runs_end_to_end(tmp_path):
     assert type(load_pruned(tmp_path / "run" / "finetuned")).__name__ == "SwinTransformer"
 
 
-def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_table(tmp_path):
-    """A latency budget on a Swin: the run measures a table of its stages on ONNX Runtime, the search meets the
-    budget on it, the fit stage closes the loop on measurements, and the profile measures the result."""
+def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_table(tmp_path, swin_tables):
+    """A latency budget on a Swin: the run takes the table of its stages from the cache (measured on ONNX Runtime by
+    `lut build`), the search meets the budget on it, the fit stage closes the loop on measurements, and the profile
+    measures the result."""
     data = yaml.safe_load((RECIPES / "swin_quickstart.yaml").read_text())
     data.update(output_dir=str(tmp_path / "run"), device="cpu")
     data["data"] = {"kind": "synthetic", "limit_train": 96, "limit_val": 32, "batch_size": 32, "eval_batch_size": 32}
     data["pretrain"].update(epochs=0)
     del data["search"]["target_flops_ratio"]
     data["search"].update(epochs=2, warmup_epochs=1, latency={
-        "target_ratio": 0.6, "cache_dir": str(tmp_path / "lut"), "embed_points": 1, "width_points": 2,
-        "random_points": 2, "repeats": 5, "max_rounds": 2})
+        "target_ratio": 0.6, "cache_dir": str(swin_tables[0]), "repeats": 5, "max_rounds": 2})
     data["finetune"].update(epochs=1)
     data["export"] = {"int8": False}
     data["profile"] = {"batches": [1], "backends": ["ort-cpu"], "repeats": 10}
@@ -206,6 +224,7 @@ def test_swin_latency_budget_run_steers_the_search_with_a_measured_per_stage_tab
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "latency table from cache" in (tmp_path / "run" / "run.log").read_text()
     table = LatencyLUT.load(tmp_path / "run" / "search" / "lut.json")
     assert table.shape.family == "swin" and len(table.coefficients) == len(table.features) == 8
     searched = load_arch(tmp_path / "run" / "pruned" / "arch.json")

@@ -231,15 +231,3 @@ def test_swin_table_fit_recovers_per_stage_coefficients_from_its_probes():
     unseen = sample_arch(shape, space, 0.4, np.random.default_rng(9))
     assert float(arch_features(unseen) @ coefficients) == pytest.approx(float(arch_features(unseen) @
                                                                               SWIN_COEFFICIENTS), rel=1e-6)
-
-
-def test_swin_table_measured_on_ort_round_trips_and_orders_models(tmp_path):
-    shape, space = _swin_shape_space()
-    table = load_or_build(shape, space, backend="ort-cpu", precision="fp32", batch=1, cache_dir=tmp_path,
-                          embed_points=1, width_points=2, random_points=2, repeats=5, progress=False)
-    loaded = LatencyLUT.load(tmp_path / table.key.filename(shape))
-    assert loaded.to_dict() == table.to_dict() and loaded.shape == shape and loaded.key.family == SWIN
-    assert table.predict(ArchSpec.narrowest(shape, space)) < table.predict(ArchSpec.dense(shape))
-    vit = read_vit_shape(timm.create_model(NAME, img_size=16), NAME)
-    with pytest.raises(OfbError, match="not for this run's model"):
-        loaded.check_fits(vit, "ort-cpu", "fp32", 1, "search.latency.lut")
