@@ -159,9 +159,10 @@ class SwinShape:
         heads x head width), each summed over the stages with the tokens of its stage, as :meth:`macs_at`
         counts them: a fixed cost; per-token work on the residual width (norms, residual adds, window
         partition and shift, the patch embedding); the patch mergings' products; the attention GEMMs on the
-        padded windows; the windows' attention matmuls and their softmax; the MLP GEMMs and activation. The
-        stages differ by 4x in tokens, so one coefficient per kind of work serves every stage. Numbers or
-        tensors of expected widths (then differentiable)."""
+        padded windows; the windows' attention matmuls and their softmax; the MLP GEMMs and activation. Counting
+        each stage's work with its own tokens lets one coefficient per kind of work serve every stage, to first
+        order (a GEMM over 3,136 tokens and one over 49 do not run at quite the same rate: docs/benchmarks.md).
+        Numbers or tensors of expected widths (then differentiable)."""
         side = self.grid(0)
         per_token = side * side * embeds[0]
         merging = attention = windows = softmax = mlp = activation = 0.0
