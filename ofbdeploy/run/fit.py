@@ -32,7 +32,7 @@ from ofbdeploy.families import load_arch
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, default_cache_dir, spec_runner
 from ofbdeploy.models.pruned import load_pruned, save_pruned
-from ofbdeploy.models.resize import UnitImportance, resize, unit_importance
+from ofbdeploy.models.resize import resize, unit_importance
 from ofbdeploy.prune.budget import resolve_target
 from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill_flops, latency_loop
 from ofbdeploy.run.context import RunContext
@@ -73,13 +73,17 @@ class _Bench:
         return Measurement(tuple(ratios), dense, pruned)
 
 
-def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.Module, teacher: nn.Module,
-             importance: UnitImportance, space: Any,
-             flops: float | None) -> tuple[LatencyFit, LatencyLUT, float]:
-    lut = LatencyLUT.load(run.paths.lut)
+def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec: ArchSpec, teacher: nn.Module,
+                  space: Any, *, images: Tensor, threads: int | None,
+                  flops: float | None = None) -> tuple[LatencyFit, float]:
+    """The closed loop on a materialised ``model`` of ``spec``: measured against ``teacher`` on ``cfg``'s target
+    until the ratio lies within the tolerance under the target (``lut`` predicts between measurements and learns
+    from each). One function, so that a run's fit stage and a benchmark deliver a latency budget the same way.
+    ``images`` calibrate an int8 target's files. Returns the fit and the target ratio."""
     dense_ms = lut.predict(ArchSpec.dense(spec.base))
     target = cfg.target_ratio if cfg.target_ratio is not None else cfg.target_ms / dense_ms
     others = [(ArchSpec.macs, flops)] if flops is not None else []
+    importance = unit_importance(model, spec, teacher)
 
     def learn(measured: ArchSpec, fraction: float) -> None:
         if lut.learn(measured, fraction):
@@ -90,9 +94,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
                      100 * fraction, len(lut.probes))
 
     with tempfile.TemporaryDirectory() as tmp:
-        train, val, _ = run.data()  # int8 files are calibrated as the export calibrates them, on real images
-        images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), run.recipe.seed)
-        bench = _Bench(cfg, model, spec, teacher, Path(tmp), run.recipe.profile.threads, images)
+        bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images)
         fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
                            tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
     for r in fit.rounds:
@@ -102,6 +104,16 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     (log.info if fit.met else log.warning)(
         "fit: latency target %.1f%% %s after %d round(s); the architecture of round %d is kept", 100 * target,
         "met within tolerance" if fit.met else "not met", len(fit.rounds), fit.kept_round)
+    return fit, target
+
+
+def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.Module, teacher: nn.Module,
+             space: Any, flops: float | None) -> tuple[LatencyFit, LatencyLUT, float]:
+    lut = LatencyLUT.load(run.paths.lut)
+    train, val, _ = run.data()  # int8 files are calibrated as the export calibrates them, on real images
+    images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), run.recipe.seed)
+    fit, target = close_latency(cfg, lut, model, spec, teacher, space, images=images,
+                                threads=run.recipe.profile.threads, flops=flops)
     return fit, lut, target
 
 
@@ -131,8 +143,7 @@ def fit_stage(run: RunContext) -> None:
     space = run.space(spec.base)
     if latency is not None and latency.max_rounds > 0:
         try:
-            fit, lut, target = _latency(run, latency, spec, model, teacher, unit_importance(model, spec, teacher),
-                                        space, flops)
+            fit, lut, target = _latency(run, latency, spec, model, teacher, space, flops)
         except (BackendError, BackendUnavailable) as err:
             record["skipped"] = f"latency not measured on {latency.backend}: {err}"
             log.warning("fit: %s", record["skipped"])

@@ -88,6 +88,10 @@ def test_bench_accuracy_smoke(tmp_path):
     tp_row = rows[-1]  # Torch-Pruning removes whole heads too (the pico ViT has 4 per block)
     assert tp_row["head_pruning"] and sum(heads for heads, _, _ in tp_row["blocks"]) < 4 * len(tp_row["blocks"])
     assert all(r["predicted_latency_ms"] <= r["target_latency_ms"] for r in rows if r["budget"] == "latency")
+    # and, as in a run's fit stage, the latency budget is then closed on measurements of the searched model
+    rounds = rows[1]["latency_fit_rounds"]
+    assert rounds and all(r["measured_ratio"] > 0 and r["repeats"] > 0 for r in rounds)
+    assert rows[1]["latency_fit_kept_round"] in [r["round"] for r in rounds]
     # every method trains on as many images: OFB's search epochs run plus its finetune = the others' finetune
     searched = {r["method"]: r["search_epochs_run"] + r["finetune_epochs"] for r in rows if "search_epochs_run" in r}
     assert set(searched) == {"ofb", "ofb-latency"}
@@ -247,3 +251,31 @@ def test_remeasure_builds_the_recorded_widths_independently(tmp_path):
     assert result["run_ratio"] == 0.5 and result["plain_export"]["ratio"] > 0 and "plain export" in log
     assert set(result["files"]) == {"ort:dense", "ort:pruned"}
     assert result["files"]["ort:dense"]["speedup_vs_dense_fp32"] == 1.0
+
+
+def test_remeasure_builds_a_layer_scale_vit_and_times_a_benchmarks_latency_rows(tmp_path):
+    """A DINOv2 ViT (LayerScale on every residual branch) rebuilt at a benchmark row's widths has the parameters
+    ofbdeploy counts; ``--rows`` times every latency-budget row of a bench_accuracy.py file, and only those."""
+    remeasure = _load_tool("remeasure.py")
+    name = "vit_small_patch14_dinov2"
+    shape = read_shape(timm.create_model(name, num_classes=10, img_size=56), name)
+    blocks = [(2 + i % 3, 32, 256 + 64 * (i % 2)) for i in range(shape.depth)]
+    spec = shape.spec_from_widths({"embedding": 192,
+                                   **{f"blocks.{i}.attn": (h, d) for i, (h, d, _) in enumerate(blocks)},
+                                   **{f"blocks.{i}.mlp": (m,) for i, (_, _, m) in enumerate(blocks)}})
+    row = {"budget": "latency", "method": "ofb-latency", "ratio": 0.5, "seed": 0, "embed_dim": 192, "blocks": blocks,
+           "latency_ms_pruned_ort_cpu_b32": 1.0, "latency_ms_dense_ort_cpu_b32": 2.0}
+    arch = {"embed_dim": 192, "blocks": [{"heads": h, "head_dim": d, "mlp_dim": m} for h, d, m in blocks]}
+    plain = remeasure.plain_model(name, 56, 10, arch)
+    assert sum(p.numel() for p in plain.parameters()) == spec.params()
+    assert plain(torch.randn(2, 3, 56, 56)).shape == (2, 10)
+    pico = {**row, "embed_dim": 40, "blocks": [(2, 12, 96)] * 4}
+    rows = tmp_path / "acc.json"
+    rows.write_text(json.dumps({"meta": {"settings": {"model": PICO, "img_size": 32}},
+                                "rows": [pico, {**pico, "budget": "flops"}]}))
+    out = tmp_path / "re.json"
+    log = _run("remeasure.py", str(rows), "--rows", "--rounds", "2", "--repeats", "3", "--threads", "1", "--json",
+               str(out), stdout=True)
+    (result,) = json.loads(out.read_text())
+    assert result["run_ratio"] == 0.5 and result["batch"] == 32 and result["plain_export"]["ratio"] > 0
+    assert "plain export" in log

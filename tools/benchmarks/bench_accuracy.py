@@ -6,7 +6,8 @@ together with the backbone on the task. It is then compressed to each budget rat
 pruning methods registered in ``ofbdeploy.prune`` (what a recipe's ``search.method`` runs):
   ofb            the OFB search (this project) to the ratio of the teacher's FLOPs, from the teacher's weights
   ofb-latency    the OFB search to the ratio of the teacher's latency on ONNX Runtime CPU at batch 32, steered
-                 by a measured latency table (cached under --cache/lut); its FLOPs are whatever that gives
+                 by a measured latency table (cached under --cache/lut), then closed on measurements as a run's
+                 fit stage closes it (--latency-rounds); its FLOPs are whatever that gives
   uniform        the same width fraction in every group (the widest one that fits), units kept by L1 magnitude
   l1             L1-magnitude importance of the same units, widths allocated by the budget enforcement
   random         random importance, widths allocated by the budget enforcement
@@ -70,6 +71,7 @@ from ofbdeploy.io import atomic_write_text
 from ofbdeploy.models.dense import build_dense, load_weights
 from ofbdeploy.models.materialize import materialize
 from ofbdeploy.models.pruned import save_weights
+from ofbdeploy.models.resize import resize
 from ofbdeploy.prune.budget import resolve_target
 from ofbdeploy.prune.config import MethodCfg
 from ofbdeploy.prune.fit import fill_flops
@@ -79,6 +81,7 @@ from ofbdeploy.prune.registry import METHODS as REGISTERED
 from ofbdeploy.prune.registry import get_method
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
+from ofbdeploy.run.fit import close_latency
 from ofbdeploy.table import format_table
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
 from ofbdeploy.train.distributed import Dist
@@ -194,7 +197,16 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
         model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
     pruned, spec = materialize(model.eval())
     extra = _extra(result, registered.trains, kind.by_latency)
-    if kind.search_is_training and kind.keeps_weights and not kind.by_latency:
+    if kind.by_latency and latency is not None and cfg.latency_target.max_rounds > 0:
+        # the run's fit stage: the latency budget closed on measurements, the searched weights kept
+        images = next(iter(bench.loader))[0]
+        fit, _ = close_latency(cfg.latency_target, latency.lut, pruned, spec, bench.teacher, model.space,
+                               images=images, threads=PROFILE.threads)
+        if fit.spec != spec:
+            pruned, spec = resize(pruned, spec, bench.teacher, fit.spec), fit.spec
+        extra.update(latency_fit_met=fit.met, latency_fit_kept_round=fit.kept_round,
+                     latency_fit_rounds=[vars(r) for r in fit.rounds])
+    elif kind.search_is_training and kind.keeps_weights:
         # the run's fit stage: a FLOPs budget filled from below
         pruned, spec, steps = fill_flops(pruned, spec, bench.teacher, model.space, resolve_target(cfg, spec.base))
         extra["fill_steps"] = len(steps)
@@ -481,6 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an OFB search setting, e.g. pmim.enabled=false (repeatable)")
     parser.add_argument("--tag", default="", help="names the rows of an ablation (search settings)")
+    parser.add_argument("--latency-rounds", type=int, default=LatencyTargetCfg.model_fields["max_rounds"].default,
+                        help="ofb-latency: measured rounds of the fit stage's closed loop, as "
+                             "search.latency.max_rounds (0: the search's table alone decides)")
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=4e-3, help="finetune lr per 256 images")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -502,6 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.data, args.model, args.img_size = "digits", "ofb_vit_pico_patch4_32", 16
         args.teacher_epochs, args.search_epochs, args.finetune_epochs, args.prune_step = 2, 2, 1, 0.05
+        args.latency_rounds = min(args.latency_rounds, 2)
     args.seed = args.seed or [0]
     return args
 
@@ -532,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
             teacher=teacher, loader=loader, val_loader=val_loader, model_name=args.model, img_size=args.img_size,
             search=search_settings(args),
             latency=LatencyTargetCfg(target_ratio=0.5, backend=PROFILE.backends[0], batch=PROFILE.batches[0],
-                                     cache_dir=str(args.cache / "lut"), **lut_probes),
+                                     cache_dir=str(args.cache / "lut"), max_rounds=args.latency_rounds,
+                                     **lut_probes),
             method_options={"torch-pruning": {"prune_step": args.prune_step}},
             finetune=TrainSettings(epochs=args.finetune_epochs, lr=args.lr, min_lr=1e-6, weight_decay=0.05,
                                    warmup_epochs=0, label_smoothing=0.1, distill_alpha=0.5, distill_temperature=2.0),

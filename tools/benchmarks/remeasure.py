@@ -13,6 +13,7 @@ that have it). A directory of such files (``tools/benchmarks/bench_int8.py --kee
 
     python tools/benchmarks/remeasure.py runs/lat50 runs/lat30 --batch 1 --json remeasure.json
     python tools/benchmarks/remeasure.py /tmp/int8files --files --backend ort --backend openvino
+    python tools/benchmarks/remeasure.py acc.json --rows   # a bench_accuracy.py file's latency-budget rows
 
 Prints one line per run with the run's own measured ratio (its report) beside this harness's.
 """
@@ -100,6 +101,9 @@ def plain_model(name: str, img_size: int, num_classes: int, arch: dict[str, Any]
     for block, widths in zip(model.blocks, arch["blocks"], strict=True):
         heads, head_dim, mlp = widths["heads"], widths["head_dim"], widths["mlp_dim"]
         block.norm1, block.norm2 = _shrink_norm(block.norm1, embed), _shrink_norm(block.norm2, embed)
+        for scale in (block.ls1, block.ls2):  # LayerScale (DINOv2): one factor per residual channel
+            if hasattr(scale, "gamma"):
+                scale.gamma = nn.Parameter(torch.ones(embed))
         _shrink_attention(block.attn, embed, heads, head_dim)
         block.mlp.fc1 = _shrink_linear(block.mlp.fc1, embed, mlp)
         block.mlp.fc2 = _shrink_linear(block.mlp.fc2, mlp, embed)
@@ -179,6 +183,17 @@ def time_files(folder: Path, shape: tuple[int, ...], threads: int, backends: lis
     return out
 
 
+def plain_ratio(name: str, img: int, classes: int, arch: dict[str, Any], batch: int, threads: int, rounds: int,
+                repeats: int) -> dict[str, Any]:
+    """Widths ``arch`` rebuilt as a plain timm model, exported bare and timed against the dense model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        dense = export(timm.create_model(name, pretrained=False, num_classes=classes, img_size=img).eval(),
+                       Path(tmp) / "dense.onnx", img, batch)
+        pruned = export(plain_model(name, img, classes, arch), Path(tmp) / "pruned.onnx", img, batch)
+        return paired_ratio(session(dense, threads), session(pruned, threads), (batch, 3, img, img), rounds, repeats)
+
+
 def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int) -> dict[str, Any]:
     """The run's recorded widths rebuilt and timed against dense, with the run's own ratio beside."""
     report = json.loads((run / "report.json").read_text())
@@ -189,13 +204,30 @@ def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int) ->
                            "flops_ratio": report.get("flops_ratio"), "budget": report.get("budget")}
     row = own.get(("ort-cpu", batch, "fp32"))
     out["run_ratio"] = row["latency_ms_pruned"] / row["latency_ms_dense"] if row else None
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        dense = export(timm.create_model(name, pretrained=False, num_classes=classes, img_size=img).eval(),
-                       Path(tmp) / "dense.onnx", img, batch)
-        pruned = export(plain_model(name, img, classes, report["arch"]), Path(tmp) / "pruned.onnx", img, batch)
-        out["plain_export"] = paired_ratio(session(dense, threads), session(pruned, threads), (batch, 3, img, img),
-                                           rounds, repeats)
+    out["plain_export"] = plain_ratio(name, img, classes, report["arch"], batch, threads, rounds, repeats)
+    return out
+
+
+BENCH_CLASSES = 10  # both of bench_accuracy.py's datasets (Fashion-MNIST, digits) have ten classes
+
+
+def remeasure_rows(path: Path, threads: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
+    """Every latency-budget row of a ``bench_accuracy.py --json`` file rebuilt from its widths and timed
+    against dense at the batch the benchmark measured (32), with the row's own measured ratio beside."""
+    data = json.loads(path.read_text())
+    settings = data["meta"]["settings"]
+    out = []
+    for row in data["rows"]:
+        if row.get("budget") != "latency" or "blocks" not in row:
+            continue
+        arch = {"embed_dim": row["embed_dim"],
+                "blocks": [{"heads": h, "head_dim": d, "mlp_dim": m} for h, d, m in row["blocks"]]}
+        res = {"row": {k: row.get(k) for k in ("method", "tag", "ratio", "seed", "flops_ratio")}, "batch": 32,
+               "threads": threads, "model": settings["model"],
+               "run_ratio": row["latency_ms_pruned_ort_cpu_b32"] / row["latency_ms_dense_ort_cpu_b32"],
+               "plain_export": plain_ratio(settings["model"], settings["img_size"], BENCH_CLASSES, arch, 32,
+                                           threads, rounds, repeats)}
+        out.append(res)
     return out
 
 
@@ -216,8 +248,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the ONNX files of each run's export/ (or of each folder given)")
     parser.add_argument("--backend", action="append", choices=["ort", "openvino"],
                         help="plain sessions to time --files in (repeatable; default ort)")
+    parser.add_argument("--rows", action="store_true",
+                        help="the paths are bench_accuracy.py --json files: time their latency-budget rows")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    results = _rows(args) if args.rows else _runs(args)
+    if results is None:
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    results = []
+    for path in args.runs:
+        if not path.is_file():
+            print(f"{path}: expected a bench_accuracy.py --json file", file=sys.stderr)
+            return None
+        for res in remeasure_rows(path, args.threads, args.rounds, args.repeats):
+            print(f"{path} {res['row']}: pruned/dense, the row's profile {res['run_ratio']:.3f}, plain export "
+                  f"{res['plain_export']['ratio']:.3f} (dense {res['plain_export']['dense_ms']:.2f} ms)")
+            results.append(res)
+    return results
+
+
+def _runs(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     results = []
     for run in args.runs:
         is_run = (run / "report.json").is_file()
@@ -225,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_run and not (args.files and (folder / "dense.onnx").is_file()):
             print(f"{run}: expected a finished run directory (report.json), or with --files a folder with "
                   "dense.onnx", file=sys.stderr)
-            return 2
+            return None
         res: dict[str, Any] = {"run": str(run)}
         if is_run:
             res = remeasure(run, args.batch, args.threads, args.rounds, args.repeats)
@@ -238,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, timing in res["files"].items():
                 print(f"{run}: {key} {timing['median_ms']:.2f} ms, {timing['speedup_vs_dense_fp32']:.2f}x dense fp32")
         results.append(res)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
