@@ -272,10 +272,15 @@ def test_remeasure_builds_a_layer_scale_vit_and_times_a_benchmarks_latency_rows(
     pico = {**row, "embed_dim": 40, "blocks": [(2, 12, 96)] * 4}
     rows = tmp_path / "acc.json"
     rows.write_text(json.dumps({"meta": {"settings": {"model": PICO, "img_size": 32}},
-                                "rows": [pico, {**pico, "budget": "flops"}]}))
+                                "rows": [pico, {**pico, "budget": "flops", "method": "ofb", "tag": "x"}]}))
     out = tmp_path / "re.json"
     log = _run("remeasure.py", str(rows), "--rows", "--rounds", "2", "--repeats", "3", "--threads", "1", "--json",
                str(out), stdout=True)
     (result,) = json.loads(out.read_text())
     assert result["run_ratio"] == 0.5 and result["batch"] == 32 and result["plain_export"]["ratio"] > 0
-    assert "plain export" in log
+    assert "plain export" in log and result["row"]["budget"] == "latency"
+    # the FLOPs-budget rows of a method and tag, to compare at the same measured speed
+    _run("remeasure.py", str(rows), "--rows", "--row-method", "ofb", "--row-tag", "x", "--rounds", "1", "--repeats",
+         "2", "--threads", "1", "--json", str(out))
+    (result,) = json.loads(out.read_text())
+    assert result["row"]["budget"] == "flops" and result["row"]["tag"] == "x"

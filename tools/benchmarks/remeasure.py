@@ -211,18 +211,22 @@ def remeasure(run: Path, batch: int, threads: int, rounds: int, repeats: int) ->
 BENCH_CLASSES = 10  # both of bench_accuracy.py's datasets (Fashion-MNIST, digits) have ten classes
 
 
-def remeasure_rows(path: Path, threads: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
-    """Every latency-budget row of a ``bench_accuracy.py --json`` file rebuilt from its widths and timed
-    against dense at the batch the benchmark measured (32), with the row's own measured ratio beside."""
+def remeasure_rows(path: Path, threads: int, rounds: int, repeats: int, methods: list[str] | None = None,
+                   tags: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``bench_accuracy.py --json`` file rebuilt from their widths and timed against dense at the batch
+    the benchmark measured (32), with the row's own measured ratio beside: the rows of ``methods`` and
+    ``tags`` where given, else every latency-budget row."""
     data = json.loads(path.read_text())
     settings = data["meta"]["settings"]
     out = []
     for row in data["rows"]:
-        if row.get("budget") != "latency" or "blocks" not in row:
+        chosen = (row["method"] in methods if methods else row.get("budget") == "latency") and (
+            not tags or row.get("tag", "") in tags)
+        if not chosen or "blocks" not in row:
             continue
         arch = {"embed_dim": row["embed_dim"],
                 "blocks": [{"heads": h, "head_dim": d, "mlp_dim": m} for h, d, m in row["blocks"]]}
-        res = {"row": {k: row.get(k) for k in ("method", "tag", "ratio", "seed", "flops_ratio")}, "batch": 32,
+        res = {"row": {k: row.get(k) for k in ("method", "tag", "budget", "ratio", "seed", "flops_ratio")}, "batch": 32,
                "threads": threads, "model": settings["model"],
                "run_ratio": row["latency_ms_pruned_ort_cpu_b32"] / row["latency_ms_dense_ort_cpu_b32"],
                "plain_export": plain_ratio(settings["model"], settings["img_size"], BENCH_CLASSES, arch, 32,
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain sessions to time --files in (repeatable; default ort)")
     parser.add_argument("--rows", action="store_true",
                         help="the paths are bench_accuracy.py --json files: time their latency-budget rows")
+    parser.add_argument("--row-method", action="append", help="--rows: the rows of this method instead (repeatable)")
+    parser.add_argument("--row-tag", action="append", help="--rows: only the rows of this tag ('' for untagged)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results = _rows(args) if args.rows else _runs(args)
@@ -266,7 +272,7 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
         if not path.is_file():
             print(f"{path}: expected a bench_accuracy.py --json file", file=sys.stderr)
             return None
-        for res in remeasure_rows(path, args.threads, args.rounds, args.repeats):
+        for res in remeasure_rows(path, args.threads, args.rounds, args.repeats, args.row_method, args.row_tag):
             print(f"{path} {res['row']}: pruned/dense, the row's profile {res['run_ratio']:.3f}, plain export "
                   f"{res['plain_export']['ratio']:.3f} (dense {res['plain_export']['dense_ms']:.2f} ms)")
             results.append(res)
