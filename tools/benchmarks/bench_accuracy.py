@@ -81,9 +81,9 @@ from ofbdeploy.prune.registry import METHODS as REGISTERED
 from ofbdeploy.prune.registry import get_method
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
-from ofbdeploy.run.fit import close_latency
+from ofbdeploy.run.fit import CALIBRATION_IMAGES, close_latency
 from ofbdeploy.table import format_table
-from ofbdeploy.train.data import DataSpec, build_datasets, build_loader
+from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, calibration_batch
 from ofbdeploy.train.distributed import Dist
 from ofbdeploy.train.trainer import TrainSettings, evaluate, train_classifier
 
@@ -199,7 +199,8 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
     extra = _extra(result, registered.trains, kind.by_latency)
     if kind.by_latency and latency is not None and cfg.latency_target.max_rounds > 0:
         # the run's fit stage: the latency budget closed on measurements, the searched weights kept
-        images = next(iter(bench.loader))[0]
+        train, val = bench.loader.dataset, bench.val_loader.dataset  # the images the fit stage would use
+        images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), seed)
         fit, _ = close_latency(cfg.latency_target, latency.lut, pruned, spec, bench.teacher, model.space,
                                images=images, threads=PROFILE.threads)
         if fit.spec != spec:
