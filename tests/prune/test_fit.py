@@ -16,6 +16,7 @@ from ofbdeploy.families import family_of
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
 from ofbdeploy.models.resize import unit_importance
+from ofbdeploy.prune import fit as fit_module
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
 from ofbdeploy.run.fit import save_table
 
@@ -154,6 +155,29 @@ def test_a_plan_the_backend_does_not_feel_is_pushed_further_instead_of_stopping(
     assert len(set(measured)) == 3  # three different models measured
     predicted = [r.predicted_ratio for r in fit.rounds]
     assert predicted[0] > predicted[1] > predicted[2]
+
+
+def test_a_flat_secant_from_noise_does_not_throw_the_next_plan_far(cut_model):
+    """Two rounds that measure almost alike (noise hid the first move) give a nearly flat secant that asks for a
+    far larger move than the miss (seen at a 0.7 target: 0.704 then a plan predicted at 0.543). The aim stays
+    within MOVE_LIMIT times the miss of the round nearest the goal."""
+    spec, importance, space = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
+    table = _table(spec, space)
+    dense = table(ArchSpec.dense(spec.base))
+    answers = iter([0.7058, 0.7042])
+
+    def measure(s: ArchSpec) -> Measurement:
+        ratio = next(answers, table(s) / dense)
+        return Measurement((ratio,) * 3, dense, ratio * dense)
+
+    fit = latency_loop(spec, importance, space, predict=table, measure=measure, target=0.7, tolerance=0.03,
+                       max_rounds=3)
+    first, second, third = fit.rounds
+    assert first.predicted_ratio - second.predicted_ratio > 0.005  # the first move was real, the backend hid it
+    limit = fit_module.MOVE_LIMIT * (second.measured_ratio - 0.7 * 0.985)
+    assert third.predicted_ratio >= second.predicted_ratio - limit - 0.01  # one grid step of slack below the aim
+    assert third.predicted_ratio < second.predicted_ratio  # ... and it still moved toward the goal
+    assert third.predicted_ratio > 0.7 * 0.97 - 0.02  # not far below the band (without the limit: 0.55)
 
 
 def test_a_noisy_round_measures_again_before_acting(cut_model):
