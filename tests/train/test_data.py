@@ -223,7 +223,7 @@ def test_imagefolder_batches_are_normalised_and_erased_on_the_device_by_timms_lo
     assert torch.allclose(plain, sample_batch(val, 8), atol=1e-5)  # the same normalisation on either side
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.multiprocess)])
 def test_a_corrupt_image_is_named_in_one_line(tmp_path: Path, workers: int) -> None:
     write_png_tree(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]}, per_class=2)
     bad = tmp_path / "train" / "cat" / "broken.png"

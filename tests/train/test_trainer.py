@@ -245,6 +245,7 @@ def test_epoch_seeds_differ_across_ranks_and_repeat_for_a_rank() -> None:
     assert all(a != b for a, b in zip(draws(0), draws(1), strict=True))  # masks, mixup and erasing all differ
 
 
+@pytest.mark.multiprocess
 def test_resume_is_exact_with_loader_workers() -> None:
     """An epoch's augmented batches depend on (seed, epoch, rank) only, not on the epochs run before it."""
     train, _, _ = build_datasets(DataSpec(kind="synthetic", img_size=16, limit_train=32, limit_val=8, crop_padding=2,
