@@ -37,6 +37,9 @@ class ExportCfg(Strict):
     opset: int = Field(17, ge=17, le=30, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
     fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
     int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
+    int8_attention: bool = Field(
+        False, description="int8 also quantises the attention products (q @ k^T, attn @ v): faster on OpenVINO CPU, "
+                           "the same on ONNX Runtime CPU, not checked on TensorRT")
     simplify: bool = True
     check_images: int = Field(64, ge=1, le=100_000, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")

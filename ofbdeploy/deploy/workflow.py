@@ -177,7 +177,8 @@ def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img
         return check_against_torch(model, candidate, "int8", img_size=img_size, in_chans=in_chans,
                                    check_inputs=check_images, name=path)
 
-    result = quantize_int8(source, path, calibration, method=cfg.calibration_method, check=check)
+    result = quantize_int8(source, path, calibration, method=cfg.calibration_method, attention=cfg.int8_attention,
+                           check=check)
     parity = result.parity
     return {"path": str(path), "max_abs_diff": parity.max_abs_diff, "top1_agreement": parity.top1_agreement,
             "check_images": parity.images, "tolerance": parity.tolerance,

@@ -12,7 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from ofbdeploy.deploy.onnx_export import ExportError, check_against_torch, export_onnx, graph_precision
-from ofbdeploy.deploy.quantize import QuantizeError, quantize_int8, weight_products
+from ofbdeploy.deploy.quantize import QuantizeError, attention_products, quantize_int8, weight_products
 from ofbdeploy.deploy.runtimes.registry import create_runner
 from ofbdeploy.train.data import DataSpec, balanced_indices, build_datasets, calibration_batch
 
@@ -81,6 +81,23 @@ def test_int8_file_runs_on_onnxruntime_cpu_and_agrees_with_torch(fp32, int8, cal
     assert runner.run_on(calibration[:2]).shape == (2, 10)
     with pytest.raises(Exception, match="supports int8, not fp32"):
         create_runner("ort-cpu", onnx_path=int8)
+
+
+def test_attention_products_are_quantised_on_request_and_keyed_apart(fp32, calibration, tmp_path: Path) -> None:
+    model, source = fp32
+    path = tmp_path / "attn-int8.onnx"
+    result = quantize_int8(source, path, calibration, attention=True)
+    graph = onnx.load(str(path)).graph
+    produced_by = _producer(graph)
+    attention = set(attention_products(onnx.load(str(source))))
+    assert attention and result.quantised_nodes == len(weight_products(onnx.load(str(source)))) + len(attention)
+    for node in graph.node:
+        if node.name in attention:  # both operands dequantised from int8, the output stays float
+            assert all(produced_by[i].op_type == "DequantizeLinear" for i in node.input)
+            assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in node.output]
+    parity = check_against_torch(model, path, "int8", img_size=32, check_inputs=torch.from_numpy(calibration[:16]))
+    assert parity.ok
+    assert result.key != quantize_int8(source, tmp_path / "plain-int8.onnx", calibration).key
 
 
 def test_calibrated_file_is_reused_for_the_same_key_only(fp32, calibration, tmp_path: Path) -> None:

@@ -265,6 +265,18 @@ def test_a_copied_or_moved_run_profiles_its_own_files(finished_run, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_int8_attention_reaches_the_runs_int8_files(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "export.int8=true",
+                     "--set", "export.int8_attention=true", "--set", "export.calibration_images=16",
+                     "--set", "profile.enabled=false")
+    assert result.exit_code == 0, result.output
+    for name in ("dense", "pruned"):
+        record = json.loads((run / "export" / f"{name}-int8.onnx.quant.json").read_text())
+        assert record["settings"]["products"] == "weights and attention"
+
+
 def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finished_run, tmp_path):
     """export.int8 on a finished run: a calibrated Q/DQ file per model, their ORT CPU accuracy next to fp32, int8
     latency rows (with the pruned int8 model against dense fp32 from the same run); a backend this machine lacks

@@ -11,6 +11,8 @@ pruned model quantised two other ways, to show what ONNX Runtime's CPU provider 
   u8-asym     uint8 asymmetric activations (ONNX Runtime's advice for x86; not valid for TensorRT)
   all-qdq     every MatMul quantised (attention products too) with Q/DQ on outputs as well (a plain
               ``quantize_static`` QDQ setup); its softmax then runs as QLinearSoftmax
+  attn-in     the pipeline's layout (Q/DQ on inputs only) with the attention products quantised too (a
+              QuantizeLinear on the softmax output, read by the int8 ``attn @ v``)
 All files of a batch size, on every ``--backend``, are timed alternately in one process (the profile protocol,
 ``measure_group``), so each ratio is measured in one run; the table gives every file against dense fp32 on the
 same runtime and against dense fp32 on the first runtime, and the FLOPs limit (dense / pruned MACs). The CPU's
@@ -59,6 +61,9 @@ def variant(source: Path, target: Path, calibration: np.ndarray, kind: str) -> P
                                       "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)}},
         "all-qdq": {"activation_type": QuantType.QInt8,
                     "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}},
+        "attn-in": {"activation_type": QuantType.QInt8,
+                    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
+                                      "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)}},
     }[kind]
     quantize_static(str(source), str(target), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(QUANTISED_OPS), per_channel=True, weight_type=QuantType.QInt8,
@@ -75,7 +80,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--variants", action="store_true", help="also time the u8-asym and all-qdq files")
+    parser.add_argument("--variants", action="store_true", help="also time the u8-asym, all-qdq and attn-in files")
     parser.add_argument("--backend", action="append", choices=["ort-cpu", "openvino"],
                         help="CPU runtimes to time the files on (repeatable; default ort-cpu)")
     parser.add_argument("--json", type=Path, default=None)
@@ -99,14 +104,13 @@ def main() -> None:
             files[(name, "fp32")] = fp32
             files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration).path
         if args.variants:
-            for kind in ("u8-asym", "all-qdq"):
+            for kind in ("u8-asym", "all-qdq", "attn-in"):
                 files[("pruned", kind)] = variant(files[("pruned", "fp32")], Path(tmp) / f"pruned-{kind}.onnx",
                                                   calibration, kind)
         backends = args.backend or ["ort-cpu"]
         flops = specs["pruned"].macs() / specs["dense"].macs()
         for batch in args.batch or [1]:
-            timed = [(backend, name, kind, path) for backend in backends for (name, kind), path in files.items()
-                     if backend == "ort-cpu" or kind in ("fp32", "int8")]
+            timed = [(backend, name, kind, path) for backend in backends for (name, kind), path in files.items()]
             runners = [create_runner(backend, onnx_path=path, precision="fp32" if kind == "fp32" else "int8",
                                      threads=args.threads) for backend, _, kind, path in timed]
             stats = measure_group(runners, batch, warmup=args.warmup, repeats=args.repeats)
