@@ -76,15 +76,14 @@ def cut_model() -> Callable[..., tuple]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that start several processes (DDP workers, torchrun, data loader workers) run first, in their usual
-    order.
+    order: started early, their workers share the least state with the rest of the suite.
 
-    Late in a long session, with hundreds of tests' runtimes (ONNX Runtime, OpenVINO, torch pools) loaded in this
-    process, the test process itself was killed by SIGSEGV while it waited on such a test's workers (twice at
-    the torchrun quickstart, once at the trainer's DDP test; never when they ran in a shorter session). After
-    those moved first, it happened twice more at about 98% of the suite, in tests/train, where the tests that
-    fork data loader workers were; those are marked too. Python's fault handler printed nothing either time.
-    The cause is not found yet; running these tests before the rest keeps the suite's verdict about the code
-    under test.
+    The suite's process used to die by SIGSEGV, with no traceback, while it waited on child processes late in
+    the session. The cause (found in the fifth session) was OpenVINO's CPU plugin: it gives the thread that
+    loads it a signal stack and freed that stack when the last ``Core`` was released from another thread, and
+    the next SIGCHLD handled on the main thread (torch's data loader installs a handler) then faulted. The
+    runtime now keeps one ``Core`` per process; ``test_a_runner_released_on_another_thread_leaves_the_process_
+    able_to_handle_signals`` replays the crash in a child process.
     """
     items.sort(key=lambda item: item.get_closest_marker("multiprocess") is None)
 

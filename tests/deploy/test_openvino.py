@@ -3,6 +3,8 @@ exported files' accuracy, and a clear reason where the package is missing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +91,33 @@ def test_without_the_package_the_reason_is_given(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ov_runtime.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackendUnavailable, match=r"OpenVINO is not installed: pip install"):
         create_runner("openvino", onnx_path=files["dense"])
+
+
+_RELEASED_ON_ANOTHER_THREAD = """
+import gc, signal, subprocess, sys, threading
+from ofbdeploy.deploy.runtimes.registry import create_runner
+
+runner = create_runner("openvino", onnx_path=sys.argv[1])
+runner.prepare(1)
+runner.run()
+holder = [runner]
+del runner
+thread = threading.Thread(target=lambda: (holder.clear(), gc.collect()))  # released off the main thread
+thread.start()
+thread.join()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # what torch's data loader installs in the main process
+subprocess.run(["true"], check=True)  # a child exits: SIGCHLD is handled on the main thread's signal stack
+print("alive")
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_runner_released_on_another_thread_leaves_the_process_able_to_handle_signals(files, tmp_path) -> None:
+    """OpenVINO's CPU plugin gives the thread that loads it a signal stack and frees it with the last Core, from
+    whichever thread releases that: the next signal handled on the loading thread then killed the process with
+    SIGSEGV and no traceback (the test suite died this way several times). One Core per process keeps it valid."""
+    script = tmp_path / "released.py"
+    script.write_text(_RELEASED_ON_ANOTHER_THREAD)
+    done = subprocess.run([sys.executable, str(script), str(files["dense"])], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])

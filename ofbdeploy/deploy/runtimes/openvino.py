@@ -17,6 +17,7 @@ The package is an optional extra (``pip install 'ofbdeploy[openvino]'``); withou
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def _cpu_config(count: int, **extra: str) -> dict[str, Any]:
     return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": count, **extra}
 
 
+@functools.cache
+def _core() -> Any:
+    """The process's one OpenVINO ``Core``, never released.
+
+    Loading the CPU plugin gives the loading thread an alternate signal stack, and releasing the last ``Core``
+    frees that stack from whichever thread releases it (a garbage collection on another thread). The loading
+    thread is then left pointing at freed memory, and the next signal it handles on that stack (a child's
+    SIGCHLD once torch's data loader has installed its handler) kills the process with SIGSEGV, with no
+    traceback. A ``Core`` that lives as long as the process keeps the stack valid; OpenVINO also advises one
+    ``Core`` per application. ``tests/deploy/test_openvino.py`` replays the crash in a child process.
+    """
+    import openvino  # the optional extra; _missing() has told the registry whether it is there
+
+    return openvino.Core()
+
+
 def _missing() -> str | None:
     """Why OpenVINO cannot run here."""
     if importlib.util.find_spec("openvino") is None:
@@ -65,7 +82,7 @@ class OpenVinoRunner(Runner):
         self._input = onnx_input(self._path)
         request.check_precision((self._input.precision,), f"with {self._path.name} (a {self._input.precision} graph)")
         self._threads = request.threads or threads.current().intra_op
-        self._core = openvino.Core()
+        self._core = _core()
         self._requests: list[Any] = []
         self._parts: list[np.ndarray] = []
 
@@ -110,9 +127,7 @@ class OpenVinoRunner(Runner):
 
 def _classifier(path: Path) -> Classifier:
     """``path`` compiled with a free batch for evaluation (fp32 outside int8 products, as the runner)."""
-    import openvino
-
-    compiled = openvino.Core().compile_model(str(path), "CPU", _cpu_config(threads.current().intra_op))
+    compiled = _core().compile_model(str(path), "CPU", _cpu_config(threads.current().intra_op))
     return lambda images: np.asarray(compiled(images)[0], dtype=np.float32)
 
 
