@@ -290,7 +290,6 @@ def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int,
     return Measurement(pooled, taken[-1].dense_ms, taken[-1].pruned_ms), spreads
 
 
-
 def _aim(points: list[tuple[float, float]], goal: float) -> float:
     """The table's prediction at which the measured ratio should be ``goal``, from (predicted, measured) points.
 

@@ -7,12 +7,12 @@ The pruned architecture is read from a run's report.json (``arch``: the widths a
 models get seeded random weights (latency does not depend on the values). Each is exported to fp32 ONNX and
 quantised by :func:`ofbdeploy.deploy.quantize.quantize_int8` (the pipeline's int8 file: weight products,
 per-channel symmetric int8, Q/DQ on inputs) on seeded random calibration images. ``--variants`` also times the
-pruned model quantised two other ways, to show what ONNX Runtime's CPU provider needs:
+pruned model quantised three other ways, to show what each CPU runtime needs:
   u8-asym     uint8 asymmetric activations (ONNX Runtime's advice for x86; not valid for TensorRT)
   all-qdq     every MatMul quantised (attention products too) with Q/DQ on outputs as well (a plain
               ``quantize_static`` QDQ setup); its softmax then runs as QLinearSoftmax
-  attn-in     the pipeline's layout (Q/DQ on inputs only) with the attention products quantised too (a
-              QuantizeLinear on the softmax output, read by the int8 ``attn @ v``)
+  attn-in     the pipeline's file with ``export.int8_attention`` (``quantize_int8(attention=True)``): the attention
+              products quantised too, Q/DQ on inputs only (a QuantizeLinear on the softmax output)
 All files of a batch size, on every ``--backend``, are timed alternately in one process (the profile protocol,
 ``measure_group``), so each ratio is measured in one run; the table gives every file against dense fp32 on the
 same runtime and against dense fp32 on the first runtime, and the FLOPs limit (dense / pruned MACs). The CPU's
@@ -61,9 +61,6 @@ def variant(source: Path, target: Path, calibration: np.ndarray, kind: str) -> P
                                       "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)}},
         "all-qdq": {"activation_type": QuantType.QInt8,
                     "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}},
-        "attn-in": {"activation_type": QuantType.QInt8,
-                    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
-                                      "OpTypesToExcludeOutputQuantization": list(QUANTISED_OPS)}},
     }[kind]
     quantize_static(str(source), str(target), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(QUANTISED_OPS), per_channel=True, weight_type=QuantType.QInt8,
@@ -104,9 +101,11 @@ def main() -> None:
             files[(name, "fp32")] = fp32
             files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration).path
         if args.variants:
-            for kind in ("u8-asym", "all-qdq", "attn-in"):
+            for kind in ("u8-asym", "all-qdq"):
                 files[("pruned", kind)] = variant(files[("pruned", "fp32")], Path(tmp) / f"pruned-{kind}.onnx",
                                                   calibration, kind)
+            files[("pruned", "attn-in")] = quantize_int8(files[("pruned", "fp32")], Path(tmp) / "pruned-attn-in.onnx",
+                                                         calibration, attention=True).path
         backends = args.backend or ["ort-cpu"]
         flops = specs["pruned"].macs() / specs["dense"].macs()
         for batch in args.batch or [1]:
