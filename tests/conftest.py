@@ -53,10 +53,10 @@ def synthetic_lut() -> Callable[[str, int], LatencyLUT]:
 
 @pytest.fixture
 def cut_model() -> Callable[..., tuple]:
-    """A teacher and a plain model cut from it by a random decision (every embedding kept whole), untrained: with
-    ``multipliers`` the decided multipliers are random (a trained-like fold), else 1 (the teacher's own units).
-    Any family: ``name`` is a timm model (a ViT by default)."""
-    def make(seed: int, multipliers: bool = False, name: str = "ofb_vit_pico_patch4_32"):
+    """A teacher and a plain model cut from it by a random decision (every embedding kept whole unless
+    ``embedding``), untrained: with ``multipliers`` the decided multipliers are random (a trained-like fold), else
+    1 (the teacher's own units). Any family: ``name`` is a timm model (a ViT by default)."""
+    def make(seed: int, multipliers: bool = False, name: str = "ofb_vit_pico_patch4_32", embedding: bool = False):
         torch.manual_seed(seed)
         teacher = timm.create_model(name).eval()
         shape = read_shape(teacher, name)
@@ -64,8 +64,13 @@ def cut_model() -> Callable[..., tuple]:
         searchable = family.searchable(copy.deepcopy(teacher), family.space(shape), name)
         rng = random.Random(seed)
         for group_name, group in searchable.groups():
-            widest = group_name.endswith("embedding")
-            searchable.force_cell(group_name, group.widest_cell() if widest else rng.randrange(len(group.cells)))
+            if not group_name.endswith("embedding"):
+                searchable.force_cell(group_name, rng.randrange(len(group.cells)))
+            elif embedding:  # any cell but the widest
+                searchable.force_cell(group_name, rng.choice([k for k in range(len(group.cells))
+                                                              if k != group.widest_cell()]))
+            else:
+                searchable.force_cell(group_name, group.widest_cell())
             group.multiplier.data.uniform_(0.25, 1.75) if multipliers else group.multiplier.data.fill_(1.0)
         pruned, spec = materialize(searchable.eval())
         return teacher, pruned, spec

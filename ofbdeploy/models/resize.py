@@ -6,8 +6,14 @@ that are gone. The dense model the run started from (the teacher) still has them
 dense units the spec did not keep, with the teacher's weights (restricted to the embedding channels the
 pruned model kept); the finetune that follows distils from that teacher and trains them. A narrowed group
 drops its kept units of least importance; a Swin head brings its column of the relative-position bias table
-along. The embedding (every stage's) stays as searched: growing it would change every
-layer's input and every LayerNorm's statistics, which a re-inserted teacher row cannot make up for.
+along.
+
+A stage's embedding resizes the same way, one rule for every tensor: an entry comes from the pruned model when
+every unit it belongs to was kept, else from the teacher (cut to the new blocks' units). Which axes of which
+tensors run along a stage's embedding is read off the family's own plain model (built once a channel narrower
+and compared), so no family lists its tensors. Growing the residual stream changes every LayerNorm's
+statistics, which the teacher's entries only approximate: the fit moves the embedding only when no block can
+move (:mod:`ofbdeploy.prune.fit`), and the finetune trains what it grew.
 
 Importance (:func:`unit_importance`) is one number per dense unit, so one rule ranks kept and missing units:
 
@@ -18,7 +24,8 @@ Importance (:func:`unit_importance`) is one number per dense unit, so one rule r
   the teacher's figures are scaled by the ratio of the medians of the two over the kept units, so the two
   scales meet;
 - every figure is divided by the group's mean over all its dense units (scaled teacher figures), so an
-  average unit weighs 1 in every group and groups compare by relative importance.
+  average unit weighs 1 in every group and groups compare by relative importance;
+- an embedding channel's coupled weights are every entry on its index of every tensor along the embedding.
 
 Attention scale: timm scales the logits by 1/sqrt(head width) while the search keeps the dense 1/sqrt(d);
 materialisation folds sqrt(c/d) into the q rows of a block of head width c. A q row kept at a new width c'
@@ -27,8 +34,10 @@ is rescaled by sqrt(c'/c), a q row taken from the teacher gets sqrt(c'/d).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +50,12 @@ from ofbdeploy.families import family_of
 @dataclass(frozen=True)
 class UnitImportance:
     """Per block, the importance of every dense MLP unit (``[mlp_dim]``) and every dense attention channel
-    (``[heads, head_dim]``), kept or not, on one scale (see the module's rule)."""
+    (``[heads, head_dim]``), and per stage of every dense embedding channel, kept or not, on one scale (see the
+    module's rule)."""
 
     mlp: tuple[Tensor, ...]
     channels: tuple[Tensor, ...]
+    embeds: tuple[Tensor, ...]
 
 
 def _check(spec: ArchSpec) -> None:
@@ -113,7 +124,47 @@ def unit_importance(model: nn.Module, spec: ArchSpec, teacher: nn.Module) -> Uni
         kept = torch.tensor([h * d + c for h, chans in zip(blk.kept_heads, blk.kept_channels, strict=True)
                              for c in chans])
         channels.append(_calibrated(tc.reshape(heads, d), kept, pc))
-    return UnitImportance(tuple(mlp), tuple(channels))
+    embeds = []
+    for s, kept_embed in enumerate(spec.kept_embeds):
+        axes = embedding_axes(spec.base, s)
+        embeds.append(_calibrated(_embedding_rows(t, axes), torch.tensor(kept_embed), _embedding_rows(p, axes)))
+    return UnitImportance(tuple(mlp), tuple(channels), tuple(embeds))
+
+
+@functools.cache
+def embedding_axes(base: Any, stage: int) -> dict[str, tuple[int, int]]:
+    """Every tensor of the family's plain model that runs along stage ``stage``'s embedding: its name -> (axis,
+    copies), the axis holding ``copies`` runs of the embedding one after another (a Swin's patch merging joins
+    four). Read off the plain model built (on the meta device: shapes only) at the dense widths and one channel
+    narrower; empty where the family keeps that embedding whole."""
+    dense = ArchSpec.dense(base)
+    embeds, kept = list(dense.embed_dims), list(dense.kept_embeds)
+    embeds[stage], kept[stage] = embeds[stage] - 1, kept[stage][:-1]
+    try:
+        narrower = ArchSpec(base, tuple(embeds), dense.blocks, tuple(kept))
+    except ArchError:
+        return {}
+    family = family_of(base)
+    with torch.device("meta"):
+        wide, narrow = family.build_plain(dense).state_dict(), family.build_plain(narrower).state_dict()
+    found = {}
+    for name, tensor in wide.items():
+        moved = [(axis, a - b) for axis, (a, b) in enumerate(zip(tensor.shape, narrow[name].shape, strict=True))
+                 if a != b]
+        if len(moved) > 1:
+            raise ArchError(f"{name}: runs along the embedding on {len(moved)} axes; resizing handles one")
+        if moved:
+            found[name] = moved[0]
+    return found
+
+
+def _embedding_rows(state: dict[str, Tensor], axes: dict[str, tuple[int, int]]) -> Tensor:
+    """Sum of squares per embedding channel over every tensor along it (each run of a joined axis counted)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, (axis, copies) in axes.items():
+        squares = state[name].double().pow(2).movedim(axis, 0)
+        total = total + squares.reshape(copies, squares.shape[0] // copies, -1).sum(dim=(0, 2))
+    return total
 
 
 def _top(scores: Tensor, candidates: Sequence[int], count: int) -> list[int]:
@@ -125,28 +176,38 @@ def _top(scores: Tensor, candidates: Sequence[int], count: int) -> list[int]:
     return index[order[:count]].tolist()
 
 
+def _keep(current: Sequence[int], scores: Tensor, size: int, dense: int) -> tuple[int, ...]:
+    """``size`` of the ``dense`` units: the best of ``current`` in their order, or all of them and the best others."""
+    if size <= len(current):
+        chosen = set(_top(scores, current, size))
+        return tuple(k for k in current if k in chosen)
+    kept = set(current)
+    return (*current, *_top(scores, [k for k in range(dense) if k not in kept], size - len(current)))
+
+
 def resize_block(blk: BlockSpec, mlp: Tensor, channels: Tensor, heads: int, head_dim: int, mlp_dim: int) -> BlockSpec:
     """The block at new widths: the kept units of highest importance, plus the best missing ones.
 
     Kept units keep their order (so an unchanged group keeps its layout); added ones follow, best first. A new
     head brings its ``head_dim`` best channels and is ranked by their sum.
     """
-    def keep(current: Sequence[int], scores: Tensor, size: int, dense: int) -> tuple[int, ...]:
-        if size <= len(current):
-            chosen = set(_top(scores, current, size))
-            return tuple(k for k in current if k in chosen)
-        kept = set(current)
-        return (*current, *_top(scores, [k for k in range(dense) if k not in kept], size - len(current)))
-
     dense_heads, d = channels.shape
-    chans = {h: keep(c, channels[h], head_dim, d) for h, c in zip(blk.kept_heads, blk.kept_channels, strict=True)}
+    chans = {h: _keep(c, channels[h], head_dim, d) for h, c in zip(blk.kept_heads, blk.kept_channels, strict=True)}
     for h in range(dense_heads):
         if h not in chans:
-            chans[h] = keep((), channels[h], head_dim, d)
+            chans[h] = _keep((), channels[h], head_dim, d)
     head_scores = torch.tensor([float(channels[h][list(chans[h])].sum()) for h in range(dense_heads)])
-    kept_heads = keep(blk.kept_heads, head_scores, heads, dense_heads)
+    kept_heads = _keep(blk.kept_heads, head_scores, heads, dense_heads)
     return BlockSpec(heads, head_dim, mlp_dim, kept_heads, tuple(chans[h] for h in kept_heads),
-                     keep(blk.kept_mlp, mlp, mlp_dim, len(mlp)))
+                     _keep(blk.kept_mlp, mlp, mlp_dim, len(mlp)))
+
+
+def resize_embedding(spec: ArchSpec, importance: UnitImportance, stage: int, width: int) -> ArchSpec:
+    """``spec`` with stage ``stage``'s embedding ``width`` channels wide, chosen as :func:`resize_block` chooses."""
+    embeds, kept = list(spec.embed_dims), list(spec.kept_embeds)
+    embeds[stage] = width
+    kept[stage] = _keep(kept[stage], importance.embeds[stage], width, spec.base.embed_dims[stage])
+    return replace(spec, embed_dims=tuple(embeds), kept_embeds=tuple(kept))
 
 
 def resized_spec(spec: ArchSpec, importance: UnitImportance, widths: Sequence[tuple[int, int, int]]) -> ArchSpec:
@@ -164,13 +225,51 @@ def _gather(sources: Sequence[tuple[Tensor, int]], dim: int) -> Tensor:
 
 @torch.no_grad()
 def resize(model: nn.Module, spec: ArchSpec, teacher: nn.Module, new: ArchSpec) -> nn.Module:
-    """The plain model of ``new`` (same family, base and embedding as ``spec``): units ``spec`` kept come from
-    ``model``, the others from ``teacher`` (see the module's rule for the attention scale)."""
+    """The plain model of ``new`` (same family and base as ``spec``): units ``spec`` kept come from ``model``,
+    the others from ``teacher`` (see the module's rules for the attention scale and the embedding)."""
     _check(spec)
     _check(new)
-    if new.base != spec.base or new.kept_embeds != spec.kept_embeds:
-        raise ArchError("resizing changes block widths only: the base model and the embedding must stay")
-    p, t = _state(model), _state(teacher)
+    if new.base != spec.base:
+        raise ArchError("resizing keeps the base model: the new architecture is of another dense model")
+    blocks = replace(spec, blocks=new.blocks)  # the blocks first, at the searched embedding
+    state = _resized_blocks(_state(model), spec, _state(teacher), blocks)
+    if new.kept_embeds != spec.kept_embeds:
+        state = _resized_embedding(state, blocks, _state(teacher), new)
+    plain = family_of(new.base).build_plain(new)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+def _resized_embedding(p: dict[str, Tensor], spec: ArchSpec, t: dict[str, Tensor],
+                       new: ArchSpec) -> dict[str, Tensor]:
+    """The state of ``spec`` (``p``) at ``new``'s embedding (its blocks are ``spec``'s): an entry stays when every
+    embedding channel it lies on was kept, else it is the teacher's (cut to the blocks' units and to every
+    stage's new embedding; a Swin's patch merging lies on two stages)."""
+    dense = ArchSpec.dense(spec.base)
+    t = _resized_blocks(t, dense, t, replace(dense, blocks=spec.blocks))
+    runs: dict[str, list[tuple[int, int, int, tuple[int, ...], tuple[int, ...]]]] = {}
+    for s, (old, now) in enumerate(zip(spec.kept_embeds, new.kept_embeds, strict=True)):
+        for name, (axis, copies) in embedding_axes(spec.base, s).items():
+            runs.setdefault(name, []).append((axis, copies, spec.base.embed_dims[s], old, now))
+    state = dict(p)
+    for name, along in runs.items():
+        if all(old == now for *_, old, now in along):
+            continue
+        kept, grown, mask = p[name], t[name], torch.ones((), dtype=torch.bool)
+        for axis, copies, width, old, now in along:
+            at = {j: k for k, j in enumerate(old)}
+            kept = kept.index_select(axis, torch.tensor([c * len(old) + at.get(j, 0) for c in range(copies)
+                                                         for j in now]))
+            grown = grown.index_select(axis, torch.tensor([c * width + j for c in range(copies) for j in now]))
+            shape = [1] * kept.dim()
+            shape[axis] = -1
+            mask = mask & torch.tensor([j in at for j in now] * copies).reshape(shape)
+        state[name] = torch.where(mask, kept, grown)
+    return state
+
+
+def _resized_blocks(p: dict[str, Tensor], spec: ArchSpec, t: dict[str, Tensor], new: ArchSpec) -> dict[str, Tensor]:
+    """The state of ``spec`` (``p``) at ``new``'s block widths (its embedding is ``spec``'s)."""
     state = {k: v.clone() for k, v in p.items()}
     for i, (old, blk) in enumerate(zip(spec.blocks, new.blocks, strict=True)):
         heads, d, _ = spec.base.block_dims(i)
@@ -212,6 +311,4 @@ def resize(model: nn.Module, spec: ArchSpec, teacher: nn.Module, new: ArchSpec) 
         table = pre + "attn.relative_position_bias_table"  # a Swin's: one column per head
         if table in p:
             pick(table, 1, t[table], {h: a for a, h in enumerate(old.kept_heads)}, blk.kept_heads)
-    plain = family_of(new.base).build_plain(new)
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
+    return state

@@ -3,7 +3,8 @@
 The search's budget code (:mod:`ofbdeploy.prune.budget`) narrows decided groups and widens only undecided
 picks, so a search whose groups decide by themselves lands under its budget and gives away the accuracy the
 rest would buy. After materialisation the groups can move both ways again (:mod:`ofbdeploy.models.resize`:
-grown units come from the teacher), one grid step of one block at a time:
+grown units come from the teacher), one grid step of one block at a time, or of one stage's embedding where
+no block can move:
 
 - :func:`fill` widens while every budget holds, by importance gained per share of budget spent;
 - :func:`trim` narrows while a cost is over its target, by cost saved per importance given up;
@@ -21,14 +22,14 @@ ones from the teacher, on one scale).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
 from ofbdeploy.arch import ArchSpec
-from ofbdeploy.models.resize import UnitImportance, resize, resize_block, unit_importance
+from ofbdeploy.models.resize import UnitImportance, resize, resize_block, resize_embedding, unit_importance
 
 Cost = Callable[[ArchSpec], float]
 REPLANS = 8  # plans a round may make when its plans come back to architectures measured already
@@ -42,21 +43,23 @@ MOVE_LIMIT = 2.0
 # 10-20% while its repeats still agree (measured: 81.8% for a model predicted at 72.8% and re-timed at 64.6%).
 SURPRISE = 3.0
 PARTS = ("heads", "head_dim", "mlp_dim")
+EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
 class WidthStep:
-    """One grid step of one block's part, as run.log and report.json say it."""
+    """One grid step of one block's part or of one stage's embedding, as run.log and report.json say it."""
 
-    block: int
-    part: str  # heads, head_dim or mlp_dim
+    block: int  # the stage for the embedding
+    part: str  # heads, head_dim, mlp_dim or embedding
     before: int
     after: int
     importance: float  # gained (> 0) or given up (< 0)
     costs_after: tuple[float, ...]
 
     def describe(self) -> str:
-        return f"blocks.{self.block}.{self.part}: {self.before} -> {self.after}"
+        where = f"stages.{self.block}" if self.part == EMBEDDING else f"blocks.{self.block}"
+        return f"{where}.{self.part}: {self.before} -> {self.after}"
 
 
 def _kept_importance(imp: UnitImportance, spec: ArchSpec, i: int) -> float:
@@ -92,21 +95,49 @@ def _moved(spec: ArchSpec, imp: UnitImportance, i: int, widths: tuple[int, int, 
     return ArchSpec(spec.base, spec.embed_dims, tuple(blocks), spec.kept_embeds)
 
 
-def _step(spec: ArchSpec, imp: UnitImportance, space: Any, wider: bool,
-          score: Callable[[ArchSpec, ArchSpec, float], float | None]) -> tuple[ArchSpec, WidthStep] | None:
-    """The best-scoring one-step move of any block (``score`` None: the move is not allowed)."""
-    best = None
+def _block_moves(spec: ArchSpec, imp: UnitImportance, space: Any,
+                 wider: bool) -> Iterator[tuple[ArchSpec, float, WidthStep]]:
+    """Every one-step move of one block's part: the architecture, the importance gained and the step."""
     for i in range(spec.base.depth):
         here = _kept_importance(imp, spec, i)
         for part, widths in _neighbours(space, spec, i, wider):
             trial = _moved(spec, imp, i, widths)
             gained = _kept_importance(imp, trial, i) - here
+            axis = PARTS.index(part)
+            before = (spec.blocks[i].heads, spec.blocks[i].head_dim, spec.blocks[i].mlp_dim)[axis]
+            yield trial, gained, WidthStep(i, part, before, widths[axis], gained, ())
+
+
+def _embedding_moves(spec: ArchSpec, imp: UnitImportance, space: Any,
+                     wider: bool) -> Iterator[tuple[ArchSpec, float, WidthStep]]:
+    """Every one-step move of one stage's embedding along its grid."""
+    for stage, grid in enumerate(space.stage_spaces):
+        now = spec.embed_dims[stage]
+        steps = [w for w in grid.embedding if (w > now if wider else w < now)]
+        if not steps:
+            continue
+        width = min(steps) if wider else max(steps)
+        trial = resize_embedding(spec, imp, stage, width)
+        scores = imp.embeds[stage]
+        gained = float(scores[list(trial.kept_embeds[stage])].sum() - scores[list(spec.kept_embeds[stage])].sum())
+        yield trial, gained, WidthStep(stage, EMBEDDING, now, width, gained, ())
+
+
+def _step(spec: ArchSpec, imp: UnitImportance, space: Any, wider: bool,
+          score: Callable[[ArchSpec, ArchSpec, float], float | None]) -> tuple[ArchSpec, WidthStep] | None:
+    """The best-scoring one-step move (``score`` None: the move is not allowed) of any block, or where no block
+    can move, of a stage's embedding: the search decided the embedding, and moving it changes every layer and
+    every LayerNorm's statistics, so it moves only where the blocks have nothing left (a search that cut the
+    embedding and kept every block whole, measured under its latency target)."""
+    for moves in (_block_moves, _embedding_moves):
+        best = None
+        for trial, gained, step in moves(spec, imp, space, wider):
             value = score(spec, trial, gained)
             if value is not None and (best is None or value > best[0]):
-                axis = PARTS.index(part)
-                before = (spec.blocks[i].heads, spec.blocks[i].head_dim, spec.blocks[i].mlp_dim)[axis]
-                best = (value, trial, WidthStep(i, part, before, widths[axis], gained, ()))
-    return None if best is None else (best[1], best[2])
+                best = (value, trial, step)
+        if best is not None:
+            return best[1], best[2]
+    return None
 
 
 def fill(spec: ArchSpec, imp: UnitImportance, space: Any,
@@ -262,7 +293,8 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
 
 def changes(before: ArchSpec, after: ArchSpec) -> list[str]:
     """The widths that differ between two architectures, "blocks.3.mlp_dim: 96 -> 128"."""
-    found = []
+    found = [f"stages.{s}.{EMBEDDING}: {a} -> {b}"
+             for s, (a, b) in enumerate(zip(before.embed_dims, after.embed_dims, strict=True)) if a != b]
     for i, (a, b) in enumerate(zip(before.blocks, after.blocks, strict=True)):
         for part in PARTS:
             if getattr(a, part) != getattr(b, part):

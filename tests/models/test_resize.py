@@ -5,7 +5,7 @@ import torch
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.errors import ArchError
-from ofbdeploy.models.resize import resize, resized_spec, unit_importance
+from ofbdeploy.models.resize import resize, resize_embedding, resized_spec, unit_importance
 
 VIT = "ofb_vit_pico_patch4_32"
 
@@ -13,18 +13,64 @@ VIT = "ofb_vit_pico_patch4_32"
 SWIN = "ofb_swin_pico_patch2_32"
 
 
-@pytest.mark.parametrize(("seed", "name"), [(0, VIT), (1, VIT), (2, VIT), (3, VIT), (0, SWIN), (1, SWIN)])
-def test_growing_an_untrained_cut_to_dense_gives_the_teacher_back(seed, name, cut_model):
-    teacher, pruned, spec = cut_model(seed, name=name)
+def _grown_to_dense(spec, importance):
+    """``spec`` resized to the dense widths of every block and every stage's embedding."""
+    grown = resized_spec(spec, importance, [spec.base.block_dims(i) for i in range(spec.base.depth)])
+    for s, width in enumerate(spec.base.embed_dims):
+        grown = resize_embedding(grown, importance, s, width)
+    return grown
+
+
+@pytest.mark.parametrize(("seed", "name", "embedding"),
+                         [(0, VIT, False), (1, VIT, False), (2, VIT, True), (3, VIT, True), (0, SWIN, False),
+                          (1, SWIN, True)])
+def test_growing_an_untrained_cut_to_dense_gives_the_teacher_back(seed, name, embedding, cut_model):
+    teacher, pruned, spec = cut_model(seed, name=name, embedding=embedding)
     assert spec.macs() < ArchSpec.dense(spec.base).macs()
     assert any(b.heads < spec.base.block_dims(i)[0] for i, b in enumerate(spec.blocks))  # heads come back too
+    assert (spec.embed_dims != spec.base.embed_dims) == embedding  # and the embedding
     dense = ArchSpec.dense(spec.base)
-    grown = resize(pruned, spec, teacher, resized_spec(spec, unit_importance(pruned, spec, teacher),
-                                                       [spec.base.block_dims(i) for i in range(spec.base.depth)]))
+    grown = resize(pruned, spec, teacher, _grown_to_dense(spec, unit_importance(pruned, spec, teacher)))
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (grown(images) - teacher(images)).abs().max() <= 1e-5
     assert sum(p.numel() for p in grown.parameters()) == dense.params()
+
+
+@pytest.mark.parametrize(("seed", "name"), [(2, VIT), (3, VIT), (1, SWIN), (4, SWIN)])
+def test_cutting_the_teacher_to_a_searched_architecture_gives_the_materialised_cut(seed, name, cut_model):
+    """The other direction: every block and embedding narrowed (kept units chosen by the record, not by
+    importance), entries of the teacher only."""
+    teacher, pruned, spec = cut_model(seed, name=name, embedding=True)
+    cut = resize(teacher, ArchSpec.dense(spec.base), teacher, spec)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (cut(images) - pruned(images)).abs().max() <= 1e-5
+    assert sum(p.numel() for p in cut.parameters()) == spec.params()
+
+
+@pytest.mark.parametrize("name", [VIT, SWIN])
+def test_an_embedding_moves_by_importance_and_mixes_kept_and_teacher_entries(name, cut_model):
+    teacher, pruned, spec = cut_model(6, multipliers=True, name=name, embedding=True)
+    importance = unit_importance(pruned, spec, teacher)
+    stage = max(range(len(spec.embed_dims)), key=lambda s: spec.base.embed_dims[s] - spec.embed_dims[s])
+    narrow = resize_embedding(spec, importance, stage, spec.embed_dims[stage] // 2)
+    kept, scores = spec.kept_embeds[stage], importance.embeds[stage]
+    dropped = set(kept) - set(narrow.kept_embeds[stage])
+    assert set(narrow.kept_embeds[stage]) <= set(kept) and dropped
+    assert min(float(scores[k]) for k in narrow.kept_embeds[stage]) >= max(float(scores[k]) for k in dropped)
+    wide = resize_embedding(spec, importance, stage, spec.base.embed_dims[stage])
+    assert wide.kept_embeds[stage][: len(kept)] == kept  # kept channels keep their places, the new ones follow
+    images = torch.randn(4, 3, 32, 32)
+    for new in (narrow, wide, resize_embedding(narrow, importance, stage, spec.embed_dims[stage])):
+        model = resize(pruned, spec, teacher, new)
+        assert sum(p.numel() for p in model.parameters()) == new.params()
+        with torch.no_grad():
+            assert torch.isfinite(model(images)).all()
+    # grown and narrowed back: the searched model again, entry for entry
+    back = resize(resize(pruned, spec, teacher, wide), wide, teacher, spec)
+    with torch.no_grad():
+        assert (back(images) - pruned(images)).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("name", [VIT, SWIN])
@@ -46,8 +92,8 @@ def test_narrowing_keeps_the_most_important_units_and_resizing_to_itself_is_the_
     assert sum(p.numel() for p in model.parameters()) == narrow.params()
 
 
-def test_the_embedding_stays(cut_model):
+def test_resizing_keeps_the_base_model(cut_model):
     teacher, pruned, spec = cut_model(1)
-    other = ArchSpec(spec.base, spec.embed_dims, spec.blocks, (tuple(reversed(spec.kept_embed)),))
-    with pytest.raises(ArchError, match="embedding must stay"):
+    _, _, other = cut_model(1, name="ofb_vit_tiny3_patch4_32")
+    with pytest.raises(ArchError, match="keeps the base model"):
         resize(pruned, spec, teacher, other)

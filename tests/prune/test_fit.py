@@ -15,7 +15,7 @@ from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.families import family_of
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
-from ofbdeploy.models.resize import unit_importance
+from ofbdeploy.models.resize import resize, resized_spec, unit_importance
 from ofbdeploy.prune import fit as fit_module
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
 from ofbdeploy.run.fit import save_table
@@ -275,3 +275,31 @@ def test_an_int8_target_measures_the_int8_file(cut_model, tmp_path):
     assert runner._path.name == "probe-int8.onnx" and runner.precision == "int8"
     _, measured = measure_pair(runner, runner, 1, warmup=1, repeats=5)
     assert measured.median_ms > 0
+
+
+@pytest.mark.parametrize("wider", [True, False])
+def test_with_no_block_left_to_move_the_loop_moves_the_embedding(cut_model, wider):
+    """A search can cut the embedding and keep every block whole (seen at a 0.7 target on DeiT-S: 216 of 384
+    channels) and measure under the target; or leave every block at its narrowest and measure over it. Then the
+    embedding is what the loop moves, and the resized model holds the teacher's channels it grew."""
+    teacher, pruned, spec = cut_model(3, name="ofb_vit_micro_patch4_32", embedding=True)
+    importance = unit_importance(pruned, spec, teacher)
+    space = family_of(spec.base).space(spec.base)
+    widths = [spec.base.block_dims(i) if wider else (1, min(c for _, c in space.attention), min(space.mlp))
+              for i in range(spec.base.depth)]
+    start = resized_spec(spec, importance, widths)
+    dense = ArchSpec.dense(spec.base).macs()
+
+    def measure(s: ArchSpec) -> Measurement:  # the backend's time is its MACs
+        return Measurement((s.macs() / dense,) * 3, dense, s.macs())
+
+    target = start.macs() / dense * (1.15 if wider else 0.85)
+    fit = latency_loop(start, importance, space, predict=ArchSpec.macs, measure=measure, target=target,
+                       tolerance=0.03, max_rounds=4)
+    assert fit.met and target * 0.97 <= fit.spec.macs() / dense <= target
+    assert fit.rounds[0].action == ("widened" if wider else "narrowed")
+    assert {step.split(":")[0] for r in fit.rounds for step in r.steps} == {"stages.0.embedding"}
+    assert fit.spec.blocks == start.blocks
+    assert (fit.spec.embed_dim > start.embed_dim) == wider and fit.spec.embed_dim != start.embed_dim
+    model = resize(pruned, spec, teacher, fit.spec)
+    assert sum(p.numel() for p in model.parameters()) == fit.spec.params()
