@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ofbdeploy.config import MAX_REPEATS, MAX_THREADS, BatchSize, Strict
@@ -37,9 +37,10 @@ class ExportCfg(Strict):
     opset: int = Field(17, ge=17, le=30, description=">= 17: LayerNorm as one op (no fp16 overflow in TensorRT)")
     fp16: bool = Field(False, description="also write an fp16 ONNX graph (LayerNorm kept in fp32)")
     int8: bool = Field(False, description="also write an int8 Q/DQ ONNX graph (ONNX Runtime quantize_static)")
-    int8_attention: bool = Field(
-        False, description="int8 also quantises the attention products (q @ k^T, attn @ v): faster on OpenVINO CPU, "
-                           "the same on ONNX Runtime CPU, not checked on TensorRT")
+    int8_attention: Literal["cpu", "all", "none"] = Field(
+        "cpu", description="which int8 files also quantise the attention products (q @ k^T, attn @ v): cpu, the "
+                           "ONNX Runtime/OpenVINO file (faster on OpenVINO CPU, the same on ONNX Runtime CPU); all, "
+                           "the TensorRT file too (not yet run on TensorRT); none. true/false mean all/none")
     simplify: bool = True
     check_images: int = Field(64, ge=1, le=100_000, description="validation images for the parity checks")
     trt: bool = Field(False, description="build TensorRT engines (needs the trt extra / Docker image)")
@@ -55,6 +56,12 @@ class ExportCfg(Strict):
     accuracy_images: int | None = Field(
         None, ge=1, description="validation images (a seeded random sample) for the ONNX Runtime CPU top-1/top-5 "
                                 "of every exported file; default: the whole validation split")
+
+    @field_validator("int8_attention", mode="before")
+    @classmethod
+    def _attention_flag(cls, value: Any) -> Any:
+        """``true``/``false`` (the option's first form) mean every file or none."""
+        return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _ordered_range(self) -> ExportCfg:

@@ -3,25 +3,27 @@
 The precision is decided here, in the graph, once, calibrated once, and written as two files named by what they
 hold, so no runtime calibrates again:
 
-* ``<model>-int8.onnx`` for ONNX Runtime (CPU, CUDA): int8 weight products, fp32 everywhere else (the CPU has no
-  fast fp16), and the Conv/Gemm biases quantised to int32 behind a ``DequantizeLinear``, which is the form ONNX
-  Runtime's CPU provider fuses into an int8 ``QGemm`` for the head (with a float bias the head runs as dequantise
-  + fp32 Gemm; the patch convolution, whose output is not quantised, runs as dequantise + Conv either way).
-* ``<model>-int8-fp16.onnx`` for TensorRT (native and ONNX Runtime's provider): the same Q/DQ pairs with the same
-  scales, no Q/DQ on any bias (TensorRT's dequantize takes int8/fp8/int4 only, and its ONNX parser fails on the
-  int32 bias), and fp16 everywhere else but LayerNorm (kept fp32 as in the fp16 export): softmax, GELU and the
-  attention products run in fp16, as a deployed int8 ViT runs them.
+* ``<model>-int8.onnx`` for ONNX Runtime (CPU, CUDA) and OpenVINO: int8 weight and attention products, fp32
+  everywhere else (the CPU has no fast fp16), and the Conv/Gemm biases quantised to int32 behind a
+  ``DequantizeLinear``, which is the form ONNX Runtime's CPU provider fuses into an int8 ``QGemm`` for the head
+  (with a float bias the head runs as dequantise + fp32 Gemm; the patch convolution, whose output is not
+  quantised, runs as dequantise + Conv either way).
+* ``<model>-int8-fp16.onnx`` for TensorRT (native and ONNX Runtime's provider): the weight products' Q/DQ pairs
+  with the same scales, no Q/DQ on any bias (TensorRT's dequantize takes int8/fp8/int4 only, and its ONNX
+  parser fails on the int32 bias), and fp16 everywhere else but LayerNorm (kept fp32 as in the fp16 export):
+  softmax, GELU and the attention products run in fp16, as a deployed int8 ViT runs them.
 
 Choices, and why:
 
 * **What is quantised: the weight products** (every ``MatMul`` whose second input is a weight, the head's
-  ``Gemm`` and the patch ``Conv``), with per-channel symmetric int8 weights. LayerNorm, softmax, GELU and the
-  attention products (``q @ k^T``, ``attn @ v``) stay in float: quantising the attention products puts a
-  ``QuantizeLinear`` on the softmax output, which ONNX Runtime's CPU provider then runs as ``QLinearSoftmax``,
-  a lookup-table kernel that measured slower than the float softmax it replaces (docs/benchmarks.md).
-  ``export.int8_attention`` quantises the attention products as well, still with Q/DQ on inputs only: the
-  pruned DeiT-S then measured 12% faster on OpenVINO CPU and the same on ONNX Runtime CPU (docs/benchmarks.md);
-  not yet checked on TensorRT, hence not the default.
+  ``Gemm`` and the patch ``Conv``), with per-channel symmetric int8 weights, and in the CPU file the attention
+  products too (``q @ k^T``, ``attn @ v``; ``export.int8_attention``, default ``cpu``). LayerNorm, softmax and
+  GELU stay in float. With Q/DQ on their inputs only, the attention products made the pruned DeiT-S 11-17%
+  faster on OpenVINO CPU and left ONNX Runtime CPU the same, top-1 within 0.3 points (docs/benchmarks.md). Q/DQ
+  on their outputs as well (around the softmax) makes ONNX Runtime's CPU provider run the softmax as
+  ``QLinearSoftmax``, a lookup-table kernel that measured slower than the float one, so no output is quantised.
+  The TensorRT file keeps the attention products in fp16, where its fused attention runs, unless ``all`` is
+  asked for: that layout has not run on TensorRT yet.
 * **Q/DQ on the inputs only** (``OpTypesToExcludeOutputQuantization``): NVIDIA's placement for TensorRT
   (quantise what a weighted layer reads; TensorRT fuses the rest), and the form ONNX Runtime's CPU provider
   fuses into ``MatMulIntegerToFloat`` (int8 products, float bias and output) without a dequantise/requantise
@@ -184,16 +186,21 @@ def _quantize(source: Path, target: Path, calibration: np.ndarray, nodes: list[s
         raise QuantizeError(f"{name}: ONNX Runtime quantize_static failed: {type(err).__name__}: {err}") from err
 
 
-def tensorrt_int8(int8: Path, fp32: Path, path: Path, check: Callable[[Path], Parity] | None = None) -> Path:
+def tensorrt_int8(int8: Path, fp32: Path, path: Path, check: Callable[[Path], Parity] | None = None, *,
+                  attention: bool = False) -> Path:
     """Write the int8 file for TensorRT (module docstring) from the ONNX Runtime one and its fp32 source.
 
     Each ``DequantizeLinear`` of an int32 bias is replaced by the fp32 source's bias it stands for (exactly what
-    ``quantize_static`` writes with ``QuantizeBias=False``, without calibrating again), then everything but the
-    Q/DQ pairs and LayerNorm becomes fp16. ``check`` (raising on failure) runs on the file before it lands.
+    ``quantize_static`` writes with ``QuantizeBias=False``, without calibrating again). Unless ``attention``, the
+    attention products read the float tensors behind their Q/DQ pairs (the pairs go; every other tensor's range
+    is its own, so this is the file a weights-only calibration writes). Then everything but the Q/DQ pairs and
+    LayerNorm becomes fp16. ``check`` (raising on failure) runs on the file before it lands.
     """
     model = onnx.load(str(int8))
     graph = model.graph
-    source = {init.name: init for init in onnx.load(str(fp32)).graph.initializer}
+    source_model = onnx.load(str(fp32))
+    unquantised = 0 if attention else _float_inputs(model, set(attention_products(source_model)))
+    source = {init.name: init for init in source_model.graph.initializer}
     weights = {init.name: init for init in graph.initializer}
     biases = [node for node in graph.node if node.op_type == "DequantizeLinear"
               and weights.get(node.input[0], onnx.TensorProto()).data_type == onnx.TensorProto.INT32]
@@ -210,8 +217,37 @@ def tensorrt_int8(int8: Path, fp32: Path, path: Path, check: Callable[[Path], Pa
             check(tmp)
 
     atomic_write(path, write)
-    log.info("%s: int8 Q/DQ graph for TensorRT (%d biases back to float, fp16 but LayerNorm)", path, len(biases))
+    log.info("%s: int8 Q/DQ graph for TensorRT (%d biases back to float, %d attention inputs back to float, fp16 "
+             "but LayerNorm)", path, len(biases), unquantised)
     return path
+
+
+def _float_inputs(model: onnx.ModelProto, names: set[str]) -> int:
+    """Make the nodes named ``names`` read the float tensors behind their activation Q/DQ pairs, and drop the
+    Q/DQ nodes nothing reads any more, with their scales and zero points. Returns the number of inputs rewired."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                rewired += 1
+    while True:
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        unread = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                  and not read.intersection(node.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+    return rewired
 
 
 class CalibrationReader:

@@ -134,7 +134,8 @@ def export_models(
                 key = onnx_key(name, INT8_TENSORRT)
                 path = directory / f"{key}.onnx"
                 entry = _tensorrt_int8(model, Path(artifacts.onnx[onnx_key(name, "int8")]), Path(artifacts.onnx[name]),
-                                       path, img_size=img_size, in_chans=in_chans, check_images=check_images)
+                                       path, img_size=img_size, in_chans=in_chans, check_images=check_images,
+                                       attention=cfg.int8_attention == "all")
                 _record(artifacts, key, INT8_TENSORRT, path, entry)
         if cfg.trt:
             _build_engines(name, directory, cfg, artifacts, img_size=img_size, in_chans=in_chans,
@@ -152,21 +153,21 @@ def _record(artifacts: DeployArtifacts, key: str, precision: str, path: Path, en
 
 
 def _tensorrt_int8(model: nn.Module, int8: Path, fp32: Path, path: Path, *, img_size: int, in_chans: int,
-                   check_images: Tensor | None) -> dict[str, Any]:
-    """The int8 file for TensorRT (int8 products, fp16 elsewhere) from the checked int8 and fp32 files, itself
-    checked against torch before it lands."""
+                   check_images: Tensor | None, attention: bool) -> dict[str, Any]:
+    """The int8 file for TensorRT (int8 weight products, and attention products with ``attention``; fp16
+    elsewhere) from the checked int8 and fp32 files, itself checked against torch before it lands."""
     checked: list[Parity] = []
 
     def check(candidate: Path) -> None:
         checked.append(check_against_torch(model, candidate, "int8", img_size=img_size, in_chans=in_chans,
                                            check_inputs=check_images, name=path))
 
-    tensorrt_int8(int8, fp32, path, check)
+    tensorrt_int8(int8, fp32, path, check, attention=attention)
     parity = checked[0]
     return {"path": str(path), "max_abs_diff": parity.max_abs_diff, "top1_agreement": parity.top1_agreement,
             "check_images": parity.images, "tolerance": parity.tolerance,
             "min_top1_agreement": parity.min_top1_agreement, "fp32_ops": list(FP32_OPS_IN_FP16),
-            "int8_ops": list(QUANTISED_OPS)}
+            "int8_ops": list(QUANTISED_OPS), "int8_attention": attention}
 
 
 def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img_size: int, in_chans: int,
@@ -177,8 +178,8 @@ def _quantise(model: nn.Module, source: Path, path: Path, cfg: ExportCfg, *, img
         return check_against_torch(model, candidate, "int8", img_size=img_size, in_chans=in_chans,
                                    check_inputs=check_images, name=path)
 
-    result = quantize_int8(source, path, calibration, method=cfg.calibration_method, attention=cfg.int8_attention,
-                           check=check)
+    result = quantize_int8(source, path, calibration, method=cfg.calibration_method,
+                           attention=cfg.int8_attention != "none", check=check)
     parity = result.parity
     return {"path": str(path), "max_abs_diff": parity.max_abs_diff, "top1_agreement": parity.top1_agreement,
             "check_images": parity.images, "tolerance": parity.tolerance,

@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import ofbdeploy.models.zoo  # noqa: F401  (registers the pico ViT)
-from ofbdeploy.deploy import parity, workflow
+from ofbdeploy.deploy import parity, quantize, workflow
 from ofbdeploy.deploy.config import ExportCfg
 from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16
 from ofbdeploy.deploy.runtimes import registry
@@ -95,17 +95,56 @@ def _fed(consumer: onnx.NodeProto, dq: onnx.NodeProto, consumers: dict[str, list
     return next(name for name in consumer.input if name in names)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> workflow.DeployArtifacts:
-    """fp32, fp16 and both int8 files of a real (tiny) model, through the export users run."""
+def _export(directory: Path, cfg: ExportCfg) -> workflow.DeployArtifacts:
+    """The files ``cfg`` asks for of a real (tiny) model, through the export users run."""
     model = timm.create_model("ofb_vit_pico_patch4_32", img_size=16).eval()
     calibration = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
     images = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32))
     with pytest.MonkeyPatch.context() as patch:  # random weights: near-tied logits; the int8 gate is test_quantize's
         patch.setitem(parity.TOLERANCES, "int8", parity.Tolerance(rtol=1.0, min_top1_agreement=0.0))
-        return workflow.export_models({"pruned": model}, tmp_path_factory.mktemp("export"),
-                                      ExportCfg(fp16=True, int8=True, simplify=False), img_size=16,
-                                      check_images=images, calibration=calibration)
+        return workflow.export_models({"pruned": model}, directory, cfg, img_size=16, check_images=images,
+                                      calibration=calibration)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> workflow.DeployArtifacts:
+    """fp32, fp16 and both int8 files (the default settings)."""
+    return _export(tmp_path_factory.mktemp("export"), ExportCfg(fp16=True, int8=True, simplify=False))
+
+
+def _int8_operands(path: str, names: set[str]) -> set[bool]:
+    """Per node named in ``names``: whether both its operands (not a bias) are dequantised from int8 (through
+    Casts)."""
+    graph = onnx.load(path).graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def source(name: str) -> str:
+        node = producers.get(name)
+        if node is None:
+            return "initializer"
+        return source(node.input[0]) if node.op_type == "Cast" else node.op_type
+
+    found = {all(source(i) == "DequantizeLinear" for i in node.input[:2]) for node in graph.node
+             if node.name in names}
+    assert len({node.name for node in graph.node if node.name in names}) == len(names)  # every one still there
+    return found
+
+
+@pytest.mark.parametrize("attention", ["cpu", "all", "none"])
+def test_the_attention_products_are_int8_in_the_files_asked_for(tmp_path: Path, attention: str) -> None:
+    """By default the CPU file quantises the attention products and the TensorRT file keeps them in fp16 (its
+    Q/DQ pairs there removed); ``all`` keeps them int8 in both, ``none`` in neither. Either way the TensorRT
+    file keeps the contract."""
+    artifacts = _export(tmp_path, ExportCfg(int8=True, simplify=False, int8_attention=attention))
+    names = set(quantize.attention_products(onnx.load(artifacts.onnx["pruned"])))
+    assert names
+    assert _int8_operands(artifacts.onnx["pruned-int8"], names) == {attention != "none"}
+    assert _int8_operands(artifacts.onnx["pruned-int8-fp16"], names) == {attention == "all"}
+    assert tensorrt_contract(Path(artifacts.onnx["pruned-int8-fp16"])) == []
+    weights = set(quantize.weight_products(onnx.load(artifacts.onnx["pruned"])))
+    assert _int8_operands(artifacts.onnx["pruned-int8-fp16"], weights) == {True}  # the weight products stay int8
+    entry = next(c for c in artifacts.checks if c["model"] == "pruned-int8-fp16")
+    assert entry["int8_attention"] == (attention == "all")
 
 
 @pytest.mark.parametrize("backend", ["tensorrt", "ort-trt"])

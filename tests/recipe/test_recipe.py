@@ -105,3 +105,13 @@ def test_an_int8_export_is_profiled_unless_the_recipe_lists_its_precisions() -> 
     assert chosen.profile.precisions == ["fp32"]
     resolved = parse_recipe({**base, "export": {"int8": True}})
     assert parse_recipe(resolved.model_dump(mode="json")) == resolved  # the resolved recipe reads back the same
+
+
+def test_int8_attention_names_the_files_and_reads_its_first_boolean_form(tmp_path) -> None:
+    base = {"model": {"name": "ofb_vit_pico_patch4_32"}, "data": {"kind": "digits"},
+            "search": {"target_flops_ratio": 0.5}}
+    assert parse_recipe(base).export.int8_attention == "cpu"
+    for given, read in ((True, "all"), (False, "none"), ("all", "all"), ("none", "none")):
+        assert parse_recipe({**base, "export": {"int8_attention": given}}).export.int8_attention == read
+    with pytest.raises(RecipeError, match=r"export\.int8_attention: Input should be 'cpu', 'all' or 'none'"):
+        parse_recipe({**base, "export": {"int8_attention": "gpu"}})

@@ -266,15 +266,18 @@ def test_a_copied_or_moved_run_profiles_its_own_files(finished_run, tmp_path):
 
 
 def test_int8_attention_reaches_the_runs_int8_files(finished_run, tmp_path):
+    """By default a run's CPU int8 files quantise the attention products; ``false`` (the option's first form)
+    re-exports them with the weight products only."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "export.int8=true",
-                     "--set", "export.int8_attention=true", "--set", "export.calibration_images=16",
-                     "--set", "profile.enabled=false")
-    assert result.exit_code == 0, result.output
-    for name in ("dense", "pruned"):
-        record = json.loads((run / "export" / f"{name}-int8.onnx.quant.json").read_text())
-        assert record["settings"]["products"] == "weights and attention"
+    for flag, products in ((None, "weights and attention"), ("false", "weights only")):
+        extra = ["--set", f"export.int8_attention={flag}"] if flag else []
+        result = _invoke(str(run / "recipe.yaml"), "--output", str(run), "--set", "export.int8=true", *extra,
+                         "--set", "export.calibration_images=16", "--set", "profile.enabled=false")
+        assert result.exit_code == 0, result.output
+        for name in ("dense", "pruned"):
+            record = json.loads((run / "export" / f"{name}-int8.onnx.quant.json").read_text())
+            assert record["settings"]["products"] == products
 
 
 def test_int8_run_reports_accuracy_int8_rows_and_skips_a_missing_backend(finished_run, tmp_path):

@@ -165,7 +165,7 @@ def test_bench_int8_smoke(tmp_path):
          "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     files = [("dense", "fp32"), ("dense", "int8"), ("pruned", "fp32"), ("pruned", "int8"), ("pruned", "u8-asym"),
-             ("pruned", "all-qdq"), ("pruned", "attn-in")]
+             ("pruned", "all-qdq"), ("pruned", "weights")]
     assert [(r["backend"], r["model"], r["file"]) for r in rows] == \
         [(backend, *f) for backend in ("ort-cpu", "openvino") for f in files]  # the study variants on both
     dense = [r for r in rows if r["model"] == "dense" and r["file"] == "fp32"]

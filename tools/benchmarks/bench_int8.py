@@ -5,14 +5,14 @@
 
 The pruned architecture is read from a run's report.json (``arch``: the widths an OFB search ended with); both
 models get seeded random weights (latency does not depend on the values). Each is exported to fp32 ONNX and
-quantised by :func:`ofbdeploy.deploy.quantize.quantize_int8` (the pipeline's int8 file: weight products,
-per-channel symmetric int8, Q/DQ on inputs) on seeded random calibration images. ``--variants`` also times the
-pruned model quantised three other ways, to show what each CPU runtime needs:
+quantised by :func:`ofbdeploy.deploy.quantize.quantize_int8` (the pipeline's CPU int8 file: weight and attention
+products, per-channel symmetric int8, Q/DQ on inputs) on seeded random calibration images. ``--variants`` also
+times the pruned model quantised three other ways, to show what each CPU runtime needs:
   u8-asym     uint8 asymmetric activations (ONNX Runtime's advice for x86; not valid for TensorRT)
   all-qdq     every MatMul quantised (attention products too) with Q/DQ on outputs as well (a plain
               ``quantize_static`` QDQ setup); its softmax then runs as QLinearSoftmax
-  attn-in     the pipeline's file with ``export.int8_attention`` (``quantize_int8(attention=True)``): the attention
-              products quantised too, Q/DQ on inputs only (a QuantizeLinear on the softmax output)
+  weights     the pipeline's file with ``export.int8_attention: none`` (``quantize_int8(attention=False)``): the
+              weight products only, the attention products in float
 All files of a batch size, on every ``--backend``, are timed alternately in one process (the profile protocol,
 ``measure_group``), so each ratio is measured in one run; the table gives every file against dense fp32 on the
 same runtime and against dense fp32 on the first runtime, and the FLOPs limit (dense / pruned MACs). The CPU's
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--variants", action="store_true", help="also time the u8-asym, all-qdq and attn-in files")
+    parser.add_argument("--variants", action="store_true", help="also time the u8-asym, all-qdq and weights files")
     parser.add_argument("--backend", action="append", choices=["ort-cpu", "openvino"],
                         help="CPU runtimes to time the files on (repeatable; default ort-cpu)")
     parser.add_argument("--json", type=Path, default=None)
@@ -99,13 +99,14 @@ def main() -> None:
             fp32 = export_onnx(with_random_weights(spec, build_plain), Path(tmp) / f"{name}.onnx", img_size=size,
                                check_inputs=torch.randn(2, shape.in_chans, size, size)).path
             files[(name, "fp32")] = fp32
-            files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration).path
+            files[(name, "int8")] = quantize_int8(fp32, Path(tmp) / f"{name}-int8.onnx", calibration,
+                                                  attention=True).path
         if args.variants:
             for kind in ("u8-asym", "all-qdq"):
                 files[("pruned", kind)] = variant(files[("pruned", "fp32")], Path(tmp) / f"pruned-{kind}.onnx",
                                                   calibration, kind)
-            files[("pruned", "attn-in")] = quantize_int8(files[("pruned", "fp32")], Path(tmp) / "pruned-attn-in.onnx",
-                                                         calibration, attention=True).path
+            files[("pruned", "weights")] = quantize_int8(files[("pruned", "fp32")], Path(tmp) / "pruned-weights.onnx",
+                                                         calibration).path
         backends = args.backend or ["ort-cpu"]
         flops = specs["pruned"].macs() / specs["dense"].macs()
         for batch in args.batch or [1]:

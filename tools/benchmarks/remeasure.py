@@ -6,8 +6,8 @@ ViT, or a Swin with one width per stage) of those widths by hand (random weights
 values), exports it and the dense model with a bare ``torch.onnx.export``, and times both in plain ONNX Runtime
 sessions (default options, the thread count given) alternately, ``--rounds`` rounds of ``--repeats`` calls each; the
 ratio is the median over rounds of pruned/dense medians. ``--files`` also times the ONNX files in the run's
-``export/`` (``dense.onnx``, ``pruned.onnx`` and their ``-int8`` files where present; ``pruned-attn-in.onnx``, the
-attention-quantised file of ``bench_int8.py --variants --keep``), each against dense fp32, in
+``export/`` (``dense.onnx``, ``pruned.onnx`` and their ``-int8`` files where present; ``pruned-weights.onnx``, the
+weights-only file of ``bench_int8.py --variants --keep``), each against dense fp32, in
 plain sessions of every ``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin compiled with two
 settings only (the latency hint, and f32 inference precision: without it OpenVINO runs fp32 files in bf16 on CPUs
 that have it). A directory of such files (``tools/benchmarks/bench_int8.py --keep``) can be given instead of a run.
@@ -165,7 +165,7 @@ def paired_ratio(dense: Call, pruned: Call, shape: tuple[int, ...], rounds: int,
             "dense_ms": statistics.median(d for d, _ in pairs), "pruned_ms": statistics.median(p for _, p in pairs)}
 
 
-FILES = ("dense.onnx", "dense-int8.onnx", "pruned.onnx", "pruned-int8.onnx", "pruned-attn-in.onnx")
+FILES = ("dense.onnx", "dense-int8.onnx", "pruned.onnx", "pruned-int8.onnx", "pruned-weights.onnx")
 
 
 def time_files(folder: Path, shape: tuple[int, ...], threads: int, backends: list[str], rounds: int,
