@@ -18,7 +18,7 @@ from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coeffic
 from ofbdeploy.models.resize import resize, resized_spec, unit_importance
 from ofbdeploy.prune import fit as fit_module
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
-from ofbdeploy.run.fit import save_table
+from ofbdeploy.run.fit import close_latency, save_table
 
 
 def _setup(cut_model, seed=0, name="ofb_vit_tiny3_patch4_32"):
@@ -303,3 +303,23 @@ def test_with_no_block_left_to_move_the_loop_moves_the_embedding(cut_model, wide
     assert (fit.spec.embed_dim > start.embed_dim) == wider and fit.spec.embed_dim != start.embed_dim
     model = resize(pruned, spec, teacher, fit.spec)
     assert sum(p.numel() for p in model.parameters()) == fit.spec.params()
+
+
+def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime(cut_model, synthetic_lut):
+    """The run's own loop (close_latency: resize, export, check, time against dense on ORT CPU) on a model whose
+    search cut the embedding and kept every block whole, asked for nearly dense latency: it grows the embedding
+    with the teacher's channels, and the grown model is measured in the next round."""
+    pytest.importorskip("onnxruntime")
+    teacher, pruned, spec = cut_model(2, embedding=True)
+    assert spec.embed_dim <= 0.75 * spec.base.embed_dim
+    importance = unit_importance(pruned, spec, teacher)
+    whole = resized_spec(spec, importance, [spec.base.block_dims(i) for i in range(spec.base.depth)])
+    model = resize(pruned, spec, teacher, whole)
+    space = family_of(spec.base).space(spec.base)
+    cfg = LatencyTargetCfg(target_ratio=0.99, batch=32, max_rounds=2, repeats=5)
+    fit, _ = close_latency(cfg, synthetic_lut(spec.base.model_name, 32), model, whole, teacher, space,
+                           images=torch.rand(8, 3, 32, 32), threads=1)
+    first, second = fit.rounds
+    assert first.action == "widened" and first.steps
+    assert all(step.startswith("stages.0.embedding:") for step in first.steps)
+    assert second.measured_ratio > 0 and second.dense_ms > 0
