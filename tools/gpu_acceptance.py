@@ -6,7 +6,9 @@ Parts, in order (``--parts`` picks some):
               fp16/bf16 model against fp32 (max |diff|, top-1 agreement), and the exported ONNX graphs (fp32,
               fp16, int8 for ONNX Runtime, int8 for TensorRT): each file on ONNX Runtime CPU against torch on the
               device in the file's arithmetic precision, and on every GPU runtime this machine has (ort-cuda,
-              ort-trt; TensorRT needs an engine build, which `ofbdeploy export --trt` covers) against the CPU
+              ort-trt; TensorRT needs an engine build, which `ofbdeploy export --trt` covers) against the CPU;
+              the int8 file for TensorRT with the attention products in int8 too, checked the same way and
+              timed against the default one on ort-trt (whether ``export.int8_attention: all`` pays there)
   training    the quickstart pipeline with ``amp=bf16`` end to end; the OFB search step against a dense training
               step (tools/benchmarks/bench_search_cost.py, fp32-TF32 and bf16) and the projected GPU-hours of the
               paper's 100-epoch ImageNet search
@@ -280,26 +282,64 @@ GPU_ONNX_RUNTIMES = ("ort-cuda", "ort-trt")
 def _onnx_graphs(setup: Setup, part: Part, model: torch.nn.Module, img: int, chans: int) -> None:
     """Export ``model`` as users do (fp32, fp16, int8 and the int8 file for TensorRT), then check each file: on
     ONNX Runtime CPU against torch on the device in the file's arithmetic precision (fp16 where the file computes
-    in fp16: the GPU's half-precision arithmetic the file will meet), and on each GPU runtime here."""
+    in fp16: the GPU's half-precision arithmetic the file will meet), and on each GPU runtime here. Then the int8
+    file for TensorRT with the attention products in int8 too (``export.int8_attention: all``, not yet the
+    default for TensorRT), checked the same way and timed against the default one on ONNX Runtime's TensorRT
+    provider."""
     part.check("ONNX export")
     generator = torch.Generator().manual_seed(2)
     images = torch.randn(setup.sizes.exact_batch, chans, img, img, generator=generator)
     calibration = torch.randn(4 * setup.sizes.exact_batch, chans, img, img, generator=generator).numpy()
-    cfg = ExportCfg(fp16=True, int8=True, check_images=len(images))
     model = model.float().cpu()
     with tempfile.TemporaryDirectory(prefix="ofb-acceptance-onnx-") as tmp:
-        artifacts = workflow.export_models({"m": model}, Path(tmp), cfg, img_size=img, in_chans=chans,
-                                           check_images=images, calibration=calibration)
+        def export(cfg: ExportCfg, folder: str) -> workflow.DeployArtifacts:
+            return workflow.export_models({"m": model}, Path(tmp) / folder, cfg, img_size=img, in_chans=chans,
+                                          check_images=images, calibration=calibration)
+
+        artifacts = export(ExportCfg(fp16=True, int8=True, check_images=len(images)), "default")
         for label, dtype in ONNX_FILES.items():
-            part.check(f"ONNX {label} graph")
-            path = Path(artifacts.onnx[workflow.onnx_key("m", label)])
-            session = ort_session(path, ["CPUExecutionProvider"])
-            cpu = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]).float()
-            ours = copy.deepcopy(model).to(setup.device, dtype)(images.to(setup.device, dtype)).float().cpu()
-            part.add("onnx_graphs", {"file": label, "runtime": "ort-cpu", "against": f"torch {setup.device.type} "
-                                     f"{str(dtype).removeprefix('torch.')}", **_agreement(cpu, ours)})
-            for backend in GPU_ONNX_RUNTIMES:
-                _onnx_on_gpu(part, backend, label, path, images, cpu)
+            _check_file(setup, part, model, label, dtype, Path(artifacts.onnx[workflow.onnx_key("m", label)]), images)
+        part.check("ONNX int8 for TensorRT with the attention products")
+        attention = export(ExportCfg(int8=True, int8_attention="all", check_images=len(images)), "attention")
+        files = {label: Path(found.onnx[workflow.onnx_key("m", INT8_TENSORRT)])
+                 for label, found in (("weights", artifacts), ("weights and attention", attention))}
+        _check_file(setup, part, model, f"{INT8_TENSORRT} attention", torch.float16, files["weights and attention"],
+                    images)
+        _tensorrt_int8_products(setup, part, files)
+
+
+def _check_file(setup: Setup, part: Part, model: torch.nn.Module, label: str, dtype: torch.dtype, path: Path,
+                images: torch.Tensor) -> None:
+    """One exported file on ONNX Runtime CPU against torch on the device in ``dtype``, and on each GPU runtime."""
+    part.check(f"ONNX {label} graph")
+    session = ort_session(path, ["CPUExecutionProvider"])
+    cpu = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]).float()
+    ours = copy.deepcopy(model).to(setup.device, dtype)(images.to(setup.device, dtype)).float().cpu()
+    part.add("onnx_graphs", {"file": label, "runtime": "ort-cpu", "against": f"torch {setup.device.type} "
+                             f"{str(dtype).removeprefix('torch.')}", **_agreement(cpu, ours)})
+    for backend in GPU_ONNX_RUNTIMES:
+        _onnx_on_gpu(part, backend, label, path, images, cpu)
+
+
+def _tensorrt_int8_products(setup: Setup, part: Part, files: dict[str, Path]) -> None:
+    """The int8 files for TensorRT, weight products only and with the attention products, timed alternately on
+    ONNX Runtime's TensorRT provider at batch 1: what ``export.int8_attention: all`` buys there."""
+    item = "int8 attention products on ort-trt"
+    reason = unavailable_reason("ort-trt")
+    if reason is not None:
+        part.skip(item, reason)
+        return
+    part.check(item)
+    try:
+        runners = [create_runner("ort-trt", onnx_path=path, precision="int8") for path in files.values()]
+        stats = measure_group(runners, 1, warmup=setup.sizes.warmup, repeats=setup.sizes.repeats)
+    except Exception as err:  # a provider that refuses the file is a finding, not a reason to stop the part
+        part.fail(item, _one_line(err))
+        return
+    for products, s in zip(files, stats, strict=True):
+        part.add("tensorrt_int8_products", {"products": products, "batch": 1, "median_ms": s.median_ms,
+                                            "speedup_vs_weights_only": stats[0].median_ms / s.median_ms,
+                                            "device": s.device})
 
 
 def _onnx_on_gpu(part: Part, backend: str, label: str, path: Path, images: torch.Tensor, cpu: torch.Tensor) -> None:
@@ -580,6 +620,10 @@ def render_markdown(result: dict[str, Any]) -> str:
                                    "top-1 agreement"), [
             (r["file"], r["runtime"], r["against"], f"{r['max_abs_diff']:.2e}", _fmt(r["output_max_abs"]),
              f"{r['top1_agreement']:.1%}") for r in exact["onnx_graphs"]], markdown=True))
+    if exact.get("tensorrt_int8_products"):
+        lines += ["", *(f"int8 for TensorRT on ort-trt, batch 1, {r['products']}: {r['median_ms']:.3f} ms, "
+                        f"{r['speedup_vs_weights_only']:.2f}x the weights-only file"
+                        for r in exact["tensorrt_int8_products"])]
     train = parts.get("training", {})
     if train.get("quickstart", {}).get("status") == "ok":
         q = train["quickstart"]

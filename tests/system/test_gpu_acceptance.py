@@ -53,6 +53,9 @@ def test_every_part_records_real_numbers(smoke):
         (m, p) for m in ("dense", "materialised") for p in ("fp16", "bf16")}
     for row in exact["half_vs_fp32"]:  # rounded, not broken: close to fp32 but not identical
         assert 0 < row["max_abs_diff"] < 0.05 * max(1.0, row["output_max_abs"]) and 0 <= row["top1_agreement"] <= 1
+    # every exported file, and the TensorRT int8 file with the attention products too, checked against torch
+    assert [r["file"] for r in exact["onnx_graphs"]] == ["fp32", "fp16", "int8", "int8-fp16", "int8-fp16 attention"]
+    assert all(_number(r["max_abs_diff"]) and r["runtime"] == "ort-cpu" for r in exact["onnx_graphs"])
 
     train = parts["training"]
     quickstart = train["quickstart"]
@@ -78,6 +81,7 @@ def test_every_part_records_real_numbers(smoke):
 
     skipped = {(s["item"], s["reason"]) for p in parts.values() for s in p.get("skipped", [])}
     assert ("masked vs materialised under TF32", "no CUDA") in skipped  # recorded, not faked
+    assert "int8 attention products on ort-trt" in {item for item, _ in skipped}
     assert any(item.startswith("fp16/bf16 latency, CUDA graphs") for item, _ in skipped)
     assert len(list(out.iterdir())) <= 8  # what the GPU machine can send back
     table = (out / "acceptance.md").read_text()
