@@ -271,19 +271,20 @@ def _spec_at(shape: ModelShape, space: Any, embed: float, heads: float, width: f
 
 
 def spec_runner(spec: ArchSpec, backend: str, precision: str, batch: int, tmp: Path, threads: int | None = None,
-                model: torch.nn.Module | None = None, images: Tensor | None = None):
+                model: torch.nn.Module | None = None, images: Tensor | None = None, export: ExportCfg | None = None):
     """A runner of ``model`` (default: a model of ``spec`` with random weights) on the backend, exported and
     checked like any deployed model: an int8 target runs the int8 file, calibrated on ``images`` (real images
-    for a trained model; random ones otherwise) and checked on them."""
+    for a trained model; random ones otherwise) and checked on them. ``export`` is the run's export section,
+    so that the files timed are laid out as the run's own (opset, int8 layout, calibration method)."""
     model = model if model is not None else with_random_weights(spec, family_of(spec.base).build_plain)
     artifacts = DeployArtifacts()
     tmp = Path(tempfile.mkdtemp(dir=tmp))  # its own file: ONNX Runtime sessions open the file in prepare()
     artifact = registry.get(backend).artifact
     if artifact != "module":
         engine = artifact == "engine"
-        cfg = ExportCfg(fp16=precision == "fp16", int8=precision == "int8", trt=engine, check_images=2,
-                        trt_precisions=[precision] if engine else ["fp16"],
-                        batch_range=(batch, batch, batch))
+        cfg = (export or ExportCfg()).model_copy(update={
+            "fp16": precision == "fp16", "int8": precision == "int8", "trt": engine, "check_images": 2,
+            "trt_precisions": [precision] if engine else ["fp16"], "batch_range": (batch, batch, batch)})
         b = spec.base
         images = images if images is not None else torch.randn(2, b.in_chans, b.img_size, b.img_size)
         int8 = precision == "int8"  # its check needs every image; the others' export checks are cheaper on two

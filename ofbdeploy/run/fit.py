@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.config import ExportCfg
 from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
@@ -54,17 +55,17 @@ class _Bench:
     measures: exported, checked, timed alternately; medians."""
 
     def __init__(self, cfg: LatencyTargetCfg, model: nn.Module, spec: ArchSpec, teacher: nn.Module, tmp: Path,
-                 threads: int | None, images: Tensor) -> None:
+                 threads: int | None, images: Tensor, export: ExportCfg | None) -> None:
         self.cfg, self.model, self.spec, self.teacher, self.tmp = cfg, model, spec, teacher, tmp
-        self.threads, self.images = threads, images
+        self.threads, self.images, self.export = threads, images, export
         self.dense = spec_runner(ArchSpec.dense(spec.base), cfg.backend, cfg.precision, cfg.batch, tmp, threads,
-                                 model=teacher, images=images)
+                                 model=teacher, images=images, export=export)
 
     def __call__(self, spec: ArchSpec) -> Measurement:
         c = self.cfg
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
-                             images=self.images)
+                             images=self.images, export=self.export)
         ratios, dense, pruned = [], 0.0, 0.0
         for _ in range(PAIRS_PER_ROUND):
             d, p = measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
@@ -74,12 +75,13 @@ class _Bench:
 
 
 def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec: ArchSpec, teacher: nn.Module,
-                  space: Any, *, images: Tensor, threads: int | None,
-                  flops: float | None = None) -> tuple[LatencyFit, float]:
+                  space: Any, *, images: Tensor, threads: int | None, flops: float | None = None,
+                  export: ExportCfg | None = None) -> tuple[LatencyFit, float]:
     """The closed loop on a materialised ``model`` of ``spec``: measured against ``teacher`` on ``cfg``'s target
     until the ratio lies within the tolerance under the target (``lut`` predicts between measurements and learns
     from each). One function, so that a run's fit stage and a benchmark deliver a latency budget the same way.
-    ``images`` calibrate an int8 target's files. Returns the fit and the target ratio."""
+    ``images`` calibrate an int8 target's files, laid out as ``export`` (the run's export section) says.
+    Returns the fit and the target ratio."""
     dense_ms = lut.predict(ArchSpec.dense(spec.base))
     target = cfg.target_ratio if cfg.target_ratio is not None else cfg.target_ms / dense_ms
     others = [(ArchSpec.macs, flops)] if flops is not None else []
@@ -94,7 +96,7 @@ def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec
                      100 * fraction, len(lut.probes))
 
     with tempfile.TemporaryDirectory() as tmp:
-        bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images)
+        bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images, export)
         fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
                            tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
     for r in fit.rounds:
@@ -113,7 +115,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     train, val, _ = run.data()  # int8 files are calibrated as the export calibrates them, on real images
     images = calibration_batch(train, val, min(CALIBRATION_IMAGES, len(train)), run.recipe.seed)
     fit, target = close_latency(cfg, lut, model, spec, teacher, space, images=images,
-                                threads=run.recipe.profile.threads, flops=flops)
+                                threads=run.recipe.profile.threads, flops=flops, export=run.recipe.export)
     return fit, lut, target
 
 

@@ -1,6 +1,7 @@
 """Budgets met from both sides after the search (prune/fit.py): FLOPs filled, latency fitted to measurements."""
 
 import dataclasses
+import json
 import math
 import random
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.config import ExportCfg
 from ofbdeploy.deploy.measure import measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.families import family_of
@@ -267,12 +269,17 @@ def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_model,
     assert save_table(lut, cfg, tmp_path / "run" / "lut.json") is None
 
 
-def test_an_int8_target_measures_the_int8_file(cut_model, tmp_path):
+@pytest.mark.parametrize(("attention", "products"), [("cpu", "weights and attention"), ("none", "weights only")])
+def test_an_int8_target_measures_the_int8_file_laid_out_as_the_run_exports_it(cut_model, tmp_path, attention,
+                                                                                products):
     pytest.importorskip("onnxruntime")
     _, pruned, spec = cut_model(3)
     images = torch.rand(16, 3, 32, 32)
-    runner = spec_runner(spec, "ort-cpu", "int8", 1, tmp_path, threads=1, model=pruned, images=images)
+    runner = spec_runner(spec, "ort-cpu", "int8", 1, tmp_path, threads=1, model=pruned, images=images,
+                         export=ExportCfg(int8_attention=attention))
     assert runner._path.name == "probe-int8.onnx" and runner.precision == "int8"
+    record = json.loads(runner._path.with_name("probe-int8.onnx.quant.json").read_text())
+    assert record["settings"]["products"] == products
     _, measured = measure_pair(runner, runner, 1, warmup=1, repeats=5)
     assert measured.median_ms > 0
 
