@@ -232,9 +232,10 @@ def resize(model: nn.Module, spec: ArchSpec, teacher: nn.Module, new: ArchSpec) 
     if new.base != spec.base:
         raise ArchError("resizing keeps the base model: the new architecture is of another dense model")
     blocks = replace(spec, blocks=new.blocks)  # the blocks first, at the searched embedding
-    state = _resized_blocks(_state(model), spec, _state(teacher), blocks)
+    dense = _state(teacher)
+    state = _resized_blocks(_state(model), spec, dense, blocks)
     if new.kept_embeds != spec.kept_embeds:
-        state = _resized_embedding(state, blocks, _state(teacher), new)
+        state = _resized_embedding(state, blocks, dense, new)
     plain = family_of(new.base).build_plain(new)
     plain.load_state_dict(state, strict=True)
     return plain.eval()
