@@ -109,7 +109,8 @@ def fit_lines(fit: dict[str, Any] | None) -> list[str]:
                      + (f", the architecture of round {latency['kept_round']} kept." if "kept_round" in latency
                         else "."))
         lines += [f"- round {r['round']}: predicted {r['predicted_ratio']:.1%}, measured {r['measured_ratio']:.1%} "
-                  f"({r['repeats']} repeats, spread {r['spread']:.1%}, measured {r['measurements']}x); {r['action']}"
+                  f"({r['repeats']} repeats, spread {r['spread']:.1%}, measured {r['measurements']}x, dense "
+                  f"{r['dense_ms']:.1f} ms{', host loaded' if r.get('loaded') else ''}); {r['action']}"
                   + (f": {', '.join(r['steps'])}" if r["steps"] else "") for r in latency["rounds"]]
     return lines
 

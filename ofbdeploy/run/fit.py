@@ -18,6 +18,7 @@ step and round; report.json carries it.
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,11 @@ class _Bench:
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
                              images=self.images, export=self.export)
-        ratios, dense, pruned = [], 0.0, 0.0
-        for _ in range(PAIRS_PER_ROUND):
-            d, p = measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
-            ratios.append(p.median_ms / d.median_ms)
-            dense, pruned = d.median_ms, p.median_ms
-        return Measurement(tuple(ratios), dense, pruned)
+        pairs = [measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
+                 for _ in range(PAIRS_PER_ROUND)]
+        return Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
+                           statistics.median(d.median_ms for d, _ in pairs),
+                           statistics.median(p.median_ms for _, p in pairs))
 
 
 def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec: ArchSpec, teacher: nn.Module,
@@ -101,8 +101,9 @@ def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec
                            tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
     for r in fit.rounds:
         log.info("fit round %d: predicted %.1f%%, measured %.1f%% of dense (%d repeats, spread %.1f%%, measured %d "
-                 "time(s)); %s%s", r.round, 100 * r.predicted_ratio, 100 * r.measured_ratio, r.repeats,
-                 100 * r.spread, r.measurements, r.action, f": {', '.join(r.steps)}" if r.steps else "")
+                 "time(s), dense %.1f ms%s); %s%s", r.round, 100 * r.predicted_ratio, 100 * r.measured_ratio,
+                 r.repeats, 100 * r.spread, r.measurements, r.dense_ms, ", host loaded" if r.loaded else "", r.action,
+                 f": {', '.join(r.steps)}" if r.steps else "")
     (log.info if fit.met else log.warning)(
         "fit: latency target %.1f%% %s after %d round(s); the architecture of round %d is kept", 100 * target,
         "met within tolerance" if fit.met else "not met", len(fit.rounds), fit.kept_round)

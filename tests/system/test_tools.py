@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -251,6 +252,26 @@ def test_remeasure_builds_the_recorded_widths_independently(tmp_path):
     assert result["run_ratio"] == 0.5 and result["plain_export"]["ratio"] > 0 and "plain export" in log
     assert set(result["files"]) == {"ort:dense", "ort:pruned"}
     assert result["files"]["ort:dense"]["speedup_vs_dense_fp32"] == 1.0
+
+
+def test_remeasure_gives_the_ratio_of_the_quiet_rounds_beside_that_of_all():
+    """Rounds 2 and 3 run in a spell of load that adds 2 ms to every call (4 ms dense, 2 ms pruned when quiet):
+    the ratio over all rounds moves toward 4/6, the quiet rounds' stays at 1/2."""
+    remeasure = _load_tool("remeasure.py")
+    counts = {"dense": 0, "pruned": 0}
+    warmup, repeats = 3, 3
+
+    def call(name: str, quiet_ms: float):
+        def run(_x):
+            spell = (counts[name] - warmup) // repeats in (1, 2)
+            counts[name] += 1
+            time.sleep((quiet_ms + 2 * spell) / 1000)
+        return run
+
+    timing = remeasure.paired_ratio(call("dense", 4), call("pruned", 2), (1, 1), rounds=4, repeats=repeats)
+    assert counts == {"dense": warmup + 4 * repeats, "pruned": warmup + 4 * repeats}
+    assert timing["quiet_rounds"] == 2 and timing["quiet_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert timing["ratio"] > 0.55 and len(timing["dense_ms_per_round"]) == 4
 
 
 def test_remeasure_builds_a_layer_scale_vit_and_times_a_benchmarks_latency_rows(tmp_path):

@@ -5,12 +5,14 @@ A latency budget is only delivered if another harness sees it too. This one read
 ViT, or a Swin with one width per stage) of those widths by hand (random weights: latency does not depend on their
 values), exports it and the dense model with a bare ``torch.onnx.export``, and times both in plain ONNX Runtime
 sessions (default options, the thread count given) alternately, ``--rounds`` rounds of ``--repeats`` calls each; the
-ratio is the median over rounds of pruned/dense medians. ``--files`` also times the ONNX files in the run's
-``export/`` (``dense.onnx``, ``pruned.onnx`` and their ``-int8`` files where present; ``pruned-weights.onnx``, the
-weights-only file of ``bench_int8.py --variants --keep``), each against dense fp32, in
-plain sessions of every ``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin compiled with two
-settings only (the latency hint, and f32 inference precision: without it OpenVINO runs fp32 files in bf16 on CPUs
-that have it). A directory of such files (``tools/benchmarks/bench_int8.py --keep``) can be given instead of a run.
+ratio is the median over rounds of pruned/dense medians, and the quiet ratio the same over the rounds in which
+both models ran within 7.5% of their fastest round (a shared host's spells of load move the ratio itself).
+``--files`` also times the ONNX files in the run's ``export/`` (``dense.onnx``, ``pruned.onnx`` and their ``-int8``
+files where present; ``pruned-weights.onnx``, the weights-only file of ``bench_int8.py --variants --keep``), each
+against dense fp32, in plain sessions of every ``--backend``: ONNX Runtime's CPU provider, or OpenVINO's CPU
+plugin compiled with two settings only (the latency hint, and f32 inference precision: without it OpenVINO runs
+fp32 files in bf16 on CPUs that have it). A directory of such files (``tools/benchmarks/bench_int8.py --keep``)
+can be given instead of a run.
 
     python tools/benchmarks/remeasure.py runs/lat50 runs/lat30 --batch 1 --json remeasure.json
     python tools/benchmarks/remeasure.py /tmp/int8files --files --backend ort --backend openvino
@@ -157,11 +159,19 @@ def alternate(calls: list[Call], shape: tuple[int, ...], rounds: int, repeats: i
     return [[_median_ms(call, x, repeats) for call in calls] for _ in range(rounds)]
 
 
+QUIET = 0.075  # a round is quiet where both models ran within 7.5% of their fastest round
+
+
 def paired_ratio(dense: Call, pruned: Call, shape: tuple[int, ...], rounds: int, repeats: int) -> dict[str, Any]:
-    """The ratio of pruned to dense medians per round, and its median over rounds."""
+    """The ratio of pruned to dense medians per round, and its median over rounds; also over the quiet rounds
+    only. A shared host has spells of other tenants' load that slow a small model more than a large one (the
+    ratio moves by 10 points and more), so the quiet rounds' ratio is the one a dedicated machine would see."""
     pairs = alternate([dense, pruned], shape, rounds, repeats)
     ratios = [p / d for d, p in pairs]
-    return {"ratio": statistics.median(ratios), "ratios": ratios,
+    fastest = (min(d for d, _ in pairs), min(p for _, p in pairs))
+    quiet = [p / d for d, p in pairs if d <= fastest[0] * (1 + QUIET) and p <= fastest[1] * (1 + QUIET)]
+    return {"ratio": statistics.median(ratios), "ratios": ratios, "dense_ms_per_round": [d for d, _ in pairs],
+            "quiet_ratio": statistics.median(quiet) if quiet else None, "quiet_rounds": len(quiet),
             "dense_ms": statistics.median(d for d, _ in pairs), "pruned_ms": statistics.median(p for _, p in pairs)}
 
 
@@ -274,10 +284,15 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
             print(f"{path}: expected a bench_accuracy.py --json file", file=sys.stderr)
             return None
         for res in remeasure_rows(path, args.threads, args.rounds, args.repeats, args.row_method, args.row_tag):
+            plain = res["plain_export"]
             print(f"{path} {res['row']}: pruned/dense, the row's profile {res['run_ratio']:.3f}, plain export "
-                  f"{res['plain_export']['ratio']:.3f} (dense {res['plain_export']['dense_ms']:.2f} ms)")
+                  f"{plain['ratio']:.3f} (dense {plain['dense_ms']:.2f} ms), its quiet rounds {_quiet(plain)}")
             results.append(res)
     return results
+
+
+def _quiet(timing: dict[str, Any]) -> str:
+    return f"{timing['quiet_ratio']:.3f} ({timing['quiet_rounds']} of {len(timing['ratios'])})"
 
 
 def _runs(args: argparse.Namespace) -> list[dict[str, Any]] | None:
@@ -293,8 +308,9 @@ def _runs(args: argparse.Namespace) -> list[dict[str, Any]] | None:
         if is_run:
             res = remeasure(run, args.batch, args.threads, args.rounds, args.repeats)
             own = f"{res['run_ratio']:.3f}" if res["run_ratio"] is not None else "-"
-            print(f"{run}: pruned/dense, run's profile {own}, plain export {res['plain_export']['ratio']:.3f} "
-                  f"(dense {res['plain_export']['dense_ms']:.2f} ms)")
+            plain = res["plain_export"]
+            print(f"{run}: pruned/dense, run's profile {own}, plain export {plain['ratio']:.3f} (dense "
+                  f"{plain['dense_ms']:.2f} ms), its quiet rounds {_quiet(plain)}")
         if args.files:
             res["files"] = time_files(folder, _input_shape(folder / "dense.onnx", args.batch), args.threads,
                                       args.backend or ["ort"], args.rounds, args.repeats)
