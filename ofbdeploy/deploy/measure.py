@@ -43,6 +43,24 @@ class LatencyStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class QuietHost:
+    """The dense model's latency on one target measured earlier with the host quiet (the fit stage's fastest
+    round): a later measurement whose dense model runs more than ``margin`` slower was taken in a spell of other
+    work, which on a shared host slows a small model more than a large one and so moves the ratio, and is taken
+    again, up to ``tries`` measurements in all."""
+
+    backend: str
+    batch: int
+    precision: str
+    dense_ms: float
+    margin: float
+    tries: int = 3
+
+    def loaded(self, dense_ms: float) -> bool:
+        return dense_ms > self.dense_ms * (1 + self.margin)
+
+
 def speedup(dense: LatencyStats, pruned: LatencyStats) -> float:
     """How many times faster the pruned model is, by median latency (robust to the odd slow call)."""
     return dense.median_ms / pruned.median_ms

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy import tensorrt_engine
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
-from ofbdeploy.deploy.measure import LatencyStats, measure_group
+from ofbdeploy.deploy.measure import LatencyStats, QuietHost, measure_group
 from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16, check_against_torch, export_onnx
 from ofbdeploy.deploy.parity import Parity
 from ofbdeploy.deploy.quantize import INT8_TENSORRT, QUANTISED_OPS, quantize_int8, tensorrt_int8
@@ -264,7 +264,8 @@ def skip_entry(backend: str, batch: int | None, precision: str, reason: Exceptio
 
 
 def profile_models(
-    models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg, flops_ratio: float
+    models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg, flops_ratio: float,
+    quiet: QuietHost | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Latency rows (per backend, precision and batch) of dense vs pruned, and what could not be measured.
 
@@ -272,6 +273,8 @@ def profile_models(
     ``speedup_vs_dense_fp32`` (dense fp32 against this row's pruned model) is a ratio measured in one run too.
     A runner that cannot be made (missing package, GPU, file or precision) or prepared at a batch (a provider
     that fails to start, a batch outside an engine's profile) becomes a skip record; the rest is measured.
+    Where ``quiet`` names a backend and batch measured here, a measurement taken while the host was loaded is
+    taken again (the one with the fastest dense model kept); its rows say how many were taken.
     """
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -287,17 +290,37 @@ def profile_models(
             ready = _prepared(pairs, batch, backend, skipped)
             if not ready:
                 continue
-            stats = measure_group([r for pair in ready.values() for r in pair], batch, warmup=cfg.warmup,
-                                  repeats=cfg.repeats, prepared=True)
-            by = dict(zip([(p, n) for p in ready for n in MODELS], stats, strict=True))
+            keys = [(p, n) for p in ready for n in MODELS]
+            runners = [r for pair in ready.values() for r in pair]
+            by, taken = _quiet_group(runners, keys, batch, cfg, quiet if quiet is not None and (
+                quiet.backend, quiet.batch) == (backend, batch) and quiet.precision in ready else None)
             runtime = registry.get(backend)
             for precision in ready:
                 row = _row(by[(precision, "dense")], by[(precision, "pruned")], by.get(("fp32", "dense")), backend,
                            flops_ratio)
+                row["measurements"] = taken
                 # which file ran: "int8-fp16" is int8 products with fp16 elsewhere (LayerNorm fp32), "int8" fp32
                 row["graph"] = None if runtime.artifact == "module" else runtime.file_precision(precision)
                 rows.append(row)
     return rows, skipped
+
+
+def _quiet_group(runners: list[Runner], keys: list[tuple[str, str]], batch: int, cfg: ProfileCfg,
+                 quiet: QuietHost | None) -> tuple[dict[tuple[str, str], LatencyStats], int]:
+    """One alternating measurement of ``runners``; with ``quiet``, taken again while its dense model says the host
+    was loaded, the measurement with the fastest dense model kept. Also how many were taken."""
+    def once() -> dict[tuple[str, str], LatencyStats]:
+        stats = measure_group(runners, batch, warmup=cfg.warmup, repeats=cfg.repeats, prepared=True)
+        return dict(zip(keys, stats, strict=True))
+
+    best, taken = once(), 1
+    while quiet is not None and quiet.loaded(best[(quiet.precision, "dense")].median_ms) and taken < quiet.tries:
+        log.info("profile: dense %.3f ms against %.3f ms when the host was quiet; measuring again",
+                 best[(quiet.precision, "dense")].median_ms, quiet.dense_ms)
+        again, taken = once(), taken + 1
+        if again[(quiet.precision, "dense")].median_ms < best[(quiet.precision, "dense")].median_ms:
+            best = again
+    return best, taken
 
 
 def _prepared(pairs: dict[str, list[Runner]], batch: int, backend: str, skipped: list[dict[str, Any]]):

@@ -8,7 +8,9 @@ budgets from both sides (:mod:`ofbdeploy.prune.fit`).
   until the measured ratio lies within ``search.latency.tolerance`` under the target, for at most
   ``search.latency.max_rounds`` rounds. Every measurement is added to the latency table, the table is
   fitted again and saved: in the run (``fit/lut.json``) and, when it describes this machine, in the cache
-  under its key, so the next run on this device starts better.
+  under its key, so the next run on this device starts better. A measurement taken while the host was loaded
+  is taken again (:data:`ofbdeploy.prune.fit.LOADED`), and the profile stage does the same against this
+  stage's quietest dense round (:func:`quiet_host`), so both report the quiet host's ratio.
 
 The weights the search trained are kept: the model is resized (:mod:`ofbdeploy.models.resize`), units taken
 from the teacher where a group grows; the finetune then trains the fitted model. ``fit.json`` records every
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.config import ExportCfg
-from ofbdeploy.deploy.measure import measure_pair
+from ofbdeploy.deploy.measure import QuietHost, measure_pair
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
 from ofbdeploy.families import load_arch
@@ -36,9 +38,9 @@ from ofbdeploy.latency.lut import LatencyLUT, default_cache_dir, spec_runner
 from ofbdeploy.models.pruned import load_pruned, save_pruned
 from ofbdeploy.models.resize import resize, unit_importance
 from ofbdeploy.prune.budget import resolve_target
-from ofbdeploy.prune.fit import LatencyFit, Measurement, WidthStep, fill_flops, latency_loop
+from ofbdeploy.prune.fit import LOADED, LatencyFit, Measurement, WidthStep, fill_flops, latency_loop
 from ofbdeploy.run.context import RunContext
-from ofbdeploy.run.rundir import write_json
+from ofbdeploy.run.rundir import read_json, write_json
 from ofbdeploy.train.data import calibration_batch
 
 log = logging.getLogger("ofbdeploy.run")
@@ -118,6 +120,16 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     fit, target = close_latency(cfg, lut, model, spec, teacher, space, images=images,
                                 threads=run.recipe.profile.threads, flops=flops, export=run.recipe.export)
     return fit, lut, target
+
+
+def quiet_host(path: Path) -> QuietHost | None:
+    """The fit stage's quietest dense measurement (``fit.json`` at ``path``), for the profile to tell a loaded host
+    by: None without a measured latency loop."""
+    latency = read_json(path).get("latency") if path.is_file() else None
+    if not latency or not latency["rounds"]:
+        return None
+    return QuietHost(latency["backend"], latency["batch"], latency["precision"],
+                     min(r["dense_ms"] for r in latency["rounds"]), LOADED * latency["tolerance"])
 
 
 def save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:

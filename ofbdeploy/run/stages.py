@@ -37,7 +37,7 @@ from ofbdeploy.recipe import Recipe
 from ofbdeploy.report.checks import format_checks, recipe_checks
 from ofbdeploy.report.render import latency_table, plot_report, write_markdown
 from ofbdeploy.run.context import RunContext
-from ofbdeploy.run.fit import fit_stage
+from ofbdeploy.run.fit import fit_stage, quiet_host
 from ofbdeploy.run.paths import RunPaths
 from ofbdeploy.run.report import build_report, summary_table
 from ofbdeploy.run.rundir import digest_of, tree_identity, write_json
@@ -228,7 +228,7 @@ def profile(run: RunContext) -> None:
         spec = load_arch(run.paths.finetuned / "arch.json")
         ratio = spec.macs() / ArchSpec.dense(spec.base).macs()
         rows, skipped = profile_models(run.deploy_models(), DeployArtifacts.load(run.paths.export),
-                                       run.recipe.profile, ratio)
+                                       run.recipe.profile, ratio, quiet_host(run.paths.fit))
     write_json(run.paths.profile, {"latency": rows, "skipped": skipped})
 
 

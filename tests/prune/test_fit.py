@@ -20,7 +20,7 @@ from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coeffic
 from ofbdeploy.models.resize import resize, resized_spec, unit_importance
 from ofbdeploy.prune import fit as fit_module
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
-from ofbdeploy.run.fit import close_latency, save_table
+from ofbdeploy.run.fit import close_latency, quiet_host, save_table
 
 
 def _setup(cut_model, seed=0, name="ofb_vit_tiny3_patch4_32"):
@@ -295,6 +295,20 @@ def test_rounds_measured_before_a_quieter_spell_neither_steer_nor_are_kept(cut_m
     assert len(fit.rounds) > 1 and not any(r.loaded for r in fit.rounds[1:])
     assert fit.met and fit.kept_round > 1
     assert target * 0.97 - 0.005 <= fake_ms(fit.spec) / dense <= target + 0.005
+
+
+def test_the_profile_tells_a_loaded_host_by_the_fit_stages_quietest_dense_round(tmp_path):
+    path = tmp_path / "fit.json"
+    assert quiet_host(path) is None
+    path.write_text(json.dumps({"latency": None}))
+    assert quiet_host(path) is None
+    rounds = [{"dense_ms": ms} for ms in (50.0, 48.0, 60.0)]
+    path.write_text(json.dumps({"latency": {"backend": "ort-cpu", "batch": 32, "precision": "int8",
+                                            "tolerance": 0.02, "rounds": rounds}}))
+    host = quiet_host(path)
+    assert (host.backend, host.batch, host.precision, host.dense_ms) == ("ort-cpu", 32, "int8", 48.0)
+    assert host.margin == pytest.approx(fit_module.LOADED * 0.02)
+    assert host.loaded(48.0 * (1 + host.margin) + 0.1) and not host.loaded(48.0 * (1 + host.margin))
 
 
 def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_model, tmp_path):
