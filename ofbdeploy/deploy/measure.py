@@ -43,12 +43,16 @@ class LatencyStats:
         return asdict(self)
 
 
+QUIET_BLOCK_S = 0.5  # how long each probe of wait_for_quiet times the dense model
+QUIET_WAIT_S = 60.0  # the longest wait_for_quiet waits: spells of load seen on the 2-vCPU VM lasted 5-60 s
+
+
 @dataclass(frozen=True)
 class QuietHost:
     """The dense model's latency on one target measured earlier with the host quiet (the fit stage's fastest
     round): a later measurement whose dense model runs more than ``margin`` slower was taken in a spell of other
     work, which on a shared host slows a small model more than a large one and so moves the ratio, and is taken
-    again, up to ``tries`` measurements in all."""
+    again, up to ``tries`` measurements in all, each after waiting up to ``max_wait_s`` for a quiet spell."""
 
     backend: str
     batch: int
@@ -56,9 +60,22 @@ class QuietHost:
     dense_ms: float
     margin: float
     tries: int = 3
+    max_wait_s: float = QUIET_WAIT_S
 
     def loaded(self, dense_ms: float) -> bool:
         return dense_ms > self.dense_ms * (1 + self.margin)
+
+
+def wait_for_quiet(runner: Runner, batch: int, host: QuietHost) -> float:
+    """Time ``runner`` (the dense model, prepared at ``batch``) in probes of about :data:`QUIET_BLOCK_S` until a
+    probe's median says the host is quiet again, or ``host.max_wait_s`` have passed; the seconds waited. A spell of
+    load outlasts a few measurements taken back to back, so measuring again at once measures the spell again."""
+    timer, start = runner.timer(), time.perf_counter()
+    while True:
+        probe = _timed_calls(runner, timer, 1, QUIET_BLOCK_S)
+        waited = time.perf_counter() - start
+        if not host.loaded(float(np.median(probe))) or waited >= host.max_wait_s:
+            return waited
 
 
 def speedup(dense: LatencyStats, pruned: LatencyStats) -> float:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy import tensorrt_engine
 from ofbdeploy.deploy.config import ExportCfg, ProfileCfg
-from ofbdeploy.deploy.measure import LatencyStats, QuietHost, measure_group
+from ofbdeploy.deploy.measure import LatencyStats, QuietHost, measure_group, wait_for_quiet
 from ofbdeploy.deploy.onnx_export import FP32_OPS_IN_FP16, check_against_torch, export_onnx
 from ofbdeploy.deploy.parity import Parity
 from ofbdeploy.deploy.quantize import INT8_TENSORRT, QUANTISED_OPS, quantize_int8, tensorrt_int8
@@ -308,15 +308,17 @@ def profile_models(
 def _quiet_group(runners: list[Runner], keys: list[tuple[str, str]], batch: int, cfg: ProfileCfg,
                  quiet: QuietHost | None) -> tuple[dict[tuple[str, str], LatencyStats], int]:
     """One alternating measurement of ``runners``; with ``quiet``, taken again while its dense model says the host
-    was loaded, the measurement with the fastest dense model kept. Also how many were taken."""
+    was loaded (after waiting for a quiet spell), the measurement with the fastest dense model kept. Also how many
+    were taken."""
     def once() -> dict[tuple[str, str], LatencyStats]:
         stats = measure_group(runners, batch, warmup=cfg.warmup, repeats=cfg.repeats, prepared=True)
         return dict(zip(keys, stats, strict=True))
 
     best, taken = once(), 1
     while quiet is not None and quiet.loaded(best[(quiet.precision, "dense")].median_ms) and taken < quiet.tries:
-        log.info("profile: dense %.3f ms against %.3f ms when the host was quiet; measuring again",
-                 best[(quiet.precision, "dense")].median_ms, quiet.dense_ms)
+        waited = wait_for_quiet(runners[keys.index((quiet.precision, "dense"))], batch, quiet)
+        log.info("profile: dense %.3f ms against %.3f ms when the host was quiet; waited %.0f s for a quiet spell, "
+                 "measuring again", best[(quiet.precision, "dense")].median_ms, quiet.dense_ms, waited)
         again, taken = once(), taken + 1
         if again[(quiet.precision, "dense")].median_ms < best[(quiet.precision, "dense")].median_ms:
             best = again

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.config import ExportCfg
-from ofbdeploy.deploy.measure import QuietHost, measure_pair
+from ofbdeploy.deploy.measure import QUIET_BLOCK_S, QuietHost, measure_pair, wait_for_quiet
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
 from ofbdeploy.families import load_arch
@@ -55,7 +55,8 @@ def _steps(steps: list[WidthStep]) -> list[dict[str, Any]]:
 
 class _Bench:
     """Pruned (resized from the searched model) against dense on the latency target, measured as a profile
-    measures: exported, checked, timed alternately; medians."""
+    measures: exported, checked, timed alternately; medians. Before each measurement the dense model is probed,
+    and where the host is loaded (against its fastest measurement so far) the bench waits for a quiet spell."""
 
     def __init__(self, cfg: LatencyTargetCfg, model: nn.Module, spec: ArchSpec, teacher: nn.Module, tmp: Path,
                  threads: int | None, images: Tensor, export: ExportCfg | None) -> None:
@@ -63,17 +64,27 @@ class _Bench:
         self.threads, self.images, self.export = threads, images, export
         self.dense = spec_runner(ArchSpec.dense(spec.base), cfg.backend, cfg.precision, cfg.batch, tmp, threads,
                                  model=teacher, images=images, export=export)
+        self.quiet: QuietHost | None = None  # the dense model's fastest measurement so far
 
     def __call__(self, spec: ArchSpec) -> Measurement:
         c = self.cfg
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
                              images=self.images, export=self.export)
+        if self.quiet is not None:  # a spell of load outlasts measurements taken back to back: wait it out
+            self.dense.prepare(c.batch)
+            waited = wait_for_quiet(self.dense, c.batch, self.quiet)
+            if waited > 2 * QUIET_BLOCK_S:
+                log.info("fit: host loaded (dense above %.1f ms); waited %.0f s for a quiet spell",
+                         self.quiet.dense_ms * (1 + self.quiet.margin), waited)
         pairs = [measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
                  for _ in range(PAIRS_PER_ROUND)]
-        return Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
-                           statistics.median(d.median_ms for d, _ in pairs),
-                           statistics.median(p.median_ms for _, p in pairs))
+        m = Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
+                        statistics.median(d.median_ms for d, _ in pairs),
+                        statistics.median(p.median_ms for _, p in pairs))
+        if self.quiet is None or m.dense_ms < self.quiet.dense_ms:
+            self.quiet = QuietHost(c.backend, c.batch, c.precision, m.dense_ms, LOADED * c.tolerance)
+        return m
 
 
 def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec: ArchSpec, teacher: nn.Module,

@@ -1,6 +1,7 @@
 """Budgets met from both sides after the search (prune/fit.py): FLOPs filled, latency fitted to measurements."""
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coeffic
 from ofbdeploy.models.resize import resize, resized_spec, unit_importance
 from ofbdeploy.prune import fit as fit_module
 from ofbdeploy.prune.fit import Measurement, fill, latency_loop
+from ofbdeploy.run import fit as run_fit
 from ofbdeploy.run.fit import close_latency, quiet_host, save_table
 
 
@@ -380,10 +382,12 @@ def test_with_no_block_left_to_move_the_loop_moves_the_embedding(cut_model, wide
     assert sum(p.numel() for p in model.parameters()) == fit.spec.params()
 
 
-def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime(cut_model, synthetic_lut):
+def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime(cut_model, synthetic_lut,
+                                                                                monkeypatch):
     """The run's own loop (close_latency: resize, export, check, time against dense on ORT CPU) on a model whose
     search cut the embedding and kept every block whole, asked for nearly dense latency: it grows the embedding
-    with the teacher's channels, and the grown model is measured in the next round."""
+    with the teacher's channels, and the grown model is measured in the next round. Before each measurement
+    but the first the dense model is probed against the fastest dense measurement so far."""
     pytest.importorskip("onnxruntime")
     teacher, pruned, spec = cut_model(2, embedding=True)
     assert spec.embed_dim <= 0.75 * spec.base.embed_dim
@@ -392,9 +396,15 @@ def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime
     model = resize(pruned, spec, teacher, whole)
     space = family_of(spec.base).space(spec.base)
     cfg = LatencyTargetCfg(target_ratio=0.99, batch=32, max_rounds=2, repeats=5)
+    probes = []
+    monkeypatch.setattr(run_fit, "wait_for_quiet", lambda runner, batch, host: probes.append(host) or 0.0)
     fit, _ = close_latency(cfg, synthetic_lut(spec.base.model_name, 32), model, whole, teacher, space,
                            images=torch.rand(8, 3, 32, 32), threads=1)
     first, second = fit.rounds
+    measurements = first.measurements + second.measurements
+    assert len(probes) == measurements - 1 and probes[0].dense_ms > 0  # the fastest so far: never rises
+    assert all(a.dense_ms >= b.dense_ms for a, b in itertools.pairwise(probes))
+    assert probes[0].margin == pytest.approx(fit_module.LOADED * cfg.tolerance)
     assert first.action == "widened" and first.steps
     assert all(step.startswith("stages.0.embedding:") for step in first.steps)
     assert second.measured_ratio > 0 and second.dense_ms > 0

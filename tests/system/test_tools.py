@@ -274,6 +274,30 @@ def test_remeasure_gives_the_ratio_of_the_quiet_rounds_beside_that_of_all():
     assert timing["ratio"] > 0.55 and len(timing["dense_ms_per_round"]) == 4
 
 
+def test_host_spells_tells_quiet_trials_from_loaded_ones(tmp_path):
+    """``spells`` splits trials at the margin over each model's fastest; the tool times two files end to end."""
+    spells = _load_tool("host_spells.py").spells
+    trials = [{"dense_ms": d, "pruned_ms": p, "ratio": p / d}
+              for d, p in [(48.0, 32.0), (49.0, 32.5), (59.0, 45.0), (48.5, 44.0), (60.0, 46.0)]]
+    summary = spells(trials, 0.075)
+    assert [t["quiet"] for t in trials] == [True, True, False, False, False]  # the 4th: pruned alone loaded
+    assert summary["quiet"]["trials"] == 2 and summary["loaded"]["trials"] == 3
+    assert summary["quiet"]["ratio"] == pytest.approx((32 / 48 + 32.5 / 49) / 2)
+    assert summary["loaded"]["ratio"] == pytest.approx(46 / 60)  # the median of 45/59, 44/48.5, 46/60
+    remeasure = _load_tool("remeasure.py")
+    model = timm.create_model(PICO, num_classes=10, img_size=32).eval()
+    dense, pruned = tmp_path / "dense.onnx", tmp_path / "pruned.onnx"
+    remeasure.export(model, dense, 32, 1)
+    remeasure.export(remeasure.plain_model(PICO, 32, 10, {"embed_dim": 40, "blocks": [
+        {"heads": 2, "head_dim": 12, "mlp_dim": 96}] * 4}), pruned, 32, 1)
+    out = tmp_path / "spells.json"
+    log = _run("host_spells.py", str(dense), str(pruned), "--trials", "3", "--rounds", "2", "--calls", "2",
+               "--threads", "1", "--json", str(out), stdout=True)
+    result = json.loads(out.read_text())
+    assert len(result["trials"]) == 3 and result["summary"]["quiet"]["trials"] >= 1 and "quiet:" in log
+    assert "expected an ONNX file" in _run("host_spells.py", str(tmp_path / "none.onnx"), str(pruned), code=2)
+
+
 def test_remeasure_builds_a_layer_scale_vit_and_times_a_benchmarks_latency_rows(tmp_path):
     """A DINOv2 ViT (LayerScale on every residual branch) rebuilt at a benchmark row's widths has the parameters
     ofbdeploy counts; ``--rows`` times every latency-budget row of a bench_accuracy.py file, and only those."""

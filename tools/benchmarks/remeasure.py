@@ -292,6 +292,8 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]] | None:
 
 
 def _quiet(timing: dict[str, Any]) -> str:
+    if timing["quiet_ratio"] is None:
+        return f"none of {len(timing['ratios'])}"
     return f"{timing['quiet_ratio']:.3f} ({timing['quiet_rounds']} of {len(timing['ratios'])})"
 
 
