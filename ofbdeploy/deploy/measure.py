@@ -1,17 +1,20 @@
 """The latency protocol, written once: warm up untimed, time single calls, summarise in ``LatencyStats``.
 
 Dense and pruned models (and their precisions) are compared with ``measure_group``, which times them in
-alternating blocks in the same process, so thermal drift, a noisy neighbour or a frequency change hits all
-alike instead of showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (forward in even
-rounds, reversed in odd ones), which also cancels a steady drift across the measurement. ``measure_pair`` is
-the two-runner case.
+alternating blocks in the same process, so thermal drift or a frequency change hits all alike instead of
+showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (forward in even rounds, reversed in
+odd ones), which also cancels a steady drift across the measurement. A noisy neighbour does not hit all alike:
+on a shared host its spells of work add a similar time to every call, which slows a small model more than a
+large one, so the statistics are taken over the rounds no spell hit (``quiet_rounds``), and a caller that knows
+the quiet host's dense latency (``QuietHost``) waits a spell out (``wait_for_quiet``) before measuring again.
+``measure_pair`` is the two-runner case.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,12 +40,15 @@ class LatencyStats:
     peak_memory_mb: float | None
     tf32: bool | None = None  # fp32 math allowed to use TF32 (GPU runners; None on CPU)
     cuda_graph: bool | None = None  # each call replayed a CUDA graph (GPU runners; None on CPU)
+    rounds: int | None = None  # alternating rounds timed (measure_group)
+    quiet_rounds: int | None = None  # ... of which the statistics are taken (see quiet_rounds)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""
         return asdict(self)
 
 
+QUIET_ROUND = 0.075  # measure_group keeps the rounds in which every runner ran within this of its fastest block
 QUIET_BLOCK_S = 0.5  # how long each probe of wait_for_quiet times the dense model
 QUIET_WAIT_S = 60.0  # the longest wait_for_quiet waits: spells of load seen on the 2-vCPU VM lasted 5-60 s
 
@@ -107,19 +113,34 @@ def measure_group(
     """Time every runner in ``rounds`` blocks, forward order in even rounds and reversed in odd ones; each gets
     ``ceil(repeats / rounds)`` calls a block, after one untimed call (the switch between runtimes settles: the
     previous one's idle threads stop spinning, caches refill). Every runner is prepared (unless ``prepared``: the
-    caller did it at ``batch``) and warmed up before any is timed."""
+    caller did it at ``batch``) and warmed up before any is timed. The statistics are those of the calls in the
+    :func:`quiet_rounds`."""
     _check_counts(batch, repeats, rounds)
     for runner in runners:
         _warm_up(runner, batch, warmup, prepare=not prepared)
     timers = [runner.timer() for runner in runners]
-    times: list[list[float]] = [[] for _ in runners]
+    blocks: list[list[list[float]]] = [[] for _ in runners]  # per runner, per round
     block = -(-repeats // rounds)
     order = list(range(len(runners)))
     for index in range(rounds):
         for k in order if index % 2 == 0 else order[::-1]:
             _warm_up(runners[k], batch, 1, prepare=False)
-            times[k].extend(_timed_calls(runners[k], timers[k], block, 0.0))
-    return [_summarise(runner, batch, t) for runner, t in zip(runners, times, strict=True)]
+            blocks[k].append(_timed_calls(runners[k], timers[k], block, 0.0))
+    kept = quiet_rounds(blocks)
+    return [replace(_summarise(runner, batch, [t for r in kept for t in b[r]]), rounds=rounds, quiet_rounds=len(kept))
+            for runner, b in zip(runners, blocks, strict=True)]
+
+
+def quiet_rounds(blocks: list[list[list[float]]], margin: float = QUIET_ROUND) -> list[int]:
+    """The rounds (of ``blocks``: per runner, per round, the calls' times) in which every runner's block median lies
+    within ``margin`` of that runner's fastest block; every round where none does. On a shared host a spell of
+    other work that hits part of a measurement slows a small model more than a large one, so the rounds it hit are
+    left out rather than pooled into the medians."""
+    medians = [[float(np.median(b)) for b in runner] for runner in blocks]
+    fastest = [min(m) for m in medians]
+    count = len(medians[0])
+    kept = [r for r in range(count) if all(m[r] <= f * (1 + margin) for m, f in zip(medians, fastest, strict=True))]
+    return kept or list(range(count))
 
 
 def _check_counts(batch: int, repeats: int, rounds: int) -> None:

@@ -349,7 +349,8 @@ def _row(d: LatencyStats, p: LatencyStats, dense_fp32: LatencyStats | None, back
         "p99_ms_pruned": p.p99_ms, "speedup": d.median_ms / p.median_ms,
         "throughput_dense": d.throughput, "throughput_pruned": p.throughput,
         "peak_memory_mb_dense": d.peak_memory_mb, "peak_memory_mb_pruned": p.peak_memory_mb,
-        "flops_speedup": 1 / flops_ratio, "repeats": p.repeats, "tf32": p.tf32, "cuda_graph": p.cuda_graph,
+        "flops_speedup": 1 / flops_ratio, "repeats": p.repeats, "rounds": p.rounds, "quiet_rounds": p.quiet_rounds,
+        "tf32": p.tf32, "cuda_graph": p.cuda_graph,
         "speedup_vs_dense_fp32": None if dense_fp32 is None else dense_fp32.median_ms / p.median_ms,
     }
     row["speedup_vs_flops"] = row["speedup"] / row["flops_speedup"]

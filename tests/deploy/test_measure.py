@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ofbdeploy.arch.cost import measure_macs
-from ofbdeploy.deploy.measure import measure, measure_pair, speedup
+from ofbdeploy.deploy.measure import measure, measure_pair, quiet_rounds, speedup
 from ofbdeploy.deploy.onnx_export import export_onnx
 from ofbdeploy.deploy.runtimes.base import Runner, StreamTimer, Timer
 from ofbdeploy.deploy.runtimes.registry import BackendError, BackendUnavailable, available_backends, create_runner
@@ -145,7 +145,7 @@ def test_min_seconds_extends_the_measurement() -> None:
 
 def test_measure_pair_alternates_blocks() -> None:
     log: list[str] = []
-    dense, pruned = _FakeRunner("D", log), _FakeRunner("P", log)
+    dense, pruned = _FakeRunner("D", log, [2.0] * 6), _FakeRunner("P", log, [1.0] * 6)
     stats_dense, stats_pruned = measure_pair(dense, pruned, 8, warmup=1, repeats=6, rounds=3)
     warm = ["prepare D", "D", "prepare P", "P"]
     # who goes first alternates by round; each block opens with an untimed call (the switch settles)
@@ -153,6 +153,18 @@ def test_measure_pair_alternates_blocks() -> None:
     assert log == [*warm, *abba]
     assert (stats_dense.backend, stats_pruned.backend) == ("D", "P")
     assert stats_dense.repeats == stats_pruned.repeats == 6
+
+
+def test_rounds_a_spell_of_load_hit_are_left_out() -> None:
+    """The pruned model's second block ran in a spell that added 1.5 ms a call (3.5 ms where it ran 2 ms): that
+    round is left out of both models' statistics. Blocks within the margin of their fastest stay."""
+    dense = _FakeRunner("D", [], [4.0, 4.1, 4.0, 4.2, 4.1, 4.0])
+    pruned = _FakeRunner("P", [], [2.0, 2.0, 3.5, 3.5, 2.1, 2.0])
+    d, p = measure_pair(dense, pruned, 1, warmup=0, repeats=6, rounds=3)
+    assert (d.rounds, d.quiet_rounds, p.rounds, p.quiet_rounds) == (3, 2, 3, 2)
+    assert p.repeats == d.repeats == 4 and p.median_ms == 2.0 and p.p99_ms < 2.2
+    assert d.median_ms == pytest.approx(4.05)
+    assert quiet_rounds([[[1.0], [5.0]], [[5.0], [1.0]]]) == [0, 1]  # no round quiet for both: every round
 
 
 @pytest.fixture(scope="module")
