@@ -294,7 +294,8 @@ def test_host_spells_tells_quiet_trials_from_loaded_ones(tmp_path):
     log = _run("host_spells.py", str(dense), str(pruned), "--trials", "3", "--rounds", "2", "--calls", "2",
                "--threads", "1", "--json", str(out), stdout=True)
     result = json.loads(out.read_text())
-    assert len(result["trials"]) == 3 and result["summary"]["quiet"]["trials"] >= 1 and "quiet:" in log
+    summary = result["summary"]  # how many trials are quiet depends on this host's load: only the count adds up
+    assert len(result["trials"]) == summary["quiet"]["trials"] + summary["loaded"]["trials"] == 3 and "quiet:" in log
     assert "expected an ONNX file" in _run("host_spells.py", str(tmp_path / "none.onnx"), str(pruned), code=2)
 
 
