@@ -13,6 +13,7 @@ the quiet host's dense latency (``QuietHost``) waits a spell out (``wait_for_qui
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -53,20 +54,19 @@ QUIET_BLOCK_S = 0.5  # how long each probe of wait_for_quiet times the dense mod
 QUIET_WAIT_S = 60.0  # the longest wait_for_quiet waits: spells of load seen on the 2-vCPU VM lasted 5-60 s
 
 
-@dataclass(frozen=True)
+@dataclass
 class QuietHost:
-    """The dense model's latency on one target measured earlier with the host quiet (the fit stage's fastest
-    round): a later measurement whose dense model runs more than ``margin`` slower was taken in a spell of other
-    work, which on a shared host slows a small model more than a large one and so moves the ratio, and is taken
-    again, up to ``tries`` measurements in all, each after waiting up to ``max_wait_s`` for a quiet spell."""
+    """The dense model's latency with the host at its quietest: the fastest measurement seen (:meth:`see`). A
+    measurement whose dense model runs more than ``margin`` slower was taken in a spell of other work, which on a
+    shared host slows a small model more than a large one and so moves the ratio; :func:`wait_for_quiet` waits
+    up to ``max_wait_s`` for such a spell to pass."""
 
-    backend: str
-    batch: int
-    precision: str
-    dense_ms: float
     margin: float
-    tries: int = 3
+    dense_ms: float = math.inf
     max_wait_s: float = QUIET_WAIT_S
+
+    def see(self, dense_ms: float) -> None:
+        self.dense_ms = min(self.dense_ms, dense_ms)
 
     def loaded(self, dense_ms: float) -> bool:
         return dense_ms > self.dense_ms * (1 + self.margin)

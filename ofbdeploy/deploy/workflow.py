@@ -37,6 +37,7 @@ from ofbdeploy.io import atomic_write_text
 log = logging.getLogger("ofbdeploy.deploy")
 
 MODELS = ("dense", "pruned")
+QUIET_TRIES = 3  # measurements a profile takes at most while the host is loaded
 ARTIFACTS_FILE = "export.json"
 ARTIFACTS_FORMAT = "ofbdeploy.export/2"  # paths relative to the export directory
 
@@ -265,7 +266,7 @@ def skip_entry(backend: str, batch: int | None, precision: str, reason: Exceptio
 
 def profile_models(
     models: dict[str, nn.Module], artifacts: DeployArtifacts, cfg: ProfileCfg, flops_ratio: float,
-    quiet: QuietHost | None = None,
+    quiet: dict[tuple[str, int, str], QuietHost] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Latency rows (per backend, precision and batch) of dense vs pruned, and what could not be measured.
 
@@ -273,8 +274,9 @@ def profile_models(
     ``speedup_vs_dense_fp32`` (dense fp32 against this row's pruned model) is a ratio measured in one run too.
     A runner that cannot be made (missing package, GPU, file or precision) or prepared at a batch (a provider
     that fails to start, a batch outside an engine's profile) becomes a skip record; the rest is measured.
-    Where ``quiet`` names a backend and batch measured here, a measurement taken while the host was loaded is
-    taken again (the one with the fastest dense model kept); its rows say how many were taken.
+    Where ``quiet`` (by backend, batch and precision) names a backend and batch measured here, a measurement taken
+    while the host was loaded is taken again (the one with the fastest dense model kept); its rows say how many
+    were taken.
     """
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -292,8 +294,9 @@ def profile_models(
                 continue
             keys = [(p, n) for p in ready for n in MODELS]
             runners = [r for pair in ready.values() for r in pair]
-            by, taken = _quiet_group(runners, keys, batch, cfg, quiet if quiet is not None and (
-                quiet.backend, quiet.batch) == (backend, batch) and quiet.precision in ready else None)
+            host = next(((p, h) for (b, n, p), h in (quiet or {}).items() if (b, n) == (backend, batch) and p in ready),
+                        None)
+            by, taken = _quiet_group(runners, keys, batch, cfg, host)
             runtime = registry.get(backend)
             for precision in ready:
                 row = _row(by[(precision, "dense")], by[(precision, "pruned")], by.get(("fp32", "dense")), backend,
@@ -306,21 +309,24 @@ def profile_models(
 
 
 def _quiet_group(runners: list[Runner], keys: list[tuple[str, str]], batch: int, cfg: ProfileCfg,
-                 quiet: QuietHost | None) -> tuple[dict[tuple[str, str], LatencyStats], int]:
-    """One alternating measurement of ``runners``; with ``quiet``, taken again while its dense model says the host
-    was loaded (after waiting for a quiet spell), the measurement with the fastest dense model kept. Also how many
-    were taken."""
+                 quiet: tuple[str, QuietHost] | None) -> tuple[dict[tuple[str, str], LatencyStats], int]:
+    """One alternating measurement of ``runners``; with ``quiet`` (a precision and its quiet host), taken again
+    while that precision's dense model says the host was loaded (after waiting for a quiet spell), up to
+    :data:`QUIET_TRIES` measurements, the one with the fastest dense model kept. Also how many were taken."""
     def once() -> dict[tuple[str, str], LatencyStats]:
         stats = measure_group(runners, batch, warmup=cfg.warmup, repeats=cfg.repeats, prepared=True)
         return dict(zip(keys, stats, strict=True))
 
     best, taken = once(), 1
-    while quiet is not None and quiet.loaded(best[(quiet.precision, "dense")].median_ms) and taken < quiet.tries:
-        waited = wait_for_quiet(runners[keys.index((quiet.precision, "dense"))], batch, quiet)
+    if quiet is None:
+        return best, taken
+    dense, host = (quiet[0], "dense"), quiet[1]
+    while host.loaded(best[dense].median_ms) and taken < QUIET_TRIES:
+        waited = wait_for_quiet(runners[keys.index(dense)], batch, host)
         log.info("profile: dense %.3f ms against %.3f ms when the host was quiet; waited %.0f s for a quiet spell, "
-                 "measuring again", best[(quiet.precision, "dense")].median_ms, quiet.dense_ms, waited)
+                 "measuring again", best[dense].median_ms, host.dense_ms, waited)
         again, taken = once(), taken + 1
-        if again[(quiet.precision, "dense")].median_ms < best[(quiet.precision, "dense")].median_ms:
+        if again[dense].median_ms < best[dense].median_ms:
             best = again
     return best, taken
 

@@ -22,7 +22,6 @@ ones from the teacher, on one scale).
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from ofbdeploy.arch import ArchSpec
+from ofbdeploy.deploy.measure import QuietHost
 from ofbdeploy.models.resize import UnitImportance, resize, resize_block, resize_embedding, unit_importance
 
 Cost = Callable[[ArchSpec], float]
@@ -241,21 +241,6 @@ class FitRound:
 
 
 @dataclass
-class _Host:
-    """The dense model's fastest measured latency in a loop: the host at its quietest, the reference that tells a
-    loaded measurement (see :data:`LOADED`)."""
-
-    margin: float
-    fastest: float = math.inf
-
-    def see(self, m: Measurement) -> None:
-        self.fastest = min(self.fastest, m.dense_ms)
-
-    def loaded(self, dense_ms: float) -> bool:
-        return dense_ms > self.fastest * (1 + self.margin)
-
-
-@dataclass
 class LatencyFit:
     spec: ArchSpec
     met: bool
@@ -265,7 +250,8 @@ class LatencyFit:
 
 def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Cost, measure: Measure,
                  target: float, tolerance: float, max_rounds: int, other_budgets: Sequence[tuple[Cost, float]] = (),
-                 learn: Callable[[ArchSpec, float], None] | None = None, max_measurements: int = 3) -> LatencyFit:
+                 learn: Callable[[ArchSpec, float], None] | None = None, max_measurements: int = 3,
+                 host: QuietHost | None = None) -> LatencyFit:
     """Bring the measured pruned/dense latency ratio of ``spec`` into ``[target * (1 - tolerance), target]``.
 
     A measurement near an edge of that band is not yet a delivery: measured again elsewhere (the profile, another
@@ -278,13 +264,15 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     The ratio delivered is the quiet host's: a measurement taken while the dense model ran more than
     :data:`LOADED` tolerances slower than at its fastest in the loop is taken again, is not learned, and a round
     found loaded once a quieter spell came neither steers the plan nor is kept as the answer (unless every
-    round was). ``predict`` is read again every round, so a ``learn`` that refits the table from each
-    measurement steers the next round. Widening also respects ``other_budgets`` (a FLOPs budget).
+    round was). ``host`` is that reference, lowered by every measurement (given: shared with a ``measure`` that
+    waits for a quiet spell before measuring). ``predict`` is read again every round, so a ``learn`` that refits
+    the table from each measurement steers the next round. Widening also respects ``other_budgets`` (a FLOPs
+    budget).
     """
     origin = spec
     low, goal = target * (1 - tolerance), target * (1 - tolerance / 2)
     middle = (target * (1 - 3 * tolerance / 4), target * (1 - tolerance / 4))
-    host = _Host(LOADED * tolerance)
+    host = host if host is not None else QuietHost(LOADED * tolerance)
     rounds: list[FitRound] = []
     specs: list[ArchSpec] = []  # the architecture each round measured
 
@@ -331,7 +319,7 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     return LatencyFit(chosen, False, rounds, measured[chosen][1])
 
 
-def _mark_loaded(rounds: list[FitRound], host: _Host) -> None:
+def _mark_loaded(rounds: list[FitRound], host: QuietHost) -> None:
     """Each round's record says whether it was measured loaded, against the quietest spell of the whole loop."""
     for r in rounds:
         r.loaded = host.loaded(r.dense_ms)
@@ -348,7 +336,7 @@ def changes(before: ArchSpec, after: ArchSpec) -> list[str]:
     return found
 
 
-def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int, host: _Host,
+def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int, host: QuietHost,
             expected: float | None = None) -> tuple[Measurement, list[float]]:
     """A measurement to act on, measuring again (up to ``tries`` times) rather than acting on noise: one whose
     repeats agree within ``tolerance``, that lies within :data:`SURPRISE` tolerances of ``expected`` (the
@@ -363,7 +351,7 @@ def _stable(measure: Measure, spec: ArchSpec, tolerance: float, tries: int, host
     taken: list[Measurement] = []
     while not taken or (not settled(taken[-1]) and len(taken) < tries):
         taken.append(measure(spec))
-        host.see(taken[-1])
+        host.see(taken[-1].dense_ms)
     spreads = [m.spread for m in taken]
     if settled(taken[-1]):
         return taken[-1], spreads

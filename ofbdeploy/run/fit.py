@@ -20,6 +20,7 @@ step and round; report.json carries it.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -59,32 +60,29 @@ class _Bench:
     and where the host is loaded (against its fastest measurement so far) the bench waits for a quiet spell."""
 
     def __init__(self, cfg: LatencyTargetCfg, model: nn.Module, spec: ArchSpec, teacher: nn.Module, tmp: Path,
-                 threads: int | None, images: Tensor, export: ExportCfg | None) -> None:
+                 threads: int | None, images: Tensor, export: ExportCfg | None, host: QuietHost) -> None:
         self.cfg, self.model, self.spec, self.teacher, self.tmp = cfg, model, spec, teacher, tmp
         self.threads, self.images, self.export = threads, images, export
         self.dense = spec_runner(ArchSpec.dense(spec.base), cfg.backend, cfg.precision, cfg.batch, tmp, threads,
                                  model=teacher, images=images, export=export)
-        self.quiet: QuietHost | None = None  # the dense model's fastest measurement so far
+        self.host = host  # the dense model's fastest measurement so far (the loop lowers it)
 
     def __call__(self, spec: ArchSpec) -> Measurement:
         c = self.cfg
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
                              images=self.images, export=self.export)
-        if self.quiet is not None:  # a spell of load outlasts measurements taken back to back: wait it out
+        if math.isfinite(self.host.dense_ms):  # a spell of load outlasts measurements taken back to back: wait
             self.dense.prepare(c.batch)
-            waited = wait_for_quiet(self.dense, c.batch, self.quiet)
+            waited = wait_for_quiet(self.dense, c.batch, self.host)
             if waited > 2 * QUIET_BLOCK_S:
                 log.info("fit: host loaded (dense above %.1f ms); waited %.0f s for a quiet spell",
-                         self.quiet.dense_ms * (1 + self.quiet.margin), waited)
+                         self.host.dense_ms * (1 + self.host.margin), waited)
         pairs = [measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
                  for _ in range(PAIRS_PER_ROUND)]
-        m = Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
-                        statistics.median(d.median_ms for d, _ in pairs),
-                        statistics.median(p.median_ms for _, p in pairs))
-        if self.quiet is None or m.dense_ms < self.quiet.dense_ms:
-            self.quiet = QuietHost(c.backend, c.batch, c.precision, m.dense_ms, LOADED * c.tolerance)
-        return m
+        return Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
+                           statistics.median(d.median_ms for d, _ in pairs),
+                           statistics.median(p.median_ms for _, p in pairs))
 
 
 def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec: ArchSpec, teacher: nn.Module,
@@ -109,9 +107,11 @@ def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec
                      100 * fraction, len(lut.probes))
 
     with tempfile.TemporaryDirectory() as tmp:
-        bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images, export)
+        host = QuietHost(LOADED * cfg.tolerance)
+        bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images, export, host)
         fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
-                           tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn)
+                           tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn,
+                           host=host)
     for r in fit.rounds:
         log.info("fit round %d: predicted %.1f%%, measured %.1f%% of dense (%d repeats, spread %.1f%%, measured %d "
                  "time(s), dense %.1f ms%s); %s%s", r.round, 100 * r.predicted_ratio, 100 * r.measured_ratio,
@@ -133,14 +133,15 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
     return fit, lut, target
 
 
-def quiet_host(path: Path) -> QuietHost | None:
-    """The fit stage's quietest dense measurement (``fit.json`` at ``path``), for the profile to tell a loaded host
-    by: None without a measured latency loop."""
+def quiet_host(path: Path) -> dict[tuple[str, int, str], QuietHost]:
+    """The fit stage's quietest dense measurement (``fit.json`` at ``path``) by its backend, batch and precision, for
+    the profile to tell a loaded host by: empty without a measured latency loop."""
     latency = read_json(path).get("latency") if path.is_file() else None
     if not latency or not latency["rounds"]:
-        return None
-    return QuietHost(latency["backend"], latency["batch"], latency["precision"],
-                     min(r["dense_ms"] for r in latency["rounds"]), LOADED * latency["tolerance"])
+        return {}
+    fastest = min(r["dense_ms"] for r in latency["rounds"])
+    return {(latency["backend"], latency["batch"], latency["precision"]):
+            QuietHost(LOADED * latency["tolerance"], fastest)}
 
 
 def save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:

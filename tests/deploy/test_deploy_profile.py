@@ -134,14 +134,14 @@ def test_a_profile_taken_while_the_host_is_loaded_is_taken_again(monkeypatch: py
     runners = {"dense": _SpellRunner("dense", 4.0, spell), "pruned": _SpellRunner("pruned", 2.0, spell)}
     monkeypatch.setattr(workflow, "make_runner", lambda backend, name, *args, **kw: runners[name])
     cfg = ProfileCfg(backends=["ort-cpu"], batches=[1], warmup=0, repeats=5)
-    quiet = QuietHost("ort-cpu", 1, "fp32", dense_ms=4.0, margin=0.075, max_wait_s=0.2)
-    (row,), _ = workflow.profile_models({}, workflow.DeployArtifacts(), cfg, 0.5, quiet)
+    host = QuietHost(margin=0.075, dense_ms=4.0, max_wait_s=0.2)
+    (row,), _ = workflow.profile_models({}, workflow.DeployArtifacts(), cfg, 0.5, {("ort-cpu", 1, "fp32"): host})
     assert row["measurements"] == {0: 1, 5: 2, FOREVER: 3}[spell]
     assert row["latency_ms_dense"] == (6.0 if spell == FOREVER else 4.0)
     assert row["speedup"] == pytest.approx(1.5 if spell == FOREVER else 2.0)
     if spell == 5:  # the probes timed the dense model alone until it ran quiet, the pruned model not at all
         assert runners["dense"].calls > runners["pruned"].calls == 2 * 5
-    other = dataclasses.replace(quiet, batch=32)  # another target's reference: one measurement, loaded or not
+    other = {("ort-cpu", 32, "fp32"): host}  # another target's reference: one measurement, loaded or not
     for r in runners.values():
         r.calls = 0
     (row,), _ = workflow.profile_models({}, workflow.DeployArtifacts(), cfg, 0.5, other)
