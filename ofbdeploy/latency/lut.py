@@ -92,6 +92,7 @@ class LatencyLUT:
     fit_error: dict[str, float] = dataclasses.field(default_factory=dict)  # relative, on the probes
     points: int = 0
     build_seconds: float = 0.0
+    threads: int | None = None  # the probes' runtime threads (None: the runtime's own count)
 
     def __post_init__(self) -> None:
         if len(self.coefficients) != len(self.features):
@@ -131,6 +132,7 @@ class LatencyLUT:
                 "shape": dataclasses.asdict(self.shape), "features": list(self.features),
                 "coefficients": self.coefficients, "dense_ms": self.dense_ms,
                 "fit_error": self.fit_error, "points": self.points, "build_seconds": self.build_seconds,
+                "threads": self.threads,
                 "probes": self.probes}
 
     def save(self, path: Path) -> Path:
@@ -172,7 +174,10 @@ class LatencyLUT:
                 "fit_error: expected an object of numbers")
         _expect(_is_int(data.get("points", 0)), "points: expected an integer")
         _expect(_is_number(data.get("build_seconds", 0.0)), "build_seconds: expected a number")
-        fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds")
+        threads = data.get("threads")
+        _expect(threads is None or (_is_int(threads) and threads >= 1), "threads: expected a positive integer or null")
+        fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds",
+                                       "threads")
                   if k in data}
         return cls(LutKey(**key), shape, **fields)
 
@@ -354,7 +359,7 @@ def build_lut(shape: ModelShape, space: Any, *, backend: str, precision: str, ba
     lut = LatencyLUT(LutKey(device, backend, precision, batch, shape.img_size, shape.model_name), shape,
                      coefficients, reference, probes,
                      {"median_abs": float(np.median(np.abs(errors))), "max_abs": float(np.max(np.abs(errors)))},
-                     points=len(specs), build_seconds=time.perf_counter() - t0)
+                     points=len(specs), build_seconds=time.perf_counter() - t0, threads=threads)
     log.info("latency table built: %d models measured in %.1f s; dense %.3f ms; fit error median %.1f%%, max %.1f%%",
              lut.points, lut.build_seconds, reference, 100 * lut.fit_error["median_abs"],
              100 * lut.fit_error["max_abs"])

@@ -246,6 +246,7 @@ class LatencyFit:
     met: bool
     rounds: list[FitRound]
     kept_round: int  # the round that measured ``spec``
+    quiet_dense_ms: float  # the quiet host's dense latency: the fastest seen, or the reference given before round 1
 
 
 def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Cost, measure: Measure,
@@ -265,9 +266,10 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     :data:`LOADED` tolerances slower than at its fastest in the loop is taken again, is not learned, and a round
     found loaded once a quieter spell came neither steers the plan nor is kept as the answer (unless every
     round was). ``host`` is that reference, lowered by every measurement (given: shared with a ``measure`` that
-    waits for a quiet spell before measuring). ``predict`` is read again every round, so a ``learn`` that refits
-    the table from each measurement steers the next round. Widening also respects ``other_budgets`` (a FLOPs
-    budget).
+    waits for a quiet spell before measuring, and holding a reference measured before round 1, without which a
+    first round measured wholly inside a spell looks quiet). ``predict`` is read again every round, so a
+    ``learn`` that refits the table from each measurement steers the next round. Widening also respects
+    ``other_budgets`` (a FLOPs budget).
     """
     origin = spec
     low, goal = target * (1 - tolerance), target * (1 - tolerance / 2)
@@ -297,7 +299,7 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
         if middle[0] <= ratio <= middle[1] and not host.loaded(m.dense_ms):
             record.action = "met"
             _mark_loaded(rounds, host)
-            return LatencyFit(spec, True, rounds, index + 1)
+            return LatencyFit(spec, True, rounds, index + 1, host.dense_ms)
         if index + 1 == max_rounds:
             break
         measured = {s: r for s, (r, _) in quiet().items()}
@@ -313,10 +315,10 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     inside = [(abs(r - goal), s) for s, (r, _) in measured.items() if low <= r <= target]
     if inside:
         chosen = min(inside, key=lambda p: p[0])[1]
-        return LatencyFit(chosen, True, rounds, measured[chosen][1])
+        return LatencyFit(chosen, True, rounds, measured[chosen][1], host.dense_ms)
     under = [(r, s) for s, (r, _) in measured.items() if r <= target]
     chosen = max(under, key=lambda p: p[0])[1] if under else min(measured.items(), key=lambda p: p[1][0])[0]
-    return LatencyFit(chosen, False, rounds, measured[chosen][1])
+    return LatencyFit(chosen, False, rounds, measured[chosen][1], host.dense_ms)
 
 
 def _mark_loaded(rounds: list[FitRound], host: QuietHost) -> None:

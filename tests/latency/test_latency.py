@@ -59,6 +59,10 @@ def test_table_is_keyed_and_round_trips(lut, tmp_path):
     assert len(lut.probes) == lut.points and all(c >= 0 for c in lut.coefficients)
     path = lut.save(tmp_path / "t.json")
     assert LatencyLUT.load(path).to_dict() == lut.to_dict()
+    assert lut.threads is None  # timed with the runtime's own thread count
+    threaded = LatencyLUT.load(path)
+    threaded.threads = 2
+    assert LatencyLUT.load(threaded.save(tmp_path / "threads.json")).threads == 2
     assert lut.predict(ArchSpec.dense(lut.shape)) > 0
     assert lut.predict(ArchSpec.narrowest(shape, space)) < lut.predict(ArchSpec.dense(shape))
 
