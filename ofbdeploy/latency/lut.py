@@ -93,6 +93,9 @@ class LatencyLUT:
     points: int = 0
     build_seconds: float = 0.0
     threads: int | None = None  # the probes' runtime threads (None: the runtime's own count)
+    # The fastest dense measurement while building: the quiet host's, by which the latency loop tells a loaded host
+    # before its first round (on a shared VM the median can be a loaded one: 60.4 ms median, 51 ms quiet).
+    quiet_dense_ms: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.coefficients) != len(self.features):
@@ -132,7 +135,7 @@ class LatencyLUT:
                 "shape": dataclasses.asdict(self.shape), "features": list(self.features),
                 "coefficients": self.coefficients, "dense_ms": self.dense_ms,
                 "fit_error": self.fit_error, "points": self.points, "build_seconds": self.build_seconds,
-                "threads": self.threads,
+                "threads": self.threads, "quiet_dense_ms": self.quiet_dense_ms,
                 "probes": self.probes}
 
     def save(self, path: Path) -> Path:
@@ -176,8 +179,11 @@ class LatencyLUT:
         _expect(_is_number(data.get("build_seconds", 0.0)), "build_seconds: expected a number")
         threads = data.get("threads")
         _expect(threads is None or (_is_int(threads) and threads >= 1), "threads: expected a positive integer or null")
+        quiet = data.get("quiet_dense_ms")
+        _expect(quiet is None or (_is_number(quiet) and quiet > 0),
+                "quiet_dense_ms: expected a positive number or null")
         fields = {k: data[k] for k in ("coefficients", "dense_ms", "probes", "fit_error", "points", "build_seconds",
-                                       "threads")
+                                       "threads", "quiet_dense_ms")
                   if k in data}
         return cls(LutKey(**key), shape, **fields)
 
@@ -359,7 +365,8 @@ def build_lut(shape: ModelShape, space: Any, *, backend: str, precision: str, ba
     lut = LatencyLUT(LutKey(device, backend, precision, batch, shape.img_size, shape.model_name), shape,
                      coefficients, reference, probes,
                      {"median_abs": float(np.median(np.abs(errors))), "max_abs": float(np.max(np.abs(errors)))},
-                     points=len(specs), build_seconds=time.perf_counter() - t0, threads=threads)
+                     points=len(specs), build_seconds=time.perf_counter() - t0, threads=threads,
+                     quiet_dense_ms=float(min(dense_ms)))
     log.info("latency table built: %d models measured in %.1f s; dense %.3f ms; fit error median %.1f%%, max %.1f%%",
              lut.points, lut.build_seconds, reference, 100 * lut.fit_error["median_abs"],
              100 * lut.fit_error["max_abs"])

@@ -9,8 +9,8 @@ budgets from both sides (:mod:`ofbdeploy.prune.fit`).
   ``search.latency.max_rounds`` rounds. Every measurement is added to the latency table, the table is
   fitted again and saved: in the run (``fit/lut.json``) and, when it describes this machine, in the cache
   under its key, so the next run on this device starts better. A measurement taken while the host was loaded
-  is taken again (:data:`ofbdeploy.prune.fit.LOADED`); the reference before round 1 is the table's dense
-  latency when the table was measured on this machine. The profile stage does the same against this stage's
+  is taken again (:data:`ofbdeploy.prune.fit.LOADED`); the reference before round 1 is the table's fastest
+  dense measurement when the table was measured on this machine. The profile stage does the same against this stage's
   quiet dense latency (:func:`quiet_host`), so both report the quiet host's ratio.
 
 The weights the search trained are kept: the model is resized (:mod:`ofbdeploy.models.resize`), units taken
@@ -109,8 +109,8 @@ def close_latency(cfg: LatencyTargetCfg, lut: LatencyLUT, model: nn.Module, spec
 
     with tempfile.TemporaryDirectory() as tmp:
         host = QuietHost(LOADED * cfg.tolerance)
-        if lut.threads == threads and measured_here(lut, cfg):  # the table's dense is this bench's dense
-            host.see(lut.dense_ms)  # the quiet reference before round 1
+        if lut.quiet_dense_ms and lut.threads == threads and _measured_here(lut, cfg):  # this bench's dense
+            host.see(lut.quiet_dense_ms)  # the quiet reference before round 1
         bench = _Bench(cfg, model, spec, teacher, Path(tmp), threads, images, export, host)
         fit = latency_loop(spec, importance, space, predict=lut.predict, measure=bench, target=target,
                            tolerance=cfg.tolerance, max_rounds=cfg.max_rounds, other_budgets=others, learn=learn,
@@ -138,7 +138,7 @@ def _latency(run: RunContext, cfg: LatencyTargetCfg, spec: ArchSpec, model: nn.M
 
 def quiet_host(path: Path) -> dict[tuple[str, int, str], QuietHost]:
     """The fit stage's quiet dense latency (``fit.json`` at ``path``: its quietest round, or the latency table's
-    dense measured on this machine before round 1) by its backend, batch and precision, for the profile to tell a
+    fastest dense measured on this machine) by its backend, batch and precision, for the profile to tell a
     loaded host by: empty without a measured latency loop."""
     latency = read_json(path).get("latency") if path.is_file() else None
     if not latency or not latency["rounds"]:
@@ -148,7 +148,7 @@ def quiet_host(path: Path) -> dict[tuple[str, int, str], QuietHost]:
             QuietHost(LOADED * latency["tolerance"], fastest)}
 
 
-def measured_here(lut: LatencyLUT, cfg: LatencyTargetCfg) -> bool:
+def _measured_here(lut: LatencyLUT, cfg: LatencyTargetCfg) -> bool:
     """Whether ``lut`` was measured on this machine's ``cfg.backend`` device."""
     return lut.key.device == registry.get(cfg.backend).device_name()
 
@@ -156,7 +156,7 @@ def measured_here(lut: LatencyLUT, cfg: LatencyTargetCfg) -> bool:
 def save_table(lut: LatencyLUT, cfg: LatencyTargetCfg, path: Path) -> str | None:
     """The learned table in the run, and in the cache when it describes this machine (the same key)."""
     lut.save(path)
-    if not measured_here(lut, cfg):
+    if not _measured_here(lut, cfg):
         return None
     cached = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return str(lut.save(cached / lut.key.filename(lut.shape)))

@@ -60,6 +60,7 @@ def test_table_is_keyed_and_round_trips(lut, tmp_path):
     path = lut.save(tmp_path / "t.json")
     assert LatencyLUT.load(path).to_dict() == lut.to_dict()
     assert lut.threads is None  # timed with the runtime's own thread count
+    assert 0 < lut.quiet_dense_ms <= lut.dense_ms  # the fastest dense measurement, and the median
     threaded = LatencyLUT.load(path)
     threaded.threads = 2
     assert LatencyLUT.load(threaded.save(tmp_path / "threads.json")).threads == 2
