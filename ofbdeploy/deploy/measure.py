@@ -52,6 +52,10 @@ class LatencyStats:
 QUIET_ROUND = 0.075  # measure_group keeps the rounds in which every runner ran within this of its fastest block
 QUIET_BLOCK_S = 0.5  # how long each probe of wait_for_quiet times the dense model
 QUIET_WAIT_S = 60.0  # the longest wait_for_quiet waits: spells of load seen on the 2-vCPU VM lasted 5-60 s
+# What every wait on one host adds up to at most: the same VM was also seen loaded for over ten minutes on end,
+# and a latency loop that waited a minute before each of its 12 measurements took 11 minutes; past this, the
+# measurements are taken loaded and said to be.
+QUIET_BUDGET_S = 180.0
 
 
 @dataclass
@@ -59,11 +63,12 @@ class QuietHost:
     """The dense model's latency with the host at its quietest: the fastest measurement seen (:meth:`see`). A
     measurement whose dense model runs more than ``margin`` slower was taken in a spell of other work, which on a
     shared host slows a small model more than a large one and so moves the ratio; :func:`wait_for_quiet` waits
-    up to ``max_wait_s`` for such a spell to pass."""
+    up to ``max_wait_s`` for such a spell to pass, and all its waits on this host up to ``budget_s``."""
 
     margin: float
     dense_ms: float = math.inf
     max_wait_s: float = QUIET_WAIT_S
+    budget_s: float = QUIET_BUDGET_S  # left for the waits to come
 
     def see(self, dense_ms: float) -> None:
         self.dense_ms = min(self.dense_ms, dense_ms)
@@ -74,13 +79,17 @@ class QuietHost:
 
 def wait_for_quiet(runner: Runner, batch: int, host: QuietHost) -> float:
     """Time ``runner`` (the dense model, prepared at ``batch``) in probes of about :data:`QUIET_BLOCK_S` until a
-    probe's median says the host is quiet again, or ``host.max_wait_s`` have passed; the seconds waited. A spell of
-    load outlasts a few measurements taken back to back, so measuring again at once measures the spell again."""
+    probe's median says the host is quiet again, or ``host.max_wait_s`` have passed, or the host's wait budget is
+    spent; the seconds waited. A spell of load outlasts a few measurements taken back to back, so measuring again
+    at once measures the spell again."""
+    if host.budget_s <= 0:
+        return 0.0
     timer, start = runner.timer(), time.perf_counter()
     while True:
         probe = _timed_calls(runner, timer, 1, QUIET_BLOCK_S)
         waited = time.perf_counter() - start
-        if not host.loaded(float(np.median(probe))) or waited >= host.max_wait_s:
+        if not host.loaded(float(np.median(probe))) or waited >= min(host.max_wait_s, host.budget_s):
+            host.budget_s -= waited
             return waited
 
 

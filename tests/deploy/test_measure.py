@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ofbdeploy.arch.cost import measure_macs
-from ofbdeploy.deploy.measure import measure, measure_pair, quiet_rounds, speedup
+from ofbdeploy.deploy.measure import QuietHost, measure, measure_pair, quiet_rounds, speedup, wait_for_quiet
 from ofbdeploy.deploy.onnx_export import export_onnx
 from ofbdeploy.deploy.runtimes.base import Runner, StreamTimer, Timer
 from ofbdeploy.deploy.runtimes.registry import BackendError, BackendUnavailable, available_backends, create_runner
@@ -165,6 +165,23 @@ def test_rounds_a_spell_of_load_hit_are_left_out() -> None:
     assert p.repeats == d.repeats == 4 and p.median_ms == 2.0 and p.p99_ms < 2.2
     assert d.median_ms == pytest.approx(4.05)
     assert quiet_rounds([[[1.0], [5.0]], [[5.0], [1.0]]]) == [0, 1]  # no round quiet for both: every round
+
+
+
+def test_waits_for_a_quiet_spell_stop_when_the_hosts_budget_is_spent() -> None:
+    """A host loaded for longer than any wait (its dense model runs 6 ms against a quiet 4): each wait ends after
+    ``max_wait_s``, and once the waits add up to the host's budget the next one does not probe at all."""
+    calls: list[str] = []
+    dense = _FakeRunner("D", calls, [6.0] * 10**8)
+    host = QuietHost(margin=0.075, dense_ms=4.0, max_wait_s=0.6, budget_s=1.2)
+    first = wait_for_quiet(dense, 1, host)
+    assert 0.6 <= first < 1.2 and host.budget_s == pytest.approx(1.2 - first)
+    wait_for_quiet(dense, 1, host)  # ends at what is left of the budget
+    assert host.budget_s <= 0
+    probed = len(calls)
+    assert wait_for_quiet(dense, 1, host) == 0.0 and len(calls) == probed
+    quiet = QuietHost(margin=0.075, dense_ms=6.0, max_wait_s=0.6, budget_s=1.2)
+    assert wait_for_quiet(dense, 1, quiet) < 0.6 and quiet.budget_s > 0.6  # quiet at once: one probe
 
 
 @pytest.fixture(scope="module")
