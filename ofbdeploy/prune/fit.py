@@ -259,8 +259,9 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     harness), the host's noise moves it by a few percent and may carry it out. So a round stops the loop only in
     the middle half of the band; a round elsewhere moves toward its middle while rounds remain, and the answer is
     then the measured architecture nearest the middle among those inside the band (met), else the widest one
-    measured under the target, else the one measured fastest (a narrower plan can measure slower where the
-    backend has a cliff the table does not know).
+    measured under the target (by a loaded round where no quiet one is under it: a loaded reading overstates
+    the ratio), else the one measured fastest (a narrower plan can measure slower where the backend has a cliff
+    the table does not know).
 
     The ratio delivered is the quiet host's: a measurement taken while the dense model ran more than
     :data:`LOADED` tolerances slower than at its fastest in the loop is taken again, is not learned, and a round
@@ -317,6 +318,9 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
         chosen = min(inside, key=lambda p: p[0])[1]
         return LatencyFit(chosen, True, rounds, measured[chosen][1], host.dense_ms)
     under = [(r, s) for s, (r, _) in measured.items() if r <= target]
+    if not under:  # a reading taken loaded is an upper bound on the quiet one: load slows the smaller model more
+        measured = {specs[i]: (r.measured_ratio, i + 1) for i, r in enumerate(rounds)}
+        under = [(r, s) for s, (r, _) in measured.items() if r <= target]
     chosen = max(under, key=lambda p: p[0])[1] if under else min(measured.items(), key=lambda p: p[1][0])[0]
     return LatencyFit(chosen, False, rounds, measured[chosen][1], host.dense_ms)
 
