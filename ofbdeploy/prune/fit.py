@@ -279,10 +279,10 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     rounds: list[FitRound] = []
     specs: list[ArchSpec] = []  # the architecture each round measured
 
-    def quiet() -> dict[ArchSpec, tuple[float, int]]:
-        """Measured ratio and round of each architecture (its latest round), from the rounds not found loaded; all
-        rounds where every one was."""
-        usable = [i for i, r in enumerate(rounds) if not host.loaded(r.dense_ms)] or range(len(rounds))
+    def readings(loaded_too: bool = False) -> dict[ArchSpec, tuple[float, int]]:
+        """Measured ratio and round of each architecture (its latest round), from the rounds not found loaded
+        unless ``loaded_too``; all rounds where every one was."""
+        usable = [i for i, r in enumerate(rounds) if loaded_too or not host.loaded(r.dense_ms)] or range(len(rounds))
         return {specs[i]: (rounds[i].measured_ratio, i + 1) for i in usable}
 
     for index in range(max_rounds):
@@ -303,7 +303,7 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
             return LatencyFit(spec, True, rounds, index + 1, host.dense_ms)
         if index + 1 == max_rounds:
             break
-        measured = {s: r for s, (r, _) in quiet().items()}
+        measured = {s: r for s, (r, _) in readings().items()}
         planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
         record.action = "narrowed" if ratio > goal else "widened"
         record.steps = changes(spec, planned)
@@ -312,14 +312,14 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
             break
         spec = planned
     _mark_loaded(rounds, host)
-    measured = quiet()
+    measured = readings()
     inside = [(abs(r - goal), s) for s, (r, _) in measured.items() if low <= r <= target]
     if inside:
         chosen = min(inside, key=lambda p: p[0])[1]
         return LatencyFit(chosen, True, rounds, measured[chosen][1], host.dense_ms)
     under = [(r, s) for s, (r, _) in measured.items() if r <= target]
     if not under:  # a reading taken loaded is an upper bound on the quiet one: load slows the smaller model more
-        measured = {specs[i]: (r.measured_ratio, i + 1) for i, r in enumerate(rounds)}
+        measured = readings(loaded_too=True)
         under = [(r, s) for s, (r, _) in measured.items() if r <= target]
     chosen = max(under, key=lambda p: p[0])[1] if under else min(measured.items(), key=lambda p: p[1][0])[0]
     return LatencyFit(chosen, False, rounds, measured[chosen][1], host.dense_ms)
