@@ -234,7 +234,7 @@ class FitRound:
     measurements: int  # how many times it was measured (more than 1: its repeats disagreed)
     dense_ms: float
     pruned_ms: float
-    action: str  # met, narrowed, widened, stuck (nothing left to move), last round
+    action: str  # met, narrowed, widened, stuck (nothing left to move), "again, host loaded", last round
     steps: list[str] = field(default_factory=list)  # widths changed for the next round (see changes())
     spreads: list[float] = field(default_factory=list)  # of every measurement taken, the noisy ones too
     loaded: bool = False  # measured while the host was loaded (against the fastest dense of the whole loop)
@@ -305,6 +305,9 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
             break
         measured = {s: r for s, (r, _) in readings().items()}
         planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
+        if planned == spec and spec not in measured:  # the round was loaded: the same plan is measured again
+            record.action = "again, host loaded"
+            continue
         record.action = "narrowed" if ratio > goal else "widened"
         record.steps = changes(spec, planned)
         if not steps or planned in measured:  # nothing left to move, or back to an architecture measured already

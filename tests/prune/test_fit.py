@@ -81,7 +81,8 @@ def test_the_loop_converges_on_a_nonlinear_backend_in_bounded_rounds(cut_model, 
     assert fit.met and len(fit.rounds) <= 4
     final = fake_ms(fit.spec) / dense
     assert target * 0.97 - 0.005 <= final <= target + 0.005
-    assert all(r.action in ("narrowed", "widened", "met", "stuck", "last round") for r in fit.rounds)
+    assert all(r.action in ("narrowed", "widened", "met", "stuck", "again, host loaded", "last round")
+               for r in fit.rounds)
     assert fit.spec == list(dict.fromkeys(calls))[fit.kept_round - 1]  # the answer is an architecture that was measured
     kept = fit.rounds[fit.kept_round - 1]
     assert target * 0.97 <= kept.measured_ratio <= target  # ... inside the band
@@ -320,6 +321,9 @@ def test_with_no_quiet_round_under_the_target_a_loaded_one_under_it_is_kept(cut_
     fit = latency_loop(spec, importance, space, predict=fake_ms, measure=measure, target=target, tolerance=0.03,
                        max_rounds=3)
     assert not fit.rounds[0].loaded and all(r.loaded for r in fit.rounds[1:])
+    # a loaded round leaves the plan as it was: it is measured again, and the record says so
+    assert [r.action for r in fit.rounds[1:]] == ["again, host loaded", "last round"] and not fit.rounds[1].steps
+    assert calls[1] == calls[2] != spec
     under = [r for r in fit.rounds[1:] if r.measured_ratio <= target]
     assert under and not fit.met  # read under the target, but loaded: not a delivery, yet within the budget
     assert fit.spec != spec and fit.rounds[fit.kept_round - 1].measured_ratio == max(r.measured_ratio for r in under)
@@ -371,6 +375,18 @@ def test_the_profile_tells_a_loaded_host_by_the_fit_stages_quietest_dense_round(
     latency = json.loads(path.read_text())["latency"]
     path.write_text(json.dumps({"latency": {**latency, "quiet_dense_ms": 45.0}}))  # the table's, before round 1
     assert quiet_host(path)[("ort-cpu", 32, "int8")].dense_ms == 45.0
+
+
+def test_a_benchmark_times_its_final_model_against_the_loops_quiet_reference(cut_model, tmp_path):
+    """A benchmark that closes a latency budget with close_latency hands its profile the same reference a run's
+    profile stage reads back from fit.json."""
+    spec, _, _ = _setup(cut_model, 1, "ofb_vit_micro_patch4_32")
+    cfg = LatencyTargetCfg(target_ratio=0.5, batch=32, precision="int8", tolerance=0.02)
+    fit = fit_module.LatencyFit(spec, True, [], 1, quiet_dense_ms=45.0)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"latency": {"backend": "ort-cpu", "batch": 32, "precision": "int8", "tolerance": 0.02,
+                                            "rounds": [{"dense_ms": 50.0}], "quiet_dense_ms": 45.0}}))
+    assert run_fit.quiet_reference(cfg, fit) == quiet_host(path)
 
 
 def test_the_table_learns_each_measurement_and_is_saved_under_its_key(cut_model, tmp_path):

@@ -340,7 +340,8 @@ def test_latency_budget_run_reports_the_prediction_and_checks_the_measurement(tm
     assert 1 <= len(fit["rounds"]) <= 4 and fit["tolerance"] == 0.03
     for r in fit["rounds"]:
         assert r["measured_ratio"] > 0 and r["repeats"] >= 3 and r["measurements"] == len(r["spreads"]) >= 1
-        assert r["predicted_ratio"] > 0 and r["action"] in ("met", "narrowed", "widened", "stuck", "last round")
+        assert r["predicted_ratio"] > 0 and r["action"] in ("met", "narrowed", "widened", "stuck", "again, host loaded",
+                                                              "last round")
     # met: the kept round (a "met" round ends the loop; else the best one inside the band) measured in the band
     kept = fit["rounds"][fit["kept_round"] - 1]["measured_ratio"]
     assert fit["met"] == (0.6 * (1 - 0.03) <= kept <= 0.6)
