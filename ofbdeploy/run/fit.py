@@ -148,6 +148,12 @@ def quiet_host(path: Path) -> dict[tuple[str, int, str], QuietHost]:
             QuietHost(LOADED * latency["tolerance"], fastest)}
 
 
+def quiet_reference(cfg: LatencyTargetCfg, fit: LatencyFit) -> dict[tuple[str, int, str], QuietHost]:
+    """What :func:`quiet_host` reads back from ``fit.json``, straight from a loop just closed: a benchmark that
+    closes a latency budget with :func:`close_latency` times its final model against it, as a run's profile does."""
+    return {(cfg.backend, cfg.batch, cfg.precision): QuietHost(LOADED * cfg.tolerance, fit.quiet_dense_ms)}
+
+
 def _measured_here(lut: LatencyLUT, cfg: LatencyTargetCfg) -> bool:
     """Whether ``lut`` was measured on this machine's ``cfg.backend`` device."""
     return lut.key.device == registry.get(cfg.backend).device_name()

@@ -93,6 +93,8 @@ def test_bench_accuracy_smoke(tmp_path):
     rounds = rows[1]["latency_fit_rounds"]
     assert rounds and all(r["measured_ratio"] > 0 and r["repeats"] > 0 for r in rounds)
     assert rows[1]["latency_fit_kept_round"] in [r["round"] for r in rounds]
+    # ... and its profile after the finetune was told a loaded host by the loop's quiet dense latency, as a run's is
+    assert rows[1]["latency_quiet_dense_ms"] > 0 and rows[1]["latency_measurements_ort_cpu_b32"] >= 1
     # every method trains on as many images: OFB's search epochs run plus its finetune = the others' finetune
     searched = {r["method"]: r["search_epochs_run"] + r["finetune_epochs"] for r in rows if "search_epochs_run" in r}
     assert set(searched) == {"ofb", "ofb-latency"}

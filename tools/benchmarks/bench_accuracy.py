@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader
 import ofbdeploy.models.zoo  # noqa: F401  (the small ofb_vit_* configs)
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.arch.cost import count_params
+from ofbdeploy.deploy.measure import QuietHost
 from ofbdeploy.deploy.workflow import DeployArtifacts, export_models, profile_models
 from ofbdeploy.errors import OfbError
 from ofbdeploy.families.vit.searchable import SearchableViT
@@ -81,7 +82,7 @@ from ofbdeploy.prune.registry import METHODS as REGISTERED
 from ofbdeploy.prune.registry import get_method
 from ofbdeploy.prune.result import SearchResult
 from ofbdeploy.recipe import ExportCfg, LatencyTargetCfg, ProfileCfg, SearchCfg
-from ofbdeploy.run.fit import CALIBRATION_IMAGES, close_latency
+from ofbdeploy.run.fit import CALIBRATION_IMAGES, close_latency, quiet_reference
 from ofbdeploy.table import format_table
 from ofbdeploy.train.data import DataSpec, build_datasets, build_loader, calibration_batch
 from ofbdeploy.train.distributed import Dist
@@ -146,6 +147,7 @@ class Compressed:
     model: nn.Module
     flops_ratio: float
     extra: dict[str, Any] = field(default_factory=dict)
+    quiet: dict[tuple[str, int, str], QuietHost] = field(default_factory=dict)  # a closed latency loop's reference
 
 # -- one method through the registry, then the shared evaluate / finetune / export / profile -----------------
 def method_config(method: str, bench: Bench, ratio: float) -> MethodCfg:
@@ -197,6 +199,7 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
         model = _on_teacher_weights(model.arch_spec(), bench.teacher, bench.model_name)
     pruned, spec = materialize(model.eval())
     extra = _extra(result, registered.trains, kind.by_latency)
+    quiet: dict[tuple[str, int, str], QuietHost] = {}
     if kind.by_latency and latency is not None and cfg.latency_target.max_rounds > 0:
         # the run's fit stage: the latency budget closed on measurements, the searched weights kept
         train, val = bench.loader.dataset, bench.val_loader.dataset  # the images the fit stage would use
@@ -206,12 +209,13 @@ def compress(method: str, bench: Bench, ratio: float, seed: int) -> Compressed:
         if fit.spec != spec:
             pruned, spec = resize(pruned, spec, bench.teacher, fit.spec), fit.spec
         extra.update(latency_fit_met=fit.met, latency_fit_kept_round=fit.kept_round,
-                     latency_fit_rounds=[vars(r) for r in fit.rounds])
+                     latency_fit_rounds=[vars(r) for r in fit.rounds], latency_quiet_dense_ms=fit.quiet_dense_ms)
+        quiet = quiet_reference(cfg.latency_target, fit)  # the profile after the finetune tells a loaded host by it
     elif kind.search_is_training and kind.keeps_weights:
         # the run's fit stage: a FLOPs budget filled from below
         pruned, spec, steps = fill_flops(pruned, spec, bench.teacher, model.space, resolve_target(cfg, spec.base))
         extra["fill_steps"] = len(steps)
-    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(), extra)
+    return Compressed(pruned, spec.macs() / ArchSpec.dense(spec.base).macs(), extra, quiet)
 
 
 def widths(model: nn.Module) -> dict[str, Any]:
@@ -241,11 +245,13 @@ def finetune_and_measure(method: str, made: Compressed, bench: Bench, seed: int)
     with tempfile.TemporaryDirectory(dir=bench.export_dir) as tmp:
         own = export_models({"pruned": pruned}, Path(tmp), EXPORT, img_size=bench.img_size)
         both = DeployArtifacts(onnx={**bench.dense_onnx.onnx, **own.onnx}, checks=bench.dense_onnx.checks + own.checks)
-        latency = profile_models({"dense": bench.teacher, "pruned": pruned}, both, PROFILE, made.flops_ratio)[0][0]
+        latency = profile_models({"dense": bench.teacher, "pruned": pruned}, both, PROFILE, made.flops_ratio,
+                                 made.quiet)[0][0]
     return {"top1_before_finetune": top1_before, "top1": top1, "finetune_epochs": epochs,
             "finetune_seconds": trained.seconds, "params": count_params(pruned),
             "latency_ms_pruned_ort_cpu_b32": latency["latency_ms_pruned"],
-            "latency_ms_dense_ort_cpu_b32": latency["latency_ms_dense"], "speedup_ort_cpu_b32": latency["speedup"]}
+            "latency_ms_dense_ort_cpu_b32": latency["latency_ms_dense"], "speedup_ort_cpu_b32": latency["speedup"],
+            "latency_measurements_ort_cpu_b32": latency["measurements"]}
 
 
 def run_method(method: str, ratio: float, seed: int, bench: Bench) -> dict[str, Any]:
