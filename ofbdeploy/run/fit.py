@@ -144,14 +144,19 @@ def quiet_host(path: Path) -> dict[tuple[str, int, str], QuietHost]:
     if not latency or not latency["rounds"]:
         return {}
     fastest = latency.get("quiet_dense_ms") or min(r["dense_ms"] for r in latency["rounds"])  # older fit.json
-    return {(latency["backend"], latency["batch"], latency["precision"]):
-            QuietHost(LOADED * latency["tolerance"], fastest)}
+    return _reference(latency["backend"], latency["batch"], latency["precision"], latency["tolerance"], fastest)
 
 
 def quiet_reference(cfg: LatencyTargetCfg, fit: LatencyFit) -> dict[tuple[str, int, str], QuietHost]:
     """What :func:`quiet_host` reads back from ``fit.json``, straight from a loop just closed: a benchmark that
     closes a latency budget with :func:`close_latency` times its final model against it, as a run's profile does."""
-    return {(cfg.backend, cfg.batch, cfg.precision): QuietHost(LOADED * cfg.tolerance, fit.quiet_dense_ms)}
+    return _reference(cfg.backend, cfg.batch, cfg.precision, cfg.tolerance, fit.quiet_dense_ms)
+
+
+def _reference(backend: str, batch: int, precision: str, tolerance: float,
+               dense_ms: float) -> dict[tuple[str, int, str], QuietHost]:
+    """The profile's quiet host for one latency target: loaded past :data:`LOADED` tolerances above ``dense_ms``."""
+    return {(backend, batch, precision): QuietHost(LOADED * tolerance, dense_ms)}
 
 
 def _measured_here(lut: LatencyLUT, cfg: LatencyTargetCfg) -> bool:
