@@ -266,11 +266,12 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     The ratio delivered is the quiet host's: a measurement taken while the dense model ran more than
     :data:`LOADED` tolerances slower than at its fastest in the loop is taken again, is not learned, and a round
     found loaded once a quieter spell came neither steers the plan nor is kept as the answer (unless every
-    round was). ``host`` is that reference, lowered by every measurement (given: shared with a ``measure`` that
-    waits for a quiet spell before measuring, and holding a reference measured before round 1, without which a
-    first round measured wholly inside a spell looks quiet). ``predict`` is read again every round, so a
-    ``learn`` that refits the table from each measurement steers the next round. Widening also respects
-    ``other_budgets`` (a FLOPs budget).
+    round was: then the answer is not met). A plan that stands but was read only loaded is measured again while
+    rounds remain, not given up as stuck. ``host`` is that reference, lowered by every measurement (given: shared
+    with a ``measure`` that waits for a quiet spell before measuring, and holding a reference measured before
+    round 1, without which a first round measured wholly inside a spell looks quiet). ``predict`` is read again
+    every round, so a ``learn`` that refits the table from each measurement steers the next round. Widening also
+    respects ``other_budgets`` (a FLOPs budget).
     """
     origin = spec
     low, goal = target * (1 - tolerance), target * (1 - tolerance / 2)
@@ -305,7 +306,8 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
             break
         measured = {s: r for s, (r, _) in readings().items()}
         planned, steps = _move(origin, measured, goal, imp, space, predict, other_budgets)
-        if planned == spec and spec not in measured:  # the round was loaded: the same plan is measured again
+        read_quiet = any(a == spec and not host.loaded(r.dense_ms) for a, r in zip(specs, rounds, strict=True))
+        if planned == spec and not read_quiet:  # the plan stands, read only loaded so far: measured again
             record.action = "again, host loaded"
             continue
         record.action = "narrowed" if ratio > goal else "widened"
@@ -317,9 +319,10 @@ def latency_loop(spec: ArchSpec, imp: UnitImportance, space: Any, *, predict: Co
     _mark_loaded(rounds, host)
     measured = readings()
     inside = [(abs(r - goal), s) for s, (r, _) in measured.items() if low <= r <= target]
-    if inside:
+    if inside:  # met where it was read quiet: a loaded reading overstates the ratio
         chosen = min(inside, key=lambda p: p[0])[1]
-        return LatencyFit(chosen, True, rounds, measured[chosen][1], host.dense_ms)
+        kept = measured[chosen][1]
+        return LatencyFit(chosen, not rounds[kept - 1].loaded, rounds, kept, host.dense_ms)
     under = [(r, s) for s, (r, _) in measured.items() if r <= target]
     if not under:  # a reading taken loaded is an upper bound on the quiet one: load slows the smaller model more
         measured = readings(loaded_too=True)
