@@ -6,8 +6,9 @@ showing up as a fake speedup (or slowdown). Blocks alternate in ABBA order (forw
 odd ones), which also cancels a steady drift across the measurement. A noisy neighbour does not hit all alike:
 on a shared host its spells of work add a similar time to every call, which slows a small model more than a
 large one, so the statistics are taken over the rounds no spell hit (``quiet_rounds``), and a caller that knows
-the quiet host's dense latency (``QuietHost``) waits a spell out (``wait_for_quiet``) before measuring again.
-``measure_pair`` is the two-runner case.
+the quiet host's dense latency (``QuietHost``) waits a spell out (``wait_for_quiet``) before measuring again,
+pooling the rounds of its measurements (``time_rounds``, ``summarise_rounds``). ``measure_pair`` is the two-runner
+case.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from ofbdeploy.deploy.runtimes.base import Runner, Timer
+
+Blocks = list[list[list[float]]]  # the calls' times (ms), per runner, per round
 
 
 @dataclass(frozen=True)
@@ -119,28 +122,43 @@ def measure_group(
     runners: list[Runner], batch: int, *, warmup: int = 10, repeats: int = 50, rounds: int = 5,
     prepared: bool = False,
 ) -> list[LatencyStats]:
+    """Time every runner in alternating rounds (:func:`time_rounds`) and summarise each over the
+    :func:`quiet_rounds` (:func:`summarise_rounds`)."""
+    blocks = time_rounds(runners, batch, warmup=warmup, repeats=repeats, rounds=rounds, prepared=prepared)
+    return summarise_rounds(runners, batch, blocks)
+
+
+def time_rounds(
+    runners: list[Runner], batch: int, *, warmup: int = 10, repeats: int = 50, rounds: int = 5,
+    prepared: bool = False,
+) -> Blocks:
     """Time every runner in ``rounds`` blocks, forward order in even rounds and reversed in odd ones; each gets
     ``ceil(repeats / rounds)`` calls a block, after one untimed call (the switch between runtimes settles: the
     previous one's idle threads stop spinning, caches refill). Every runner is prepared (unless ``prepared``: the
-    caller did it at ``batch``) and warmed up before any is timed. The statistics are those of the calls in the
-    :func:`quiet_rounds`."""
+    caller did it at ``batch``) and warmed up before any is timed. The calls' times, per runner, per round."""
     _check_counts(batch, repeats, rounds)
     for runner in runners:
         _warm_up(runner, batch, warmup, prepare=not prepared)
     timers = [runner.timer() for runner in runners]
-    blocks: list[list[list[float]]] = [[] for _ in runners]  # per runner, per round
+    blocks: Blocks = [[] for _ in runners]
     block = -(-repeats // rounds)
     order = list(range(len(runners)))
     for index in range(rounds):
         for k in order if index % 2 == 0 else order[::-1]:
             _warm_up(runners[k], batch, 1, prepare=False)
             blocks[k].append(_timed_calls(runners[k], timers[k], block, 0.0))
+    return blocks
+
+
+def summarise_rounds(runners: list[Runner], batch: int, blocks: Blocks) -> list[LatencyStats]:
+    """Each runner's statistics over the calls of the :func:`quiet_rounds` of ``blocks`` (per runner, per round;
+    the rounds of several measurements may be pooled)."""
     kept = quiet_rounds(blocks)
-    return [replace(_summarise(runner, batch, [t for r in kept for t in b[r]]), rounds=rounds, quiet_rounds=len(kept))
+    return [replace(_summarise(runner, batch, [t for r in kept for t in b[r]]), rounds=len(b), quiet_rounds=len(kept))
             for runner, b in zip(runners, blocks, strict=True)]
 
 
-def quiet_rounds(blocks: list[list[list[float]]], margin: float = QUIET_ROUND) -> list[int]:
+def quiet_rounds(blocks: Blocks, margin: float = QUIET_ROUND) -> list[int]:
     """The rounds (of ``blocks``: per runner, per round, the calls' times) in which every runner's block median lies
     within ``margin`` of that runner's fastest block; every round where none does. On a shared host a spell of
     other work that hits part of a measurement slows a small model more than a large one, so the rounds it hit are
