@@ -324,6 +324,9 @@ def test_with_no_quiet_round_under_the_target_a_loaded_one_under_it_is_kept(cut_
     # a loaded round leaves the plan as it was: it is measured again, and the record says so
     assert [r.action for r in fit.rounds[1:]] == ["again, host loaded", "last round"] and not fit.rounds[1].steps
     assert fit.rounds[2].measured_ratio == pytest.approx(fit.rounds[1].measured_ratio)  # the same model again
+    later = calls[fit.rounds[0].measurements:]  # every measurement of rounds 2 and 3
+    assert len(later) == fit.rounds[1].measurements + fit.rounds[2].measurements and len(set(later)) == 1
+    assert later[0] != spec
     under = [r for r in fit.rounds[1:] if r.measured_ratio <= target]
     assert under and not fit.met  # read under the target, but loaded: not a delivery, yet within the budget
     assert fit.spec != spec and fit.rounds[fit.kept_round - 1].measured_ratio == max(r.measured_ratio for r in under)
