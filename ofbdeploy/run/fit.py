@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.config import ExportCfg
-from ofbdeploy.deploy.measure import QUIET_BLOCK_S, QuietHost, measure_pair, wait_for_quiet
+from ofbdeploy.deploy.measure import QUIET_BLOCK_S, QuietHost, measure_group, wait_for_quiet
 from ofbdeploy.deploy.runtimes import registry
 from ofbdeploy.deploy.runtimes.errors import BackendError, BackendUnavailable
 from ofbdeploy.families import load_arch
@@ -73,14 +73,15 @@ class _Bench:
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
                              images=self.images, export=self.export)
+        for r in (self.dense, runner):  # one session each serves the wait and all the round's measurements
+            r.prepare(c.batch)
         if math.isfinite(self.host.dense_ms):  # a spell of load outlasts measurements taken back to back: wait
-            self.dense.prepare(c.batch)
             waited = wait_for_quiet(self.dense, c.batch, self.host)
             if waited > 2 * QUIET_BLOCK_S:
                 log.info("fit: host loaded (dense above %.1f ms); waited %.0f s for a quiet spell",
                          self.host.dense_ms * (1 + self.host.margin), waited)
-        pairs = [measure_pair(self.dense, runner, c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats)
-                 for _ in range(PAIRS_PER_ROUND)]
+        pairs = [measure_group([self.dense, runner], c.batch, warmup=max(3, c.repeats // 5), repeats=c.repeats,
+                               prepared=True) for _ in range(PAIRS_PER_ROUND)]
         return Measurement(tuple(p.median_ms / d.median_ms for d, p in pairs),
                            statistics.median(d.median_ms for d, _ in pairs),
                            statistics.median(p.median_ms for _, p in pairs))

@@ -1,5 +1,6 @@
 """Budgets met from both sides after the search (prune/fit.py): FLOPs filled, latency fitted to measurements."""
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -13,8 +14,9 @@ import torch
 
 from ofbdeploy.arch import ArchSpec
 from ofbdeploy.deploy.config import ExportCfg
-from ofbdeploy.deploy.measure import QuietHost, measure_pair
+from ofbdeploy.deploy.measure import QuietHost, measure_group, measure_pair
 from ofbdeploy.deploy.runtimes import registry
+from ofbdeploy.deploy.runtimes.ort import OrtRunner
 from ofbdeploy.families import family_of
 from ofbdeploy.latency.config import LatencyTargetCfg
 from ofbdeploy.latency.lut import LatencyLUT, LutKey, arch_features, fit_coefficients, probe_set, spec_runner
@@ -514,6 +516,11 @@ def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime
     probes = []
     monkeypatch.setattr(run_fit, "wait_for_quiet",
                         lambda runner, batch, host: probes.append((host.dense_ms, host.margin)) or 0.0)
+    sessions, prepare = collections.Counter(), OrtRunner.prepare  # timing sessions opened, per runner
+    monkeypatch.setattr(run_fit, "measure_group", lambda runners, batch, **kw: measure_group(runners, batch, **kw)
+                        if kw["prepared"] else pytest.fail("the bench's measurements must reuse its sessions"))
+    monkeypatch.setattr(OrtRunner, "prepare", lambda runner, batch, images=None:
+                        sessions.update([id(runner)] if batch == cfg.batch else []) or prepare(runner, batch, images))
     lut = synthetic_lut(spec.base.model_name, 32)
     if table_here:
         lut.key, lut.quiet_dense_ms = dataclasses.replace(lut.key, device=registry.get("ort-cpu").device_name()), 1e6
@@ -521,6 +528,8 @@ def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime
     fit, _ = close_latency(cfg, lut, model, whole, teacher, space, images=torch.rand(8, 3, 32, 32), threads=1)
     first, second = fit.rounds
     measurements = first.measurements + second.measurements
+    # one session a candidate, and the dense model's opened once a measurement (not once a paired timing)
+    assert sorted(sessions.values()) == [1] * measurements + [measurements]
     if table_here and table_threads == 1:
         assert probes.pop(0)[0] == 1e6  # before round 1: the table's fastest dense
     assert len(probes) == measurements - 1 and 0 < probes[0][0] < 1e6  # the fastest so far: never rises
