@@ -516,11 +516,11 @@ def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime
     probes = []
     monkeypatch.setattr(run_fit, "wait_for_quiet",
                         lambda runner, batch, host: probes.append((host.dense_ms, host.margin)) or 0.0)
-    sessions, prepare = collections.Counter(), OrtRunner.prepare  # timing sessions opened, per runner
+    opened, prepare = [], OrtRunner.prepare  # runners a timing session was opened for (kept alive: ids stay unique)
     monkeypatch.setattr(run_fit, "measure_group", lambda runners, batch, **kw: measure_group(runners, batch, **kw)
                         if kw["prepared"] else pytest.fail("the bench's measurements must reuse its sessions"))
     monkeypatch.setattr(OrtRunner, "prepare", lambda runner, batch, images=None:
-                        sessions.update([id(runner)] if batch == cfg.batch else []) or prepare(runner, batch, images))
+                        (opened.append(runner) if batch == cfg.batch else None) or prepare(runner, batch, images))
     lut = synthetic_lut(spec.base.model_name, 32)
     if table_here:
         lut.key, lut.quiet_dense_ms = dataclasses.replace(lut.key, device=registry.get("ort-cpu").device_name()), 1e6
@@ -529,7 +529,7 @@ def test_the_fit_stage_bench_exports_and_times_a_grown_embedding_on_onnx_runtime
     first, second = fit.rounds
     measurements = first.measurements + second.measurements
     # one session a candidate, and the dense model's opened once a measurement (not once a paired timing)
-    assert sorted(sessions.values()) == [1] * measurements + [measurements]
+    assert sorted(collections.Counter(map(id, opened)).values()) == [1] * measurements + [measurements]
     if table_here and table_threads == 1:
         assert probes.pop(0)[0] == 1e6  # before round 1: the table's fastest dense
     assert len(probes) == measurements - 1 and 0 < probes[0][0] < 1e6  # the fastest so far: never rises
