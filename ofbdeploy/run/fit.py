@@ -73,7 +73,7 @@ class _Bench:
         candidate = resize(self.model, self.spec, self.teacher, spec)
         runner = spec_runner(spec, c.backend, c.precision, c.batch, self.tmp, self.threads, model=candidate,
                              images=self.images, export=self.export)
-        for r in (self.dense, runner):  # one session each serves the wait and all the round's measurements
+        for r in (self.dense, runner):  # one session each serves the wait and the three paired timings
             r.prepare(c.batch)
         if math.isfinite(self.host.dense_ms):  # a spell of load outlasts measurements taken back to back: wait
             waited = wait_for_quiet(self.dense, c.batch, self.host)
